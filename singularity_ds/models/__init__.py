@@ -1,0 +1,79 @@
+"""Model library: build a Singularity model from a config, or load one ready for inference.
+
+    from singularity_ds.models import load_model
+    model = load_model("singularity_temporal_17m.pth")          # original checkpoint
+    model = load_model("runs/x/export", video_input={"num_frames": 12})
+"""
+import logging
+import os
+
+from omegaconf import DictConfig, OmegaConf
+
+from ..checkpoint import (CheckpointError, load_into, load_text_tower, load_vision_tower,
+                          read_checkpoint)
+from .singularity import Singularity
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Singularity", "build_model", "load_model", "CheckpointError"]
+
+
+def _local_folder(name: str):
+    """A local HF folder for ``name``: the path itself, or the local HF cache (never downloads)."""
+    if not name:
+        return None
+    if os.path.isdir(name):
+        return name
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(name, local_files_only=True)
+    except Exception:
+        return None
+
+
+def init_towers(model: Singularity, config) -> None:
+    """``tower_init=pretrained``: load both towers from local Hugging Face folders, as the original
+    does from the hub. A name with no local copy is an error that says what to pass instead."""
+    for key, loader in (("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)):
+        name = config.get(key)
+        folder = _local_folder(name)
+        if folder is None:
+            raise CheckpointError(
+                f"config key {key!r}: no local weights for {name!r} (models are never downloaded). Pass a "
+                f"local Hugging Face folder ({key}=/path/to/folder), a checkpoint (pretrained_path=...), "
+                f"or tower_init=random")
+        loader(model, folder)
+
+
+def build_model(config, strict: bool = True) -> Singularity:
+    """A training-ready model: towers from ``pretrained_path`` or per ``tower_init``."""
+    model = Singularity(config)
+    path = config.get("pretrained_path")
+    if path:
+        state, _ = read_checkpoint(path)
+        load_into(model, state, strict=strict, source=path)
+    elif config.get("tower_init", "pretrained") == "pretrained":
+        init_towers(model, config)
+    return model
+
+
+def _apply_overrides(cfg: dict, overrides: dict) -> DictConfig:
+    cfg = OmegaConf.create(cfg)
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=True)  # dotted keys reach nested values
+    return cfg
+
+
+def load_model(path: str, strict: bool = True, **overrides) -> Singularity:
+    """A model in eval mode from an original Singularity checkpoint (``.pth``), or a folder written by
+    :func:`singularity_ds.checkpoint.export`. The architecture comes from the checkpoint's config;
+    ``overrides`` change config keys (nested as dicts, or dotted: ``**{"video_input.num_frames": 1}``).
+    """
+    state, cfg = read_checkpoint(path)
+    cfg = _apply_overrides(cfg, overrides)
+    if "video_input" not in cfg or "num_frames" not in cfg.video_input:
+        n = state["temporal_embeddings"].shape[1] if "temporal_embeddings" in state else 1
+        OmegaConf.update(cfg, "video_input.num_frames", n, merge=True)
+    model = Singularity(cfg)
+    load_into(model, state, strict=strict, source=path)
+    return model.eval()

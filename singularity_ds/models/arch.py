@@ -1,0 +1,90 @@
+"""Resolve the two towers' architecture configs offline, as ``transformers`` config objects.
+
+Sources, first match wins:
+- BERT: ``bert_config_dict`` (inline, as the reference fixtures carry), else the ``bert_config`` JSON
+  path (absolute/relative, or a file shipped in ``singularity_ds/configs/arch/`` such as the original's
+  ``configs/config_bert.json``), else ``config.json`` of a local ``text_encoder`` folder.
+- Vision: ``beit_config_dict`` / ``vit_config_dict``, else ``vit_name_or_pretrained_path`` as a local
+  HF folder, or a hub name whose architecture JSON is shipped (e.g. BEiT-base pt22k-ft22k).
+``image_size`` always follows ``image_res``; ``encoder_width`` follows the vision width.
+"""
+import json
+import os
+from importlib import resources
+
+from transformers import BeitConfig, BertConfig, ViTConfig
+
+ARCH_DIR = resources.files("singularity_ds") / "configs" / "arch"
+
+
+def _packaged(name: str):
+    """A shipped architecture JSON by basename (``configs/config_bert.json`` -> ``config_bert.json``)."""
+    base = os.path.basename(str(name).rstrip("/"))
+    for cand in (base, base + ".json"):
+        path = ARCH_DIR / cand
+        if path.is_file():
+            return json.loads(path.read_text())
+    return None
+
+
+def _read_json(path: str, key: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"config key {key!r}: cannot read architecture file {path}: {e}") from None
+
+
+def _get(config, key, default=None):
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return None if value in ("None", "none") else value
+
+
+def bert_config(config) -> BertConfig:
+    d = _get(config, "bert_config_dict")
+    if d is None:
+        path, enc = _get(config, "bert_config"), _get(config, "text_encoder")
+        if path and os.path.isfile(path):
+            d = _read_json(path, "bert_config")
+        elif path and _packaged(path) is not None:
+            d = _packaged(path)
+        elif enc and os.path.isfile(os.path.join(enc, "config.json")):
+            d = _read_json(os.path.join(enc, "config.json"), "text_encoder")
+        else:
+            raise ValueError(f"config key 'bert_config': no architecture file {path!r} (not on disk, not "
+                             f"shipped in {ARCH_DIR}), and text_encoder={enc!r} is not a local folder")
+    d = dict(d)
+    if _get(config, "fusion_layer") is not None:
+        d["fusion_layer"] = int(_get(config, "fusion_layer"))
+    d.setdefault("fusion_layer", d["num_hidden_layers"])
+    if not 0 <= d["fusion_layer"] <= d["num_hidden_layers"]:
+        raise ValueError(f"fusion_layer={d['fusion_layer']} is outside [0, {d['num_hidden_layers']}]")
+    return BertConfig(**d)
+
+
+def vision_config(config):
+    vit_type = _get(config, "vit_type", "beit")
+    d = _get(config, "beit_config_dict") if vit_type == "beit" else _get(config, "vit_config_dict")
+    if d is None:
+        name = _get(config, "vit_name_or_pretrained_path")
+        if name and os.path.isfile(os.path.join(name, "config.json")):
+            d = _read_json(os.path.join(name, "config.json"), "vit_name_or_pretrained_path")
+        elif name and _packaged(name) is not None:
+            d = _packaged(name)
+        else:
+            raise ValueError(f"config key 'vit_name_or_pretrained_path': {name!r} is neither a local folder "
+                             f"with config.json nor a shipped architecture in {ARCH_DIR}")
+    d = dict(d)
+    d["image_size"] = int(_get(config, "image_res", d.get("image_size", 224)))
+    if d["image_size"] % d["patch_size"]:
+        raise ValueError(f"image_res={d['image_size']} is not a multiple of patch_size={d['patch_size']}")
+    d.pop("model_type", None)
+    return (BeitConfig if vit_type == "beit" else ViTConfig)(**d)
+
+
+def temporal_config(bert: BertConfig, vision_width: int, num_layers: int) -> BertConfig:
+    """The original builds the temporal encoder from the BERT config with ``num_layers`` layers and
+    no cross-attention (``fusion_layer = num_layers``); it runs on vision tokens, hence their width."""
+    d = bert.to_dict()
+    d.update(num_hidden_layers=num_layers, fusion_layer=num_layers, hidden_size=vision_width)
+    return BertConfig(**d)

@@ -1,0 +1,160 @@
+"""Text tower: BERT whose layers ``[fusion_layer, N)`` add cross-attention to vision tokens.
+
+Compact re-implementation of the original's vendored ``xbert`` (itself from ALBEF), keeping its
+parameter names (``bert.encoder.layer.N.crossattention...``, ``cls.predictions...``) so original
+checkpoints and Hugging Face BERT folders load by name. All layers are post-LN.
+
+Modes are plain layer ranges: text = ``[0, fusion_layer)``, fusion = ``[fusion_layer, N)``,
+multimodal = ``[0, N)``. The temporal encoder is a ``BertEncoder`` with no cross-attention.
+"""
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.activations import ACT2FN
+
+from .attention import attention, merge_heads, padding_bias, split_heads
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=False)
+
+    def forward(self, input_ids):
+        pos = self.position_ids[:, : input_ids.shape[1]]
+        x = (self.word_embeddings(input_ids) + self.position_embeddings(pos)
+             + self.token_type_embeddings.weight[0])  # token_type_ids are always 0
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertAttention(nn.Module):
+    """Self- or cross-attention + output projection, residual and LayerNorm (post-LN)."""
+
+    def __init__(self, cfg, cross: bool = False):
+        super().__init__()
+        d = cfg.hidden_size
+        kv_width = getattr(cfg, "encoder_width", d) if cross else d
+        self.num_heads = cfg.num_attention_heads
+        self.self = nn.Module()
+        self.self.query = nn.Linear(d, d)
+        self.self.key = nn.Linear(kv_width, d)
+        self.self.value = nn.Linear(kv_width, d)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(d, d)
+        self.output.LayerNorm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.attn_dropout = cfg.attention_probs_dropout_prob
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, bias=None, context=None):
+        kv = x if context is None else context
+        q = split_heads(self.self.query(x), self.num_heads)
+        k = split_heads(self.self.key(kv), self.num_heads)
+        v = split_heads(self.self.value(kv), self.num_heads)
+        out = merge_heads(attention(q, k, v, bias, self.attn_dropout if self.training else 0.0))
+        return self.output.LayerNorm(self.dropout(self.output.dense(out)) + x)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg, cross: bool):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.crossattention = BertAttention(cfg, cross=True) if cross else None
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.output.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.act = ACT2FN[cfg.hidden_act]
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, bias=None, context=None, context_bias=None):
+        x = self.attention(x, bias)
+        if self.crossattention is not None:
+            if context is None:
+                raise ValueError("a fusion layer needs vision tokens (encoder_hidden_states)")
+            x = self.crossattention(x, context_bias, context)
+        h = self.dropout(self.output.dense(self.act(self.intermediate.dense(x))))
+        return self.output.LayerNorm(h + x)
+
+
+class BertEncoder(nn.Module):
+    """Layers ``i >= cfg.fusion_layer`` carry cross-attention (none when fusion_layer >= N)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        fusion = getattr(cfg, "fusion_layer", cfg.num_hidden_layers)
+        self.layer = nn.ModuleList(BertLayer(cfg, i >= fusion) for i in range(cfg.num_hidden_layers))
+        self.gradient_checkpointing = False
+
+    def forward(self, x, bias=None, context=None, context_bias=None, start=0, end=None):
+        for layer in self.layer[start:end]:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, bias, context, context_bias, use_reentrant=False)
+            else:
+                x = layer(x, bias, context, context_bias)
+        return x
+
+
+class BertModel(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+
+
+class MLMHead(nn.Module):
+    """``cls.predictions``: dense, act, LayerNorm, then the decoder TIED to the word embeddings."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.predictions = nn.Module()
+        self.predictions.transform = nn.Module()
+        self.predictions.transform.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.predictions.transform.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.predictions.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x, word_embeddings: torch.Tensor):
+        t = self.predictions.transform
+        x = t.LayerNorm(self.act(t.dense(x)))
+        return F.linear(x, word_embeddings, self.predictions.bias)
+
+
+class TextEncoder(nn.Module):
+    """``bert`` (+ ``cls`` MLM head when pretraining), named like ``BertForMaskedLM``."""
+
+    def __init__(self, cfg, mlm_head: bool):
+        super().__init__()
+        self.config = cfg
+        self.bert = BertModel(cfg)
+        self.cls = MLMHead(cfg) if mlm_head else None
+
+    @property
+    def fusion_layer(self) -> int:
+        return self.config.fusion_layer
+
+    def run(self, x, mask, start, end, context=None, context_mask=None):
+        """Layers ``[start, end)`` over hidden states ``x`` with 1/0 masks (None = attend to all)."""
+        bias = padding_bias(mask, x.dtype)
+        context_bias = padding_bias(context_mask, x.dtype) if context is not None else None
+        return self.bert.encoder(x, bias, context, context_bias, start, end)
+
+    def text(self, input_ids, mask):
+        """mode='text': embeddings + text-only layers."""
+        return self.run(self.bert.embeddings(input_ids), mask, 0, self.fusion_layer)
+
+    def fusion(self, text_embeds, mask, image_embeds, image_mask: Optional[torch.Tensor] = None):
+        """mode='fusion': the cross-attention layers over text states from :meth:`text`."""
+        return self.run(text_embeds, mask, self.fusion_layer, None, image_embeds, image_mask)
+
+    def mlm_logits(self, hidden):
+        return self.cls(hidden, self.bert.embeddings.word_embeddings.weight)

@@ -1,0 +1,30 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("SINGULARITY_REFERENCE", REPO.parent / "shared" / "reference"))
+
+
+def reference(name: str) -> Path:
+    """A fixture folder in ../shared/reference (read in place, never copied into the repo)."""
+    path = REFERENCE / name
+    if not (path / "checkpoint.pth").is_file():
+        pytest.skip(f"reference fixture {path} is absent (it lives beside the repo in ../shared)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ref():
+    path = reference("singularity_tiny")
+    return dict(path=path,
+                inputs=torch.load(path / "inputs.pt", weights_only=True),
+                expected=torch.load(path / "expected.pt", weights_only=True))
+
+
+def tiny_config(**overrides):
+    """The packaged tiny preset, with dotted overrides."""
+    from singularity_ds.config import load_config
+    return load_config(["pretrain", "tiny"], [f"{k}={v}" for k, v in overrides.items()])
