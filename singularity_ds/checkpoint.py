@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import typing
 
 import numpy as np
@@ -294,6 +295,27 @@ def load_text_tower(model, folder: str) -> dict:
     return dict(loaded=sorted(state), newly_initialised=missing)
 
 
+# transformers >= 5 saves ViT/BEiT with new names; map them onto the original's (4.x) names.
+_HF5_VISION_NAMES = [(re.compile(a), b) for a, b in [
+    (r"^layers\.(\d+)\.attention\.q_proj\.", r"encoder.layer.\1.attention.attention.query."),
+    (r"^layers\.(\d+)\.attention\.k_proj\.", r"encoder.layer.\1.attention.attention.key."),
+    (r"^layers\.(\d+)\.attention\.v_proj\.", r"encoder.layer.\1.attention.attention.value."),
+    (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
+    (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
+    (r"^layers\.(\d+)\.relative_position_bias\.", r"encoder.layer.\1.attention.attention.relative_position_bias."),
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+]]
+
+
+def _hf4_vision_name(key: str) -> str:
+    for pattern, repl in _HF5_VISION_NAMES:
+        new = pattern.sub(repl, key)
+        if new != key:
+            return new
+    return key
+
+
 def load_vision_tower(model, folder: str) -> dict:
     """Initialise the vision tower from a Hugging Face BEiT/ViT/DeiT folder, interpolating position
     tables to ``image_res``."""
@@ -306,7 +328,7 @@ def load_vision_tower(model, folder: str) -> dict:
             continue
         if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or k == "embeddings.mask_token":
             continue
-        state[k] = v
+        state[_hf4_vision_name(k)] = v
     tower = model.vision_encoder
     own = tower.state_dict()
     for k, v in list(state.items()):

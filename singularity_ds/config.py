@@ -138,7 +138,7 @@ def load_config(configs: Iterable[str], overrides: Sequence[str] = ()) -> DictCo
     configs = list(configs)
     if not configs:
         raise ConfigError("no config given; packaged configs: " + ", ".join(packaged_configs()))
-    cfg = OmegaConf.merge(_load_yaml("defaults"), _none_strings(_load_yaml(configs[0])))
+    cfg = _none_strings(OmegaConf.merge(_load_yaml("defaults"), _load_yaml(configs[0])))
     for name in configs[1:]:
         overlay = _none_strings(_load_yaml(name))
         _check(cfg, overlay, f"config {name}")

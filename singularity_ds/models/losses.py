@@ -15,19 +15,47 @@ def same_idx(idx_rows: torch.Tensor, idx_cols: torch.Tensor) -> torch.Tensor:
     return idx_rows.view(-1, 1) == idx_cols.view(1, -1)
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (all_reduce, so it
+    works on gloo too). Call it once per step for all features: autograd may run the backward of
+    several gathers in a different order on each rank, which would pair the wrong collectives."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        n = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather along dim 0, keeping the gradient path to every rank's input."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
+    """All-gather along dim 0 (equal sizes per rank), keeping the gradient path to every rank's input."""
+    return x if _world() == 1 else _GatherWithGrad.apply(x)
 
 
 def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if _world() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
+    out = [torch.empty_like(x) for _ in range(_world())]
+    dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+def gather_features(image_feat: torch.Tensor, text_feat: torch.Tensor):
+    """Global-batch (image (M, T, d), text (M, d)) features in ONE differentiable collective."""
+    t, d = image_feat.shape[1:]
+    both = gather_with_grad(torch.cat([image_feat.flatten(1), text_feat], dim=1))
+    return both[:, : t * d].view(-1, t, d), both[:, t * d:]
 
 
 def similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, t=1.0) -> torch.Tensor:

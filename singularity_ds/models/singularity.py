@@ -163,7 +163,7 @@ class Singularity(nn.Module):
         sim_i2t = losses.similarity(image_feat, text_feat, self.temp)
         if not self.config.get("itc_gather", False):
             return losses.itc_loss(sim_i2t, sim_i2t.T, idx), sim_i2t, sim_i2t.T
-        image_all, text_all = losses.gather_with_grad(image_feat), losses.gather_with_grad(text_feat)
+        image_all, text_all = losses.gather_features(image_feat, text_feat)
         idx_all = losses.gather_no_grad(idx)
         g_i2t = losses.similarity(image_feat, text_all, self.temp)
         g_t2i = losses.similarity(image_all, text_feat, self.temp).T
