@@ -1,0 +1,212 @@
+"""Datasets for pretraining, retrieval (train / eval), QA and multiple choice.
+
+Every item is drawn from a per-sample seed (given by :class:`~singularity_ds.data.loader.SeededSampler`
+as ``(index, seed)``), so frame sampling, crops, flips and replacement draws depend only on
+(seed, epoch, position): a resumed run sees the same batches. Broken media are retried with another
+random item in training (each failure is returned with its path so the trainer counts and logs it);
+at evaluation a broken file is an error naming it unless ``skip_broken`` is set.
+"""
+import logging
+import os
+import random
+
+import torch
+from torch.utils.data import Dataset
+
+from .annotations import AnnotationStore
+from .text import pre_text
+from .video import MediaError, get_reader, load_image, read_frames
+
+logger = logging.getLogger(__name__)
+
+
+class MediaSource:
+    """Reads + transforms one image or clip: -> float (T, C, H, W); images have T=1."""
+
+    def __init__(self, media_type, transform, num_frames=1, sample_type="rand", reader="decord", max_num_frames=-1):
+        self.media_type, self.transform = media_type, transform
+        self.num_frames, self.sample_type, self.max_num_frames = num_frames, sample_type, max_num_frames
+        self.reader = get_reader(reader) if media_type == "video" else None
+
+    def __call__(self, path: str, seed: int) -> torch.Tensor:
+        if self.media_type == "image":
+            raw = load_image(path)
+        else:
+            raw, _, _ = read_frames(path, self.num_frames, self.sample_type, self.reader,
+                                    random.Random(seed), self.max_num_frames)
+        with torch.random.fork_rng(devices=[]):  # the transform's draws come from this item's seed
+            torch.manual_seed(seed)
+            return self.transform(raw)
+
+
+def _split(item):
+    return item if isinstance(item, tuple) else (item, item)
+
+
+class _MediaDataset(Dataset):
+    """Shared loading with retries; subclasses define ``__len__``, ``path(i)`` and ``fields(i)``."""
+
+    def __init__(self, source: MediaSource, num_tries: int = 3, skip_broken: bool = False):
+        self.source, self.num_tries, self.skip_broken = source, max(1, num_tries), skip_broken
+
+    @property
+    def media_type(self):
+        return self.source.media_type
+
+    def load(self, index, seed, retry: bool):
+        """-> (media, index actually used, failures [(path, reason)])."""
+        rng, failures = random.Random(seed), []
+        for attempt in range(self.num_tries if retry else 1):
+            path = self.path(index)
+            try:
+                return self.source(path, seed + attempt), index, failures
+            except MediaError as e:
+                failures.append((e.path, e.reason))
+                logger.warning("broken media %s (%s)%s", e.path, e.reason, "; drawing another item" if retry else "")
+                if not retry:
+                    if self.skip_broken:
+                        return None, index, failures
+                    raise
+                index = rng.randrange(len(self))
+        raise MediaError(path, f"{len(failures)} broken media in a row (last: {failures[-1][1]}); "
+                               f"many files in this corpus may be corrupt: {[p for p, _ in failures]}")
+
+
+class CaptionDataset(_MediaDataset):
+    """Pretraining / retrieval training: (media, caption, idx). ``idx`` groups captions of the same
+    media (the original's ``match_ids``: media basename, or the caption when one text has several
+    ground-truth videos, e.g. SSV2)."""
+
+    def __init__(self, store: AnnotationStore, source: MediaSource, num_tries=3, has_multi_vision_gt=False,
+                 is_paragraph_retrieval=False):
+        super().__init__(source, num_tries)
+        self.store, self.paragraph = store, is_paragraph_retrieval
+        self.multi_vision_gt = has_multi_vision_gt
+        ids, keys = [], {}
+        for e in store:
+            key = self._caption(e) if has_multi_vision_gt else os.path.basename(self._media(e))
+            ids.append(keys.setdefault(key, len(keys)))
+        self.match_ids = torch.tensor(ids, dtype=torch.long)
+
+    def _caption(self, e):
+        return " ".join(e["caption"]) if isinstance(e["caption"], list) and self.paragraph else e["caption"]
+
+    @staticmethod
+    def _media(e):
+        return e["media"] if isinstance(e["media"], str) else e["media"][0]
+
+    def __len__(self):
+        return len(self.store)
+
+    def path(self, i):
+        return self._media(self.store[i])
+
+    def __getitem__(self, item):
+        index, seed = _split(item)
+        media, index, failures = self.load(index, seed, retry=True)
+        entry = self.store[index]
+        caption = self._caption(entry)
+        if isinstance(caption, list):  # several captions per item: the original picks one at random
+            caption = random.Random(seed).choice(caption)
+        return dict(media=media, caption=pre_text(caption), idx=int(self.match_ids[index]), failures=failures)
+
+
+class RetrievalEvalDataset(_MediaDataset):
+    """Evaluation: ``text`` (list), media list, and ground truth ``txt2img`` / ``img2txt``.
+
+    One media with several captions (COCO/Flickr/MSRVTT): img2txt lists, txt2img ints. One caption with
+    several ground-truth media (SSV2, ``has_multi_vision_gt``): txt2img lists, img2txt ints. Paragraph
+    retrieval (DiDeMo, ActivityNet): each caption list is joined into one text.
+    """
+
+    def __init__(self, store: AnnotationStore, source: MediaSource, has_multi_vision_gt=False,
+                 is_paragraph_retrieval=False, skip_broken=False):
+        super().__init__(source, num_tries=1, skip_broken=skip_broken)
+        self.text, self.media, self.txt2img, self.img2txt = [], [], {}, {}
+        for e in store:
+            caption = e["caption"]
+            if is_paragraph_retrieval:
+                caption = " ".join(caption) if isinstance(caption, list) else caption
+            if has_multi_vision_gt:
+                t = len(self.text)
+                self.text.append(pre_text(caption))
+                self.txt2img[t] = []
+                for m in (e["media"] if isinstance(e["media"], list) else [e["media"]]):
+                    self.txt2img[t].append(len(self.media))
+                    self.img2txt[len(self.media)] = t
+                    self.media.append(m)
+            else:
+                v = len(self.media)
+                self.media.append(e["media"] if isinstance(e["media"], str) else e["media"][0])
+                self.img2txt[v] = []
+                for c in (caption if isinstance(caption, list) else [caption]):
+                    self.img2txt[v].append(len(self.text))
+                    self.txt2img[len(self.text)] = v
+                    self.text.append(pre_text(c))
+
+    def __len__(self):
+        return len(self.media)
+
+    def path(self, i):
+        return self.media[i]
+
+    def __getitem__(self, item):
+        index, seed = _split(item)
+        media, _, failures = self.load(index, seed, retry=False)
+        return dict(media=media, index=index, failures=failures)
+
+
+class QADataset(_MediaDataset):
+    """Train: (media, question, answers + [SEP], weights); eval: (media, question, question_id).
+    Weights are each distinct answer's share of the annotators' answers (VQA), as the original."""
+
+    def __init__(self, store: AnnotationStore, source: MediaSource, train=True, eos="[SEP]", num_tries=3,
+                 skip_broken=False):
+        super().__init__(source, num_tries, skip_broken)
+        self.store, self.train, self.eos = store, train, eos
+
+    def __len__(self):
+        return len(self.store)
+
+    def path(self, i):
+        media = self.store[i]["media"]
+        return media if isinstance(media, str) else media[0]
+
+    def answers_with_weights(self, raw):
+        raw = [raw] if isinstance(raw, str) else raw
+        weights = {}
+        for a in raw:
+            weights[a] = weights.get(a, 0.0) + 1 / len(raw)
+        return [f"{a} {self.eos}" for a in weights], list(weights.values())
+
+    def __getitem__(self, item):
+        index, seed = _split(item)
+        media, index, failures = self.load(index, seed, retry=self.train)
+        e = self.store[index]
+        out = dict(media=media, question=pre_text(e["question"]), failures=failures)
+        if self.train:
+            out["answers"], out["weights"] = self.answers_with_weights(e["answer"])
+        else:
+            out["question_id"] = e["question_id"]
+        return out
+
+
+class MCDataset(_MediaDataset):
+    """MSRVTT-MC style: a video, its candidate captions, and the index of the right one."""
+
+    def __init__(self, store: AnnotationStore, source: MediaSource, skip_broken=False):
+        super().__init__(source, num_tries=1, skip_broken=skip_broken)
+        self.store = store
+
+    def __len__(self):
+        return len(self.store)
+
+    def path(self, i):
+        return self.store[i]["media"]
+
+    def __getitem__(self, item):
+        index, seed = _split(item)
+        media, _, failures = self.load(index, seed, retry=False)
+        e = self.store[index]
+        return dict(media=media, captions=[pre_text(c) for c in e["caption"]], answer=e["answer"],
+                    index=index, failures=failures)

@@ -1,0 +1,118 @@
+"""Samplers, collation and the mixed image+video loader.
+
+- :class:`SeededSampler`: a DistributedSampler whose order and per-item seeds depend only on
+  (seed, epoch): every rank gets the same number of items, and a resumed run replays the same batches.
+- :class:`MetaLoader`: the original's MetaLoader -- one loader per media type with its own batch
+  size; each step draws a media type from an order fixed once per epoch. The original shuffles on
+  rank 0 and broadcasts; here every rank computes the same order from (seed, epoch), so no
+  communication is needed and all ranks agree by construction.
+"""
+import math
+import random
+from typing import Dict, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .text import tokenize
+
+
+def item_seed(seed: int, epoch: int, position: int) -> int:
+    return (seed * 1_000_003 + epoch * 7_919 + position) % (2 ** 31)
+
+
+class SeededSampler(Sampler):
+    """Yields ``(index, item_seed)`` for this rank; pads (or drops) so all ranks get equal counts."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
+        self.drop_last, self.epoch = drop_last, 0
+        self.per_rank = n // world if drop_last else math.ceil(n / world)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.per_rank
+
+    def __iter__(self):
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        total = self.per_rank * self.world
+        order = (order * math.ceil(total / max(len(order), 1)))[:total]  # pad by wrapping around
+        for pos in range(self.rank, total, self.world):
+            yield order[pos], item_seed(self.seed, self.epoch, pos)
+
+
+def _failures(batch):
+    return [f for item in batch for f in item.get("failures", [])]
+
+
+class CaptionCollate:
+    """Stack media, tokenise captions (max_txt_l of the media type): the training batch."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, batch):
+        ids, mask = tokenize(self.tokenizer, [b["caption"] for b in batch], self.max_len)
+        return dict(media=torch.stack([b["media"] for b in batch]), input_ids=ids, attention_mask=mask,
+                    idx=torch.tensor([b["idx"] for b in batch]), captions=[b["caption"] for b in batch],
+                    failures=_failures(batch))
+
+
+def collate_eval(batch):
+    """Media of an evaluation set (broken items skipped at eval come back as None)."""
+    keep = [b for b in batch if b["media"] is not None]
+    return dict(media=torch.stack([b["media"] for b in keep]) if keep else None,
+                index=torch.tensor([b["index"] for b in keep], dtype=torch.long), failures=_failures(batch))
+
+
+def collate_qa(batch):
+    out = dict(media=torch.stack([b["media"] for b in batch]), questions=[b["question"] for b in batch],
+               failures=_failures(batch))
+    if "answers" in batch[0]:
+        out["answers"] = [a for b in batch for a in b["answers"]]
+        out["weights"] = torch.tensor([w for b in batch for w in b["weights"]])
+        out["num_answers"] = [len(b["answers"]) for b in batch]
+    else:
+        out["question_ids"] = [b["question_id"] for b in batch]
+    return out
+
+
+def make_loader(dataset, batch_size, collate_fn, rank=0, world=1, shuffle=True, seed=0, drop_last=True,
+                num_workers=0):
+    sampler = SeededSampler(len(dataset), rank, world, shuffle, seed, drop_last)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
+                      pin_memory=False)
+
+
+class MetaLoader:
+    """Iterate several loaders (one per media type), a media type per step, same order on all ranks."""
+
+    def __init__(self, loaders: Dict[str, DataLoader], seed: int = 0):
+        self.loaders, self.seed, self.epoch = dict(loaders), seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+        for loader in self.loaders.values():
+            loader.sampler.set_epoch(epoch)
+
+    def order(self):
+        names = sorted(self.loaders)
+        order = [name for name in names for _ in range(len(self.loaders[name]))]
+        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def __len__(self):
+        return sum(len(l) for l in self.loaders.values())
+
+    def __iter__(self) -> Iterator:
+        iters = {name: iter(loader) for name, loader in self.loaders.items()}
+        for name in self.order():
+            yield name, next(iters[name])

@@ -1,0 +1,38 @@
+"""The original's image/video transforms, applied to uint8 (T, C, H, W) clips.
+
+Train: RandomResizedCrop(image_res, scale=(0.5, 1.0), bicubic) + horizontal flip -- one tensor op per
+clip, so every frame gets the same crop and flip -- then [0, 1] and normalisation. Test: resize to
+(image_res, image_res), bicubic. Normalisation as the original: (0.5, 0.5, 0.5) for BEiT and ViT,
+ImageNet statistics for DeiT. Resizing uses ``antialias=False``: the original ran these transforms on
+uint8 tensors with a torchvision that did not antialias tensors, and its checkpoints saw such frames.
+"""
+import torch
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def normalization(vit_type: str):
+    if vit_type == "deit":
+        return IMAGENET
+    if vit_type in ("beit", "vit"):
+        return HALF
+    raise ValueError(f"unknown vit_type {vit_type!r}")
+
+
+class ToFloat:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float().div(255.0)
+
+
+def build_transform(image_res: int, vit_type: str = "beit", train: bool = True):
+    mean, std = normalization(vit_type)
+    if train:
+        resize = [transforms.RandomResizedCrop(image_res, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC,
+                                               antialias=False),
+                  transforms.RandomHorizontalFlip()]
+    else:
+        resize = [transforms.Resize((image_res, image_res), interpolation=InterpolationMode.BICUBIC, antialias=False)]
+    return transforms.Compose(resize + [ToFloat(), transforms.Normalize(mean, std)])

