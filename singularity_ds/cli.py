@@ -5,6 +5,8 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .data.annotations import AnnotationError
+from .data.video import MediaError
 
 
 def model_summary(model) -> str:
@@ -48,6 +50,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_make_synthetic(args) -> int:
+    from .data.synthetic import make_synthetic
+    if args.num_clips < 18:
+        raise ConfigError(f"--num-clips {args.num_clips}: need at least 18 clips (3 groups of 6) for train/val/test")
+    meta = make_synthetic(args.out_dir, num_clips=args.num_clips, size=args.size, frames=args.frames, fps=args.fps,
+                          num_images=args.num_images, seed=args.seed, codec=args.codec, workers=args.workers)
+    print(f"wrote {meta['num_clips']} clips ({meta['splits']}) to {args.out_dir}; config overlays in "
+          f"{args.out_dir}/configs/")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    if args.what == "data":
+        from .data.benchmark import main as bench_data
+        return bench_data(args.rest)
+    raise ConfigError(f"unknown benchmark {args.what!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singularity-ds", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -57,6 +77,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.set_defaults(func=cmd_demo)
+    m = sub.add_parser("make-synthetic", help="generate the synthetic video-text corpus (H.264 clips + annotations)")
+    m.add_argument("out_dir")
+    m.add_argument("--num-clips", type=int, default=300)
+    m.add_argument("--size", type=int, default=96, help="frame size in pixels (square)")
+    m.add_argument("--frames", type=int, default=16)
+    m.add_argument("--fps", type=int, default=8)
+    m.add_argument("--num-images", type=int, default=24)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"])
+    m.add_argument("--workers", type=int, default=1)
+    m.set_defaults(func=cmd_make_synthetic)
+    b = sub.add_parser("bench", help="benchmarks: data (decode throughput, loader memory)")
+    b.add_argument("what", choices=["data"])
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return p
 
 
@@ -74,7 +109,7 @@ def main(argv=None) -> int:
         args.configs, args.overrides = split_config_args(args.configs)
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, AnnotationError, MediaError) as e:
         print(f"singularity-ds: error: {e}", file=sys.stderr)
         return 2
 

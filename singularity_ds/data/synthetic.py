@@ -227,7 +227,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
         group = [o for o in by_split["test"] if o["background"] == c["background"] and o["kind"] == c["kind"]
                  and o["color"] == c["color"] and o["shape"] == c["shape"] and o is not c]
         options = [temporal_caption(c)] + [temporal_caption(o) for o in group]
-        other = rng.choice([o for o in by_split["test"] if o["color"] != c["color"]])
+        other = rng.choice([o for o in clips if o["color"] != c["color"]])  # one other-appearance distractor
         options = list(dict.fromkeys(options + [temporal_caption(other)]))
         rng.shuffle(options)
         mc.append({"video": c["video"], "caption": options, "answer": options.index(temporal_caption(c))})

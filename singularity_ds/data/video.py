@@ -165,11 +165,23 @@ def get_reader(name: str) -> VideoReader:
 
 
 def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="decord",
-                rng: random.Random = None, max_num_frames: int = -1):
-    """-> (frames uint8 (T, C, H, W), indices, duration_s). ``reader`` is a name or a VideoReader."""
+                rng: random.Random = None, max_num_frames: int = -1, fallback: bool = True):
+    """-> (frames uint8 (T, C, H, W), indices, duration_s). ``reader``: a name or a VideoReader.
+
+    With ``fallback``, a file decord cannot read is retried with PyAV (FFmpeg reads more containers:
+    GIF, SWF, ...); a file neither can read raises one :class:`MediaError` with both reasons.
+    """
     check_file(path)
     reader = get_reader(reader) if isinstance(reader, str) else reader
-    return reader.read(path, num_frames, sample_type, rng, max_num_frames)
+    try:
+        return reader.read(path, num_frames, sample_type, rng, max_num_frames)
+    except MediaError as first:
+        if not fallback or isinstance(reader, PyAVReader):
+            raise
+        try:
+            return PyAVReader().read(path, num_frames, sample_type, rng, max_num_frames)
+        except MediaError as second:
+            raise MediaError(path, f"{first.reason}; {second.reason}") from None
 
 
 def check_file(path: str):

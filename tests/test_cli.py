@@ -1,0 +1,24 @@
+import json
+
+from singularity_ds.cli import main
+
+
+def test_summary_and_clear_config_errors(capsys):
+    assert main(["summary", "pretrain", "tiny", "video_input.num_frames=4", "temporal_vision_encoder.enable=True"]) == 0
+    out = capsys.readouterr().out
+    assert "temporal: 4 embeddings, encoder 2 layers" in out and "total" in out
+    assert main(["summary", "pretrain", "tiny", "video_input.num_frame=4"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("singularity-ds: error: command line: unknown config key 'video_input.num_frame'; "
+                           "did you mean 'video_input.num_frames'?")
+
+
+def test_make_synthetic_command(tmp_path, capsys):
+    out = tmp_path / "syn"
+    assert main(["make-synthetic", str(out), "--num-clips", "24", "--size", "32", "--frames", "6",
+                 "--num-images", "2"]) == 0
+    meta = json.load(open(out / "synthetic.json"))
+    assert meta["num_clips"] == 24 and len(list((out / "videos").iterdir())) == 24
+    assert (out / "configs" / "pretrain.yaml").is_file() and (out / "configs" / "ret.yaml").is_file()
+    assert main(["make-synthetic", str(tmp_path / "x"), "--num-clips", "5"]) == 2
+    assert "need at least 18 clips" in capsys.readouterr().err
