@@ -180,7 +180,9 @@ def adapt_shapes(state: dict, model) -> dict:
     for k, v in list(state.items()):
         if k not in own or own[k].shape == v.shape:
             continue
-        if k == "temporal_embeddings":
+        if k == "temp" and v.numel() == 1:  # the original's 0-dim temperature
+            state[k] = v.reshape(own[k].shape)
+        elif k == "temporal_embeddings":
             logger.info("temporal_embeddings: %d -> %d frames (clip / zero-pad)", v.shape[1], own[k].shape[1])
             state[k] = resize_temporal_embed(v, own[k].shape[1])
         elif k.endswith("relative_position_bias_table") and v.shape[1] == own[k].shape[1]:
@@ -252,7 +254,7 @@ def export(model, folder: str):
     save_file(state, tmp, metadata={"format": "pt", "producer": "singularity-ds"})
     os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(OmegaConf.to_container(model.config, resolve=True), f, indent=2)
+        json.dump(plain_config(model.config), f, indent=2)
 
 
 # ---------------------------------------------------------------------- pretrained towers (HF folders)

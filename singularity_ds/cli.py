@@ -61,6 +61,12 @@ def cmd_make_synthetic(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .engine.trainer import train_main
+    train_main(args.rest)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from .data.benchmark import main as bench_data
@@ -77,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.set_defaults(func=cmd_demo)
+    t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
+                       description="Tasks: pretrain, train_ret. Run under `deepspeed` or `srun` for several ranks.")
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(func=cmd_train)
     m = sub.add_parser("make-synthetic", help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")
     m.add_argument("--num-clips", type=int, default=300)
@@ -104,6 +114,8 @@ def split_config_args(items):
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = [a for a in argv if not a.startswith("--local_rank")]  # added by the deepspeed launcher
     args = build_parser().parse_args(argv)
     if hasattr(args, "configs"):
         args.configs, args.overrides = split_config_args(args.configs)

@@ -23,6 +23,10 @@ OPEN_KEYS = ("available_corpus", "test_file", "vit_zoo", "bert_config_dict", "be
              "vit_config_dict")
 
 
+# Keys that accept more than one type: resume = False | True | "auto" | a checkpoint tag.
+UNION_TYPES = {"resume": (bool, str)}
+
+
 class ConfigError(ValueError):
     pass
 
@@ -118,6 +122,8 @@ def _check(base: DictConfig, override: DictConfig, source: str, prefix=""):
             continue
         old = OmegaConf.to_container(b) if isinstance(b, (DictConfig, ListConfig)) else b._value()
         new = OmegaConf.to_container(o) if isinstance(o, (DictConfig, ListConfig)) else o._value()
+        if full in UNION_TYPES and isinstance(new, UNION_TYPES[full]):
+            continue
         if not _compatible(old, new):
             raise ConfigError(f"{source}: config key {full!r} expects {_type_name(old)} (default {old!r}), "
                               f"got {new!r} ({_type_name(new)})")

@@ -14,7 +14,7 @@ def compute_all(model, inp, exp):
     """Our value for every name in expected.pt (the fixture README's call paths)."""
     v, ids, am, idx = inp["video"], inp["input_ids"], inp["attention_mask"], inp["idx"]
     B, T = v.shape[:2]
-    out = {"temp": model.temp.detach()}
+    out = {"temp": model.temp.detach().reshape(())}
     out["frame_embeds"], out["frame_pooled_embeds"] = model.encode_frames(v)
     out["image_embeds"], out["pooled_image_embeds"] = ie, ip = model.encode_image(v)
     out["text_embeds"], out["pooled_text_embeds"] = te, tp = model.encode_text(ids, am)

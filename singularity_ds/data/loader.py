@@ -27,7 +27,7 @@ class SeededSampler(Sampler):
     def __init__(self, n: int, rank: int = 0, world: int = 1, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False):
         self.n, self.rank, self.world, self.shuffle, self.seed = n, rank, world, shuffle, seed
-        self.drop_last, self.epoch = drop_last, 0
+        self.drop_last, self.epoch, self.skip = drop_last, 0, 0
         self.per_rank = n // world if drop_last else math.ceil(n / world)
 
     def set_epoch(self, epoch: int):
@@ -44,7 +44,7 @@ class SeededSampler(Sampler):
             order = list(range(self.n))
         total = self.per_rank * self.world
         order = (order * math.ceil(total / max(len(order), 1)))[:total]  # pad by wrapping around
-        for pos in range(self.rank, total, self.world):
+        for pos in range(self.rank + self.skip * self.world, total, self.world):  # skip: items already used
             yield order[pos], item_seed(self.seed, self.epoch, pos)
 
 
@@ -113,6 +113,15 @@ class MetaLoader:
         return sum(len(l) for l in self.loaders.values())
 
     def __iter__(self) -> Iterator:
-        iters = {name: iter(loader) for name, loader in self.loaders.items()}
-        for name in self.order():
+        return self.iterate(0)
+
+    def iterate(self, start: int = 0) -> Iterator:
+        """Batches from position ``start`` of this epoch's order, without loading the skipped ones."""
+        order = self.order()
+        iters = {}
+        for name, loader in self.loaders.items():
+            loader.sampler.skip = order[:start].count(name) * loader.batch_size
+            iters[name] = iter(loader)
+            loader.sampler.skip = 0
+        for name in order[start:]:
             yield name, next(iters[name])

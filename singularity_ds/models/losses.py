@@ -65,6 +65,7 @@ def similarity(image_feat: torch.Tensor, text_feat: torch.Tensor, t=1.0) -> torc
 
 def soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Cross-entropy against row-normalised multi-positive targets, averaged over rows."""
+    logits = logits.float()  # the softmax over the batch in fp32 also under bf16/fp16 training
     targets = positives.to(logits.dtype)
     targets = targets / targets.sum(1, keepdim=True)
     return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
@@ -114,7 +115,7 @@ def itm_loss(logits: torch.Tensor) -> torch.Tensor:
     n = logits.shape[0] // 3
     labels = torch.zeros(3 * n, dtype=torch.long, device=logits.device)
     labels[:n] = 1
-    return F.cross_entropy(logits, labels)
+    return F.cross_entropy(logits.float(), labels)
 
 
 def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_prob: float,

@@ -67,7 +67,9 @@ class Singularity(nn.Module):
         embed_dim = config.get("embed_dim", 256)
         self.vision_proj = nn.Linear(self.vision_width, embed_dim)
         self.text_proj = nn.Linear(self.text_width, embed_dim)
-        self.temp = nn.Parameter(torch.ones([]) * config.get("temp", 0.07))
+        # shape (1,), not the original's (): DeepSpeed cannot broadcast 0-dim parameters (the loader
+        # converts the original's scalar); it broadcasts exactly like the scalar in every use
+        self.temp = nn.Parameter(torch.ones(1) * config.get("temp", 0.07))
         self.itm_head = nn.Linear(self.text_width, 2)
 
         num_frames = config.video_input.num_frames

@@ -1,0 +1,93 @@
+"""DeepSpeed checkpoints that are never half-written, with ``resume=auto`` and fp32 export.
+
+Every rank writes its shards into ``checkpoints/.tmp/<tag>``; after a barrier rank 0 marks it
+complete, renames it to ``checkpoints/<tag>`` and only then rewrites ``checkpoints/latest``. A crash at
+any point leaves the previous checkpoint and ``latest`` intact; older tags beyond ``keep_last`` go.
+"""
+import json
+import logging
+import os
+import re
+import shutil
+
+import torch
+
+from .dist import barrier
+
+logger = logging.getLogger(__name__)
+COMPLETE = "COMPLETE"
+
+
+class Checkpointer:
+    def __init__(self, run_dir: str, rank: int, keep_last: int = 2):
+        self.dir = os.path.join(run_dir, "checkpoints")
+        self.tmp = os.path.join(self.dir, ".tmp")
+        self.rank, self.keep_last = rank, max(1, keep_last)
+
+    def save(self, engine, tag: str, client_state: dict):
+        if self.rank == 0:
+            shutil.rmtree(os.path.join(self.tmp, tag), ignore_errors=True)  # leftovers of a crashed save
+        barrier()
+        engine.save_checkpoint(self.tmp, tag=tag, client_state=client_state, save_latest=False)
+        barrier()
+        if self.rank == 0:
+            src, dst = os.path.join(self.tmp, tag), os.path.join(self.dir, tag)
+            with open(os.path.join(src, COMPLETE), "w") as f:
+                json.dump(client_state, f)
+            shutil.rmtree(dst, ignore_errors=True)
+            os.replace(src, dst)
+            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            self._prune()
+            logger.info("checkpoint %s saved", dst)
+        barrier()
+
+    def tags(self):
+        if not os.path.isdir(self.dir):
+            return []
+        done = [t for t in os.listdir(self.dir) if os.path.isfile(os.path.join(self.dir, t, COMPLETE))]
+        return sorted(done, key=_step_of)
+
+    def latest(self):
+        """The newest complete checkpoint: ``latest`` if it names a complete one, else the highest step."""
+        try:
+            with open(os.path.join(self.dir, "latest")) as f:
+                tag = f.read().strip()
+            if os.path.isfile(os.path.join(self.dir, tag, COMPLETE)):
+                return tag
+        except OSError:
+            pass
+        tags = self.tags()
+        return tags[-1] if tags else None
+
+    def load(self, engine, tag: str) -> dict:
+        path, client_state = engine.load_checkpoint(self.dir, tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(self.dir, tag)}")
+        return client_state
+
+    def _prune(self):
+        for tag in self.tags()[:-self.keep_last]:
+            shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
+
+    def fp32_state_dict(self, tag: str) -> dict:
+        """Consolidated fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 for ZeRO 1-3)."""
+        folder = os.path.join(self.dir, tag)
+        if any(f.endswith("optim_states.pt") for f in os.listdir(folder)):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
+        else:  # ZeRO-0 in fp32: the model states hold the weights
+            states = [f for f in os.listdir(folder) if f.endswith("model_states.pt")]
+            state = torch.load(os.path.join(folder, sorted(states)[0]), map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _step_of(tag: str) -> int:
+    m = re.search(r"(\d+)$", tag)
+    return int(m.group(1)) if m else -1
+
+
+def _atomic_write(path: str, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

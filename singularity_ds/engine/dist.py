@@ -1,0 +1,69 @@
+"""Process-group set-up for every launcher: deepspeed, torchrun, srun (SLURM), or a plain process.
+
+Rank variables: ``RANK/WORLD_SIZE/LOCAL_RANK`` (deepspeed, torchrun), else ``SLURM_PROCID/SLURM_NTASKS/
+SLURM_LOCALID`` with the master address taken from ``SLURM_JOB_NODELIST``, else a single process on
+127.0.0.1. Without CUDA, DeepSpeed's CPU accelerator and gloo are selected automatically.
+"""
+import os
+import socket
+import subprocess
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _slurm_master() -> str:
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST", "")
+    try:
+        first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                               check=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        first = nodes.split(",")[0]
+    if first in (socket.gethostname(), socket.gethostname().split(".")[0]):
+        return "127.0.0.1"
+    try:
+        return socket.gethostbyname(first)
+    except OSError:
+        return first
+
+
+def rank_env() -> dict:
+    """Fill RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT from whatever launched us."""
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        env["RANK"], env["WORLD_SIZE"] = env["SLURM_PROCID"], env["SLURM_NTASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", _slurm_master())
+        env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
+    if "RANK" not in env:
+        env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        env.setdefault("MASTER_ADDR", "127.0.0.1")
+        env.setdefault("MASTER_PORT", str(_free_port()))
+    return dict(rank=int(env["RANK"]), world=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
+
+
+def setup() -> dict:
+    """Initialise torch.distributed through DeepSpeed; returns rank, world, local_rank, device."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    info = rank_env()
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   verbose=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info["local_rank"])
+        info["device"] = torch.device("cuda", info["local_rank"])
+    else:
+        info["device"] = torch.device("cpu")
+    return info
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()

@@ -1,0 +1,79 @@
+"""DeepSpeed config: a JSON from ``ds_configs/`` (ZeRO stage, offload) whose task-dependent values are
+filled from the YAML config, so the two never disagree. A JSON that sets one of those values
+differently is refused with both values named."""
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def load_ds_config(name: str) -> dict:
+    path = Path(name) if (os.sep in name or name.endswith(".json")) else DS_CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        names = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+        raise ConfigError(f"config key 'ds_config': {name!r} is not a file or one of {names}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config {path}: invalid JSON: {e}") from None
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(config) -> str:
+    """``precision: auto`` -> bf16 where the device computes it natively, else fp32 (fp16 only on
+    request or when the original's ``fp16: True`` runs on a GPU without bf16)."""
+    p = config.get("precision", "auto")
+    if p not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"config key 'precision': expected auto, bf16, fp16 or fp32, got {p!r}")
+    if p != "auto":
+        if p == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("config key 'precision': fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); use bf16")
+        return p
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp16" if config.get("fp16", False) else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def build_ds_config(config, micro_batch: int, precision: str) -> dict:
+    ds = load_ds_config(config.get("ds_config", "zero2"))
+    clip = float(config.optimizer.get("max_grad_norm", -1))
+    filled = {
+        "train_micro_batch_size_per_gpu": int(micro_batch),
+        "gradient_accumulation_steps": int(config.get("gradient_accumulation_steps", 1)),
+        "gradient_clipping": clip if clip > 0 else 0.0,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+    for key, value in filled.items():
+        if key in ds and ds[key] != value and not (isinstance(value, dict) and ds[key].get("enabled") == value["enabled"]):
+            raise ConfigError(f"ds_config sets {key}={ds[key]!r} but the YAML config gives {value!r}; "
+                              f"remove it from the JSON (it is filled from the YAML config)")
+    for bad in ("optimizer", "scheduler", "train_batch_size"):
+        if bad in ds:
+            raise ConfigError(f"ds_config sets {bad!r}; it comes from the YAML config (optimizer, scheduler, "
+                              f"batch_size x gradient_accumulation_steps x ranks)")
+    for key, value in filled.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = dict(ds[key], **value)
+        else:
+            ds[key] = value
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    zero = ds.get("zero_optimization", {})
+    return zero.get("offload_optimizer", {}).get("device", "none") == "cpu"

@@ -1,0 +1,60 @@
+"""Tasks plug into the one train loop: each builds its model and data, computes its losses, evaluates.
+
+- ``pretrain``: image + video corpora mixed (MetaLoader), ITC + ITM + MLM; the second (temporal) stage
+  is the same task with ``video_input.num_frames=4 temporal_vision_encoder.enable=True ...``.
+- ``train_ret``: retrieval fine-tuning, ITC + ITM, evaluation at every epoch end and after training.
+"""
+import logging
+
+import torch
+
+from ..data import build_tokenizer, eval_datasets, train_loader
+from ..eval.retrieval import evaluate
+from ..models import build_model
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionTask:
+    """Video/image-caption training (pretraining and retrieval fine-tuning share it)."""
+
+    def __init__(self, name: str, default_config: str, evaluate_each_epoch: bool):
+        self.name, self.default_config, self.evaluate_each_epoch = name, default_config, evaluate_each_epoch
+
+    def build_model(self, config):
+        return build_model(config)
+
+    def tokenizer(self, config):
+        return build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
+
+    def train_loader(self, config, tokenizer, rank, world):
+        return train_loader(config, tokenizer, rank, world)
+
+    def micro_batch(self, config):
+        bs = config.batch_size
+        return max(bs.values()) if hasattr(bs, "values") else bs
+
+    def losses(self, model, batch, dtype, device) -> dict:
+        return model(batch["media"].to(device, dtype), batch["input_ids"].to(device),
+                     batch["attention_mask"].to(device), batch["idx"].to(device))
+
+    @torch.no_grad()
+    def evaluate(self, model, config, tokenizer, names=None) -> dict:
+        """Retrieval metrics per test set: {name: {"x": {...}, "emb": {...}}}."""
+        if not config.get("test_file"):
+            return {}
+        results = {}
+        max_len = config.max_txt_l
+        for name, ds in eval_datasets(config, names).items():
+            length = max_len[ds.media_type] if hasattr(max_len, "keys") else max_len
+            res = evaluate(model, ds, tokenizer, length, k_test=config.get("k_test", 128),
+                           ensemble=config.get("eval_frame_ensemble", "concat"))
+            results[name] = {"x": res["x"], "emb": res["emb"]}
+            logger.info("eval %s: %s", name, res["x"])
+        return results
+
+
+TASKS = {
+    "pretrain": CaptionTask("pretrain", "pretrain", evaluate_each_epoch=False),
+    "train_ret": CaptionTask("train_ret", "ret_msrvtt", evaluate_each_epoch=True),
+}
