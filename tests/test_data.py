@@ -322,3 +322,14 @@ def test_motion_clips_share_their_middle_frame(corpus):
     assert all(np.abs(m - render_mid[0]).max() == 0 for m in render_mid)
     starts = [render(c, 64, 13)[0].astype(float) for c in group]
     assert all(np.abs(s - starts[0]).mean() > 1 for s in starts[1:])
+
+
+def test_iterate_from_a_position_replays_the_rest_of_the_epoch(corpus):
+    """Resume: starting at micro-batch k gives exactly batches k.. of the uninterrupted epoch."""
+    loader = train_loader(_cfg(corpus), build_tokenizer())
+    loader.set_epoch(2)
+    full = [(k, b["captions"], b["media"]) for k, b in loader]
+    part = [(k, b["captions"], b["media"]) for k, b in loader.iterate(5)]
+    assert len(part) == len(full) - 5
+    for (k1, c1, m1), (k2, c2, m2) in zip(full[5:], part):
+        assert k1 == k2 and c1 == c2 and torch.equal(m1, m2)

@@ -37,6 +37,7 @@ class SeededSampler(Sampler):
         return self.per_rank
 
     def __iter__(self):
+        # the order of the whole epoch, then this rank's share, starting after `skip` used items
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
             order = torch.randperm(self.n, generator=g).tolist()
@@ -44,7 +45,8 @@ class SeededSampler(Sampler):
             order = list(range(self.n))
         total = self.per_rank * self.world
         order = (order * math.ceil(total / max(len(order), 1)))[:total]  # pad by wrapping around
-        for pos in range(self.rank + self.skip * self.world, total, self.world):  # skip: items already used
+        skip, self.skip = self.skip, 0  # items already used (resume); consumed by this iteration only
+        for pos in range(self.rank + skip * self.world, total, self.world):
             yield order[pos], item_seed(self.seed, self.epoch, pos)
 
 
@@ -120,8 +122,7 @@ class MetaLoader:
         order = self.order()
         iters = {}
         for name, loader in self.loaders.items():
-            loader.sampler.skip = order[:start].count(name) * loader.batch_size
+            loader.sampler.skip = order[:start].count(name) * loader.batch_size  # read when iteration starts
             iters[name] = iter(loader)
-            loader.sampler.skip = 0
         for name in order[start:]:
             yield name, next(iters[name])

@@ -68,6 +68,8 @@ class Trainer:
     def __init__(self, config, task):
         self.config, self.task = config, task
         self.run_dir = prepare_run_dir(config, 0)
+        self.precision = resolve_precision(config)
+        self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
         self.info = dist.setup()
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
         if self.rank == 0:
@@ -76,7 +78,6 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         dist.barrier()
         self._log_handler = _setup_logging(self.run_dir, self.rank)
-        self.precision = resolve_precision(config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self.seed = int(config.get("seed", 42))
 
@@ -90,7 +91,7 @@ class Trainer:
         self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
         self.gas = int(config.get("gradient_accumulation_steps", 1))
         self.steps_per_epoch = max(1, len(self.loader) // self.gas)
-        ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)
+        ds_cfg = self.ds_cfg
         optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
         scheduler = build_scheduler(optimizer, config.scheduler, self.steps_per_epoch)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,

@@ -1,0 +1,136 @@
+"""The DeepSpeed engine with 2 CPU ranks (gloo), launched by the real `deepspeed` launcher."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from singularity_ds.cli import main
+from singularity_ds.data.synthetic import make_synthetic
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_cmd(*args):
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    return [launcher, "--num_accelerators", "2", "--master_port", str(free_port()), *args]
+
+
+def run(cmd, timeout=600, env=None):
+    env = dict(env or os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    make_synthetic(str(out), num_clips=36, size=32, frames=8, num_images=8, seed=5)
+    return out
+
+
+def train_args(corpus, out_dir, *extra):
+    return ["--module", "singularity_ds", "train", "pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml"),
+            f"output_dir={out_dir}", "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=0",
+            "log_freq=1", *extra]
+
+
+def test_every_zero_stage_and_offload_trains(tmp_path):
+    out = tmp_path / "zero.json"
+    run(deepspeed_cmd("tests/ds_worker.py", "zero", str(out)), env=dict(os.environ, PRECISION="fp32"))
+    losses = json.load(open(out))
+    assert set(losses) == {"zero0", "zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"}
+    first = {name: l[0] for name, l in losses.items()}
+    assert len(set(first.values())) == 1, first  # same initial loss under every stage (fp32)
+    for name, l in losses.items():
+        assert all(torch.isfinite(torch.tensor(l))) and l[0] > l[1] > l[2], (name, l)
+
+
+def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
+    out = tmp_path / "acc.json"
+    run(deepspeed_cmd("tests/ds_worker.py", "accumulation", str(out)))
+    assert json.load(open(out))["max_param_diff"] < 1e-5
+
+
+def test_kill_and_resume_is_bit_identical(corpus, tmp_path):
+    args = ("max_steps=12", "save_every_steps=2", "keep_last_checkpoints=3")
+    whole = tmp_path / "whole"
+    run(deepspeed_cmd(*train_args(corpus, whole, *args)))
+    reference = {r["step"]: r for r in json.load(open(whole / "history.json"))}
+    assert sorted(reference) == list(range(1, 13))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(deepspeed_cmd(*train_args(corpus, killed, *args)), cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.exists() and latest.read_text() >= "step00000004":
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, mid-epoch
+    proc.wait()
+    assert not (killed / "export").exists(), "the run finished before it could be killed"
+    run(deepspeed_cmd(*train_args(corpus, killed, *args, "resume=auto")))
+    resumed = json.load(open(killed / "history.json"))
+    assert resumed and resumed[-1]["step"] == 12
+    for r in resumed:
+        for k in ("loss_ita", "loss_itm", "loss_mlm", "lr"):
+            assert r[k] == reference[r["step"]][k], (r["step"], k, r[k], reference[r["step"]][k])
+    ckpts = sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert ckpts == ["step00000008", "step00000010", "step00000012"]  # keep_last_checkpoints=3
+
+
+def test_export_round_trips_and_tensorboard(corpus, tmp_path):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from singularity_ds.models import load_model
+
+    out = tmp_path / "run"
+    run(deepspeed_cmd(*train_args(corpus, out, "max_steps=3", "ds_config=zero3")))
+    model = load_model(str(out / "export"))
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
+    own = model.state_dict()
+    for k, v in consolidated.items():
+        assert torch.equal(own[k], v.float()), k
+    assert model.config.ds_config == "zero3" and (out / "config.yaml").is_file() and (out / "ds_config.json").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss_ita", "train/loss_itm", "train/loss_mlm", "train/lr", "train/grad_norm",
+            "train/samples_per_s", "train/data_wait", "train/memory_mb"} <= tags
+    assert len(events.Scalars("train/loss")) == 3
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    bad_ds = tmp_path / "bad_ds.json"
+    bad_ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 2}}))
+    cases = [
+        (["train", "pretrian"], "unknown task 'pretrian'"),
+        (["train", "pretrain", "tiny", "batch_sise.video=2"], "unknown config key 'batch_sise'; did you mean 'batch_size'?"),
+        (["train", "pretrain", "tiny", f"ds_config={bad_ds}", f"output_dir={tmp_path / 'a'}"],
+         "ds_config sets train_micro_batch_size_per_gpu=3 but the YAML config gives 96"),
+        (["train", "train_ret", "tiny", f"pretrained_path={tmp_path / 'nope.pth'}"], "nope.pth: no such file"),
+        (["train", "pretrain", "tiny", f"output_dir={existing}"], "exists and is not empty"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, (argv, err)
+    assert not (tmp_path / "a").exists() and os.listdir(existing) == ["keep.txt"]
