@@ -125,7 +125,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
         (["train", "pretrian"], "unknown task 'pretrian'"),
         (["train", "pretrain", "tiny", "batch_sise.video=2"], "unknown config key 'batch_sise'; did you mean 'batch_size'?"),
         (["train", "pretrain", "tiny", f"ds_config={bad_ds}", f"output_dir={tmp_path / 'a'}"],
-         "ds_config sets train_micro_batch_size_per_gpu=3 but the YAML config gives 96"),
+         "ds_config sets train_micro_batch_size_per_gpu=3 but the YAML config gives 128"),
         (["train", "train_ret", "tiny", f"pretrained_path={tmp_path / 'nope.pth'}"], "nope.pth: no such file"),
         (["train", "pretrain", "tiny", f"output_dir={existing}"], "exists and is not empty"),
     ]
