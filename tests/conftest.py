@@ -8,6 +8,10 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("SINGULARITY_REFERENCE", REPO.parent / "shared" / "reference"))
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process DeepSpeed / SLURM runs (part of `make test`)")
+
+
 def reference(name: str) -> Path:
     """A fixture folder in ../shared/reference (read in place, never copied into the repo)."""
     path = REFERENCE / name

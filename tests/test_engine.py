@@ -44,8 +44,8 @@ def corpus(tmp_path_factory):
 
 def train_args(corpus, out_dir, *extra):
     return ["--module", "singularity_ds", "train", "pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml"),
-            f"output_dir={out_dir}", "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=0",
-            "log_freq=1", *extra]
+            "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=0", "log_freq=1", *extra,
+            f"output_dir={out_dir}"]
 
 
 def test_every_zero_stage_and_offload_trains(tmp_path):
@@ -134,3 +134,46 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and message in err, (argv, err)
     assert not (tmp_path / "a").exists() and os.listdir(existing) == ["keep.txt"]
+
+
+def test_hostfile_launch_two_nodes_on_localhost(corpus, tmp_path):
+    """`deepspeed --hostfile` as on a cluster without ssh: each "node" starts its launcher with
+    --no_ssh --node_rank K; both meet at the master address."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\nnode2 slots=1\n")
+    port, out = free_port(), tmp_path / "run"
+    launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    cmd = lambda rank: [launcher, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),  # noqa: E731
+                        "--master_addr", "127.0.0.1", "--master_port", str(port),
+                        *train_args(corpus, out, "max_steps=3")]
+    node1 = subprocess.Popen(cmd(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run(cmd(0))
+    assert node1.wait(timeout=300) == 0, node1.stdout.read()[-3000:]
+    assert "2 rank(s)" in (out / "train.log").read_text()
+    assert (out / "checkpoints" / "step00000003").is_dir() and (out / "export" / "model.safetensors").is_file()
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import SlurmCluster, missing_binaries
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM binaries {missing} not installed (`make install` installs Debian's slurm-wlm as root)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()
+
+
+def test_sbatch_multinode_trains_on_two_nodes(slurm, corpus, tmp_path):
+    """`sbatch launchers/multinode.sh` on a real 2-node SLURM cluster: srun starts one process per
+    task, ranks and master come from SLURM's variables, a checkpoint is written."""
+    script = os.path.join(REPO, "launchers", "multinode.sh")
+    args = ["--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--partition=debug",
+            "--time=10", "--export=ALL", script, "slurmtest", *train_args(corpus, "unused", "max_steps=3")[3:-1]]
+    job = slurm.sbatch(args, cwd=str(tmp_path), env={"MASTER_ADDR": "127.0.0.1", "PYTHON": sys.executable})
+    state = slurm.wait(job, timeout=600)
+    log = (tmp_path / f"singularity-ds-{job}.out").read_text()
+    assert state == "COMPLETED", log[-4000:]
+    run_dir = tmp_path / "runs" / "slurmtest"
+    assert "2 rank(s)" in (run_dir / "train.log").read_text()
+    assert (run_dir / "checkpoints" / "step00000003" / "COMPLETE").is_file()
