@@ -40,13 +40,8 @@ def cmd_summary(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    # The full demo (synthetic corpus, 2-rank DeepSpeed training, evaluation table) arrives with the
-    # engine; until then it shows the model the demo trains.
-    from .models import Singularity
-    cfg = load_config(["pretrain", "tiny"], ["video_input.num_frames=4", "add_temporal_embed=True",
-                                             "temporal_vision_encoder.enable=True"])
-    print("singularity-ds demo: the tiny temporal model (training arrives with the engine)")
-    print(model_summary(Singularity(cfg)))
+    from .demo import run_demo
+    run_demo(args.run_dir)
     return 0
 
 
@@ -82,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", help="summarise a checkpoint instead of a config")
     s.set_defaults(func=cmd_summary)
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
+    d.add_argument("--run-dir", default="runs/demo")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
                        description="Tasks: pretrain, train_ret. Run under `deepspeed` or `srun` for several ranks.")

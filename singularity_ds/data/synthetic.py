@@ -23,10 +23,11 @@ COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
 SHAPES = ("square", "circle", "triangle")
 BACKGROUNDS = ("striped", "checkered", "dotted", "plain")
-DIRECTIONS = {"left to right": ((0.15, 0.5), (0.85, 0.5)), "right to left": ((0.85, 0.5), (0.15, 0.5)),
-              "top to bottom": ((0.5, 0.15), (0.5, 0.85)), "bottom to top": ((0.5, 0.85), (0.5, 0.15))}
+DIRECTIONS = {"left to right": ((0.2, 0.5), (0.8, 0.5)), "right to left": ((0.8, 0.5), (0.2, 0.5)),
+              "top to bottom": ((0.5, 0.2), (0.5, 0.8)), "bottom to top": ((0.5, 0.8), (0.5, 0.2))}
 DIRECTION_ANSWER = {"left to right": "right", "right to left": "left", "top to bottom": "down", "bottom to top": "up"}
 SPLITS = ("train", "val", "test")
+RADIUS = 0.2  # shape half-size, as a fraction of the frame
 
 
 # ---------------------------------------------------------------------- drawing
@@ -67,12 +68,12 @@ def render(clip: dict, size: int, frames: int) -> np.ndarray:
         img = bg.copy()
         if clip["kind"] == "motion":
             (x0, y0), (x1, y1) = DIRECTIONS[clip["direction"]]
-            draw(img, clip["shape"], COLORS[clip["color"]], (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t), 0.12)
+            draw(img, clip["shape"], COLORS[clip["color"]], (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t), RADIUS)
         else:  # order: first shape appears at 20% of the clip, second at 40% (both visible mid-clip)
             if t >= 0.2:
-                draw(img, clip["shape"], COLORS[clip["color"]], (0.3, 0.5), 0.12)
+                draw(img, clip["shape"], COLORS[clip["color"]], (0.28, 0.5), RADIUS)
             if t >= 0.4:
-                draw(img, clip["shape2"], COLORS[clip["color2"]], (0.7, 0.5), 0.12)
+                draw(img, clip["shape2"], COLORS[clip["color2"]], (0.72, 0.5), RADIUS)
         out[f] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -242,11 +243,13 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "    - ${available_corpus.synthetic_video}",
            "    - ${available_corpus.synthetic_image}",
            "train_corpus: synthetic",
+           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, never negatives",
            "test_file:",
            f"  appearance: {corpus('ret_test_appearance')}",
            f"  motion: {corpus('ret_test_motion')}"], os.path.join(cdir, "pretrain.yaml"))
     _yaml(["# synthetic corpus overlay for `ret_msrvtt`-style retrieval (written by make-synthetic)",
            f"train_file: {corpus('ret_train')}",
+           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, never negatives",
            "test_types: [appearance, motion]",
            "test_file:",
            f"  appearance: {corpus('ret_test_appearance')}",
