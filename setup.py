@@ -5,10 +5,13 @@ setup(
     version="0.1.0",
     description="Singularity (single-frame training, multi-frame inference) for video-language models on DeepSpeed",
     python_requires=">=3.10",
-    # `kernels/` sits at the top level (design layout) and is importable as `singularity_ds.kernels`.
-    packages=["singularity_ds", "singularity_ds.models", "singularity_ds.kernels"],
-    package_dir={"singularity_ds": "singularity_ds", "singularity_ds.kernels": "kernels"},
-    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json"]},
+    packages=["singularity_ds", "singularity_ds.models", "singularity_ds.data", "singularity_ds.engine",
+              "singularity_ds.eval", "singularity_ds.kernels", "singularity_ds.ds_configs"],
+    # `kernels/` and `ds_configs/` sit at the top level (design layout) and install inside the package.
+    package_dir={"singularity_ds": "singularity_ds", "singularity_ds.kernels": "kernels",
+                 "singularity_ds.ds_configs": "ds_configs"},
+    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*"],
+                  "singularity_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",

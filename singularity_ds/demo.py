@@ -76,7 +76,7 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=30, epochs_ret=10, num_clips=300) -> str:
+def run_demo(run_dir="runs/demo", epochs_pt=45, epochs_ret=20, num_clips=300) -> str:
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)

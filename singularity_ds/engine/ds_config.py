@@ -9,7 +9,10 @@ import torch
 
 from ..config import ConfigError
 
+# the repo's ds_configs/ (installed as singularity_ds/ds_configs by setup.py)
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+if not DS_CONFIG_DIR.is_dir():
+    DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def load_ds_config(name: str) -> dict:

@@ -31,7 +31,7 @@ from .tasks import TASKS
 logger = logging.getLogger("singularity_ds.train")
 
 
-def prepare_run_dir(config, rank: int) -> str:
+def prepare_run_dir(config) -> str:
     """``output_dir`` must be new unless ``resume`` or ``overwrite`` (checked before anything is written)."""
     run_dir = config.get("output_dir") or os.path.join("runs", config.task)
     exists = os.path.isdir(run_dir) and any(n != ".tmp" for n in os.listdir(run_dir))
@@ -67,7 +67,7 @@ def _memory_mb(device) -> float:
 class Trainer:
     def __init__(self, config, task):
         self.config, self.task = config, task
-        self.run_dir = prepare_run_dir(config, 0)
+        self.run_dir = prepare_run_dir(config)
         self.precision = resolve_precision(config)
         self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
         self.info = dist.setup()
