@@ -2,9 +2,11 @@
 
 Each clip is a coloured shape on a textured background. Two caption families:
 - **appearance** ("a red square on a striped background"): one frame answers it;
-- **motion / order** ("a red square moves from left to right", "a blue circle appears after a red
-  square"): only several frames in order do. Motion clips are centred at mid-clip and order clips show
-  both shapes there, so the middle frame alone cannot tell the caption's videos apart -- the
+- **motion / order** ("a square moves from left to right", "a circle appears after a square"): only
+  several frames in order do. Like SSV2's templates they name no colour or background, so many clips
+  share one caption (retrieval with several ground-truth videos, ``has_multi_vision_gt``) and a
+  caption's negatives differ from it in motion or order. Motion clips are centred at mid-clip and
+  order clips show both shapes there, so the middle frame alone cannot tell them apart -- the
   miniature of the original's SSV2 finding.
 
 ``make_synthetic(out_dir)`` writes H.264 MP4 clips (PyAV), a few still images, and annotations in the
@@ -106,8 +108,8 @@ def appearance_caption(c):
 
 def temporal_caption(c):
     if c["kind"] == "motion":
-        return f"{_a(c['color'])} {c['shape']} moves from {c['direction']}"
-    return f"{_a(c['color2'])} {c['shape2']} appears after {_a(c['color'])} {c['shape']}"
+        return f"a {c['shape']} moves from {c['direction']}"
+    return f"a {c['shape2']} appears after a {c['shape']}"
 
 
 def questions(c):
@@ -130,7 +132,7 @@ def plan_clips(num_clips: int, seed: int):
     for color, shape, bg in combos:
         for direction in DIRECTIONS:
             clips.append(dict(kind="motion", color=color, shape=shape, background=bg, direction=direction))
-        others = [(c2, s2) for c2 in COLORS for s2 in SHAPES if (c2, s2) != (color, shape)]
+        others = [(c2, s2) for c2 in COLORS for s2 in SHAPES if s2 != shape]
         color2, shape2 = rng.choice(others)
         clips.append(dict(kind="order", color=color, shape=shape, color2=color2, shape2=shape2, background=bg))
         clips.append(dict(kind="order", color=color2, shape=shape2, color2=color, shape2=shape, background=bg))
@@ -213,7 +215,10 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
                 seen.add(key)
                 app.append({"video": c["video"], "caption": appearance_caption(c)})
         anno(f"ret_{split}_appearance", app)
-        anno(f"ret_{split}_motion", [{"video": c["video"], "caption": temporal_caption(c)} for c in by_split[split]])
+        groups = {}
+        for c in by_split[split]:
+            groups.setdefault(temporal_caption(c), []).append(c["video"])
+        anno(f"ret_{split}_motion", [{"video": videos, "caption": cap} for cap, videos in groups.items()])
     # QA
     answers = sorted({a for c in clips for _, a, _ in questions(c)})
     _dump(answers, os.path.join(adir, "qa_answers.json"))
@@ -225,13 +230,17 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
     mc = []
     rng = random.Random(seed + 2)
     for c in by_split["test"]:
-        group = [o for o in by_split["test"] if o["background"] == c["background"] and o["kind"] == c["kind"]
-                 and o["color"] == c["color"] and o["shape"] == c["shape"] and o is not c]
-        options = [temporal_caption(c)] + [temporal_caption(o) for o in group]
-        other = rng.choice([o for o in clips if o["color"] != c["color"]])  # one other-appearance distractor
-        options = list(dict.fromkeys(options + [temporal_caption(other)]))
+        right = temporal_caption(c)
+        if c["kind"] == "motion":  # the same shape in the other directions, and another shape
+            wrong = [temporal_caption(dict(c, direction=d)) for d in DIRECTIONS if d != c["direction"]]
+            wrong.append(temporal_caption(dict(c, shape=rng.choice([s for s in SHAPES if s != c["shape"]]))))
+        else:  # the reverse order, and other shapes
+            wrong = [temporal_caption(dict(c, shape=c["shape2"], shape2=c["shape"]))]
+            wrong += [f"a {s2} appears after a {s1}" for s1 in SHAPES for s2 in SHAPES
+                      if s1 != s2 and {s1, s2} != {c["shape"], c["shape2"]}][:3]
+        options = [right] + wrong
         rng.shuffle(options)
-        mc.append({"video": c["video"], "caption": options, "answer": options.index(temporal_caption(c))})
+        mc.append({"video": c["video"], "caption": options, "answer": options.index(right)})
     anno("mc_test", mc)
 
     corpus = lambda name: f"['{files[name]}', '{vdir}', video]"  # noqa: E731
