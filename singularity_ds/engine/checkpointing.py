@@ -69,15 +69,13 @@ class Checkpointer:
         for tag in self.tags()[:-self.keep_last]:
             shutil.rmtree(os.path.join(self.dir, tag), ignore_errors=True)
 
+    def has_optimizer_shards(self, tag: str) -> bool:
+        return any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(self.dir, tag)))
+
     def fp32_state_dict(self, tag: str) -> dict:
-        """Consolidated fp32 weights of a checkpoint (DeepSpeed's zero_to_fp32 for ZeRO 1-3)."""
-        folder = os.path.join(self.dir, tag)
-        if any(f.endswith("optim_states.pt") for f in os.listdir(folder)):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-            state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
-        else:  # ZeRO-0 in fp32: the model states hold the weights
-            states = [f for f in os.listdir(folder) if f.endswith("model_states.pt")]
-            state = torch.load(os.path.join(folder, sorted(states)[0]), map_location="cpu", weights_only=False)["module"]
+        """Consolidated fp32 master weights of a ZeRO (or bf16) checkpoint: DeepSpeed's zero_to_fp32."""
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        state = get_fp32_state_dict_from_zero_checkpoint(self.dir, tag=tag)
         return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
 
 

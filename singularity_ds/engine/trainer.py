@@ -221,17 +221,16 @@ class Trainer:
         tag = self.checkpointer.latest()
         dist.barrier()
         if self.rank == 0 and tag is not None:
-            state = self.checkpointer.fp32_state_dict(tag) if _has_optim_shards(self.checkpointer, tag) \
-                else {k: v.detach().float() if v.is_floating_point() else v for k, v in self.engine.module.state_dict().items()}
+            if self.checkpointer.has_optimizer_shards(tag):
+                state = self.checkpointer.fp32_state_dict(tag)
+            else:  # ZeRO-0 in fp32: the live module holds the fp32 weights
+                state = {k: v.detach().float() if v.is_floating_point() else v
+                         for k, v in self.engine.module.state_dict().items()}
             model = self.task.build_model(OmegaConf.merge(self.config, {"pretrained_path": None, "tower_init": "random"}))
             model.load_state_dict(state)
             export_model(model, os.path.join(self.run_dir, "export"))
             logger.info("exported fp32 weights of %s to %s", tag, os.path.join(self.run_dir, "export"))
         dist.barrier()
-
-
-def _has_optim_shards(checkpointer, tag) -> bool:
-    return any(f.endswith("optim_states.pt") for f in os.listdir(os.path.join(checkpointer.dir, tag)))
 
 
 def parse_train_args(argv):
