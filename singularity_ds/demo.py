@@ -10,7 +10,6 @@ checkpoints stay in the run folder.
 """
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import torch
 from .config import load_config
 from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
+from .engine.dist import free_port
 from .eval.retrieval import evaluate
 from .models import load_model
 
@@ -29,17 +29,11 @@ TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vis
             "temporal_vision_encoder.num_layers=1", "temporal_vision_encoder.update_pooler_embed=True"]
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(name, args, run_dir, ranks=2):
     """One 2-rank DeepSpeed launch of `singularity-ds train`; its output goes to <run>/<name>.log."""
     out = os.path.join(run_dir, name)
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(_port()), "--module", "singularity_ds",
+    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--module", "singularity_ds",
            "train", *args, f"output_dir={out}", "overwrite=True", "ds_config=zero2"]
     start = time.time()
     with open(out + ".log", "w") as log:

@@ -11,7 +11,7 @@ from .transforms import build_transform
 from .video import MediaError, get_frame_indices, get_reader, load_image, read_frames
 
 
-def _per_media(value, media_type):
+def per_media(value, media_type: str):
     """Config values given per media type ({image: .., video: ..}) or once for both."""
     return value[media_type] if hasattr(value, "keys") else value
 
@@ -42,8 +42,8 @@ def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: 
     workers = config.get("num_workers", 0) if num_workers is None else num_workers
     loaders = {}
     for media_type, ds in train_datasets(config).items():
-        collate = CaptionCollate(tokenizer, _per_media(config.max_txt_l, media_type))
-        loaders[media_type] = make_loader(ds, _per_media(config.batch_size, media_type), collate, rank, world,
+        collate = CaptionCollate(tokenizer, per_media(config.max_txt_l, media_type))
+        loaders[media_type] = make_loader(ds, per_media(config.batch_size, media_type), collate, rank, world,
                                           shuffle=True, seed=config.get("seed", 42), drop_last=True,
                                           num_workers=workers)
     return MetaLoader(loaders, seed=config.get("seed", 42))

@@ -8,7 +8,7 @@ import logging
 
 import torch
 
-from ..data import build_tokenizer, eval_datasets, train_loader
+from ..data import build_tokenizer, eval_datasets, per_media, train_loader
 from ..eval.retrieval import evaluate
 from ..models import build_model
 
@@ -31,8 +31,7 @@ class CaptionTask:
         return train_loader(config, tokenizer, rank, world)
 
     def micro_batch(self, config):
-        bs = config.batch_size
-        return max(bs.values()) if hasattr(bs, "values") else bs
+        return max(per_media(config.batch_size, m) for m in ("image", "video"))
 
     def losses(self, model, batch, dtype, device) -> dict:
         return model(batch["media"].to(device, dtype), batch["input_ids"].to(device),
@@ -44,10 +43,9 @@ class CaptionTask:
         if not config.get("test_file"):
             return {}
         results = {}
-        max_len = config.max_txt_l
         for name, ds in eval_datasets(config, names).items():
-            length = max_len[ds.media_type] if hasattr(max_len, "keys") else max_len
-            res = evaluate(model, ds, tokenizer, length, k_test=config.get("k_test", 128),
+            res = evaluate(model, ds, tokenizer, per_media(config.max_txt_l, ds.media_type),
+                           k_test=config.get("k_test", 128),
                            ensemble=config.get("eval_frame_ensemble", "concat"))
             results[name] = {"x": res["x"], "emb": res["emb"]}
             logger.info("eval %s: %s", name, res["x"])
