@@ -24,7 +24,7 @@ from .eval.retrieval import evaluate
 from .models import load_model
 
 TINY = ["image_res=32", "num_workers=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.02",
-        "scheduler.warmup_epochs=1", "log_freq=50"]
+        "scheduler.warmup_epochs=1", "log_freq=50", "save_every_epochs=10"]
 TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vision_encoder.enable=True",
             "temporal_vision_encoder.num_layers=1", "temporal_vision_encoder.update_pooler_embed=True"]
 
@@ -70,7 +70,7 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=45, epochs_ret=20, num_clips=300) -> str:
+def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300) -> str:
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
@@ -82,8 +82,8 @@ def run_demo(run_dir="runs/demo", epochs_pt=45, epochs_ret=20, num_clips=300) ->
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
     common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
     pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16"]
-    pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt}"], run_dir)
-    pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={max(1, epochs_pt // 3)}",
+    pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
+    pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
                                  f"pretrained_path={pt1}/export"], run_dir)
     ret_args = ["train_ret", *common, ret_cfg, "max_txt_l=16", f"scheduler.epochs={epochs_ret}",
                 "test_types=[appearance]", "k_test=16"]

@@ -127,6 +127,7 @@ class Trainer:
         state = self._resume()
         epochs, max_steps = int(cfg.scheduler.epochs), int(cfg.get("max_steps", -1))
         save_every = int(cfg.get("save_every_steps", 0))
+        save_every_epochs = max(1, int(cfg.get("save_every_epochs", 1)))
         writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -175,7 +176,9 @@ class Trainer:
                 if save_every and global_step % save_every == 0 and micro < per_epoch:
                     self._save(epoch, micro, global_step)
             finished = micro >= per_epoch
-            self._save(epoch + 1 if finished else epoch, 0 if finished else micro, global_step)
+            last = not finished or global_step >= total or epoch + 1 == epochs
+            if last or (epoch + 1) % save_every_epochs == 0:
+                self._save(epoch + 1 if finished else epoch, 0 if finished else micro, global_step)
             if finished and self.task.evaluate_each_epoch:
                 self._evaluate(writer, epoch, global_step)
         if progress is not None:
