@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",
         "omegaconf>=2.3",  # the original's config format (interpolation, CLI dotlist) and its pickled configs
         "scipy>=1.10",     # BEiT relative-position-bias interpolation, the original's method
+        "matplotlib>=3.7", # the recall@K plot saved with every retrieval evaluation
     ],
     extras_require={
         "dev": [

@@ -3,6 +3,8 @@ import argparse
 import logging
 import sys
 
+from omegaconf.errors import OmegaConfBaseException
+
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .data.annotations import AnnotationError
@@ -62,10 +64,19 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .eval.run import eval_main
+    eval_main(args.kind, args.rest)
+    return 0
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from .data.benchmark import main as bench_data
         return bench_data(args.rest)
+    if args.what == "eval":
+        from .eval.benchmark import main as bench_eval
+        return bench_eval(args.rest)
     raise ConfigError(f"unknown benchmark {args.what!r}")
 
 
@@ -83,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tasks: pretrain, train_ret. Run under `deepspeed` or `srun` for several ranks.")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
+    e = sub.add_parser("eval", help="evaluate: ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
+                       description="Retrieval (two-stage ITC + ITM) or multiple-choice evaluation of a checkpoint.")
+    e.add_argument("kind", choices=["ret", "mc"])
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(func=cmd_eval)
     m = sub.add_parser("make-synthetic", help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")
     m.add_argument("--num-clips", type=int, default=300)
@@ -94,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"])
     m.add_argument("--workers", type=int, default=1)
     m.set_defaults(func=cmd_make_synthetic)
-    b = sub.add_parser("bench", help="benchmarks: data (decode throughput, loader memory)")
-    b.add_argument("what", choices=["data"])
+    b = sub.add_parser("bench", help="benchmarks: data (decode throughput, loader memory), eval (itm / itc cost)")
+    b.add_argument("what", choices=["data", "eval"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p
@@ -119,6 +135,10 @@ def main(argv=None) -> int:
         return args.func(args)
     except (ConfigError, CheckpointError, AnnotationError, MediaError) as e:
         print(f"singularity-ds: error: {e}", file=sys.stderr)
+        return 2
+    except OmegaConfBaseException as e:  # e.g. ${oc.env:SL_DATA_DIR} unset: one line naming the key
+        lines = [line.strip() for line in str(e).splitlines() if not line.strip().startswith("object_type")]
+        print(f"singularity-ds: error: config: {'; '.join(lines)}", file=sys.stderr)
         return 2
 
 

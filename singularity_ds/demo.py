@@ -20,6 +20,7 @@ from .config import load_config
 from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
 from .engine.dist import free_port
+from .eval.metrics import save_results
 from .eval.retrieval import evaluate
 from .models import load_model
 
@@ -50,9 +51,11 @@ def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg], TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
     tok = build_tokenizer()
     out = {"x": {}, "emb": {}}
-    for name, ds in eval_datasets(cfg, list(splits)).items():
-        res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat")
+    for name, ds in eval_datasets(cfg, list(splits)).items():  # the offloaded (large-set) path
+        res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", offload=True, num_frames_test=frames)
         out["x"][name], out["emb"][name] = res["x"], res["emb"]
+    save_results({name: {"x": out["x"][name], "emb": out["emb"][name]} for name in out["x"]},
+                 os.path.join(export, "eval"), f"eval_{frames}frames")
     return out
 
 

@@ -57,3 +57,14 @@ def test_tiny_preset_and_errors_for_missing_configs(tmp_path):
         load_config([os.path.join(tmp_path, "nope.yaml")])
     with pytest.raises(ConfigError, match="key=value"):
         load_config(["pretrain"], ["=3"])
+
+
+@pytest.mark.parametrize("name", ["ret_msrvtt", "ret_didemo", "ret_anet", "ret_ssv2_label", "ret_ssv2_template",
+                                  "ret_coco", "ret_flickr", "ret_msrvtt_mc"])
+def test_every_retrieval_task_config_loads_with_the_tiny_overlay(name, monkeypatch):
+    monkeypatch.setenv("SL_DATA_DIR", "/data")  # the original's data root variable
+    cfg = load_config([name, "tiny"], ["video_input.num_frames_test=2"])
+    assert cfg.image_res == 64 and cfg.video_input.num_frames_test == 2
+    assert set(cfg.test_types) <= set(cfg.test_file) and cfg.k_test >= 10
+    for spec in cfg.test_file.values():  # [annotation, media folder(, video)]: interpolations resolve
+        assert "${" not in str(list(spec))

@@ -49,3 +49,221 @@ def test_two_stage_scores_equal_all_pairs_itm_when_k_covers_everything(tmp_path,
                             for v in range(len(ds))])  # (videos, texts)
     assert torch.allclose(res["scores"]["i2t"], full, atol=1e-4)
     assert torch.allclose(res["scores"]["t2i"], full.T, atol=1e-4)
+
+
+# ---------------------------------------------------------------------- scale path (issue: evaluation)
+from singularity_ds.config import ConfigError  # noqa: E402
+from singularity_ds.eval.features import extract  # noqa: E402
+from singularity_ds.eval.metrics import topk_eval  # noqa: E402
+from singularity_ds.eval.retrieval import itm_scores, itm_scores_cached, topk_blockwise  # noqa: E402
+
+
+def test_topk_metrics_equal_dense_metrics_with_several_ground_truths():
+    rng = np.random.default_rng(1)
+    n_vid, n_txt = 14, 23
+    i2t = rng.normal(size=(n_vid, n_txt))
+    img2txt = {v: [v, v + n_vid] if v + n_vid < n_txt else [v] for v in range(n_vid)}
+    txt2img = {t: (t if t < n_vid else t - n_vid) for t in range(n_txt)}
+    cand_i2t = np.argsort(-i2t, axis=1)[:, :10]
+    cand_t2i = np.argsort(-i2t.T, axis=1)[:, :10]
+    res = topk_eval(cand_i2t, np.take_along_axis(i2t, cand_i2t, 1),
+                    cand_t2i, np.take_along_axis(i2t.T, cand_t2i, 1), txt2img, img2txt)
+    assert res == itm_eval(i2t, i2t.T, txt2img, img2txt)
+    for k in (1, 5, 10):
+        assert res[f"txt_r{k}"] == round(brute_recall(i2t, img2txt, k), 2)
+        assert res[f"img_r{k}"] == round(brute_recall(i2t.T, txt2img, k), 2)
+
+
+def test_blockwise_topk_equals_full_topk():
+    torch.manual_seed(0)
+    q, c = torch.randn(50, 16), torch.randn(37, 16)
+    values, indices = topk_blockwise(q, c, k=12, block=8)  # 7 x 5 tiles, running merge
+    full = (q @ c.T).topk(12, dim=1)
+    assert torch.allclose(values, full.values, atol=1e-6)
+    assert torch.equal(indices, full.indices)
+
+
+@pytest.fixture(scope="module")
+def synthetic_eval(tmp_path_factory):
+    root = tmp_path_factory.mktemp("syn")
+    make_synthetic(str(root), num_clips=36, size=32, frames=6, num_images=2, seed=3)
+    return root
+
+
+def _eval_setup(root, task="ret_msrvtt", **overrides):
+    overlay = "pretrain.yaml" if task == "pretrain" else "ret.yaml"
+    cfg = load_config([task, "tiny", str(root / "configs" / overlay)],
+                      ["image_res=32", "video_input.num_frames_test=3"] + [f"{k}={v}" for k, v in overrides.items()])
+    torch.manual_seed(0)
+    model = Singularity(cfg).eval()
+    with torch.no_grad():  # spread the ITM logits so that ranks are decided by real differences
+        model.itm_head.weight.mul_(20)
+    return cfg, model
+
+
+@pytest.mark.parametrize("ensemble", ["concat", "lse"])
+def test_cached_itm_equals_uncached(synthetic_eval, ensemble):
+    cfg, model = _eval_setup(synthetic_eval)
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    tok = build_tokenizer()
+    with torch.no_grad():
+        ids, mask = tokenize(tok, ds.text, 16)
+        te = model.encode_text(ids, mask)[0]
+        media = torch.stack([ds[i]["media"] for i in range(3)])
+        if ensemble == "concat":
+            clips = model.encode_image(media)[0].unsqueeze(1)
+        else:
+            clips = model.encode_frames(media)[0]
+        for v in range(3):
+            plain = itm_scores(model, te, mask, clips[v:v + 1].expand(len(te), -1, -1, -1), ensemble)
+            kv = [model.text_encoder.cross_kv(clips[v, c:c + 1]) for c in range(clips.shape[1])]
+            cached = itm_scores_cached(model, te, mask, kv, ensemble)
+            assert torch.allclose(plain, cached, atol=1e-5), (plain - cached).abs().max()
+
+
+@pytest.mark.parametrize("store", ["cpu", "disk"])
+def test_offloaded_path_equals_in_memory_path(synthetic_eval, tmp_path, store):
+    cfg, model = _eval_setup(synthetic_eval)
+    tok = build_tokenizer()
+    for name, ds in eval_datasets(cfg, ["appearance", "motion"]).items():
+        dense = evaluate(model, ds, tok, 16, k_test=10)
+        off = evaluate(model, ds, tok, 16, k_test=10, offload=True, feature_store=store,
+                       feature_dir=str(tmp_path / name))
+        assert off["x"] == dense["x"] and off["emb"] == dense["emb"], name
+        both = ds.__len__() * min(10, len(ds.text)) + len(ds.text) * min(10, len(ds))
+        assert off["stats"]["pairs_both_directions"] == both and off["stats"]["pairs"] < both  # shared pairs
+    if store == "disk":
+        assert sorted(p.name for p in (tmp_path / "motion").iterdir()) == [
+            "text_tokens.0.bin", "text_tokens.0.bin.json", "video_tokens.0.bin", "video_tokens.0.bin.json"]
+
+
+def test_late_ensemble_on_a_temporal_checkpoint_is_refused(synthetic_eval):
+    cfg, model = _eval_setup(synthetic_eval, **{"video_input.num_frames": 4, "add_temporal_embed": True,
+                                                "temporal_vision_encoder.enable": True})
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    with pytest.raises(ConfigError, match="eval_frame_ensemble=mean .* temporal .* use eval_frame_ensemble=concat"):
+        evaluate(model, ds, build_tokenizer(), 16, k_test=10, ensemble="mean")
+
+
+def _sharded_worker(rank, world, port, root, feature_dir, out):
+    import os
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    cfg, model = _eval_setup(root)
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    tok = build_tokenizer()
+    feats = extract(model, ds, tok, 16, store="disk", feature_dir=feature_dir)
+    res = evaluate(model, ds, tok, 16, k_test=10, offload=True, feature_store="disk", feature_dir=feature_dir + "2")
+    out[rank] = dict(text=feats.text_tokens.rows(range(len(ds.text))), video=feats.video_tokens.rows(range(len(ds))),
+                     text_feat=feats.text_feat, video_feat=feats.video_feat, x=res["x"], emb=res["emb"])
+    dist.destroy_process_group()
+
+
+def test_two_rank_sharded_extraction_equals_one_rank(synthetic_eval, tmp_path):
+    import torch.multiprocessing as mp
+    from singularity_ds.engine.dist import free_port
+    out = mp.Manager().dict()
+    mp.start_processes(_sharded_worker, args=(2, free_port(), synthetic_eval, str(tmp_path / "f"), out),
+                       nprocs=2, start_method="spawn")
+    cfg, model = _eval_setup(synthetic_eval)
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    tok = build_tokenizer()
+    one = extract(model, ds, tok, 16)
+    ref = evaluate(model, ds, tok, 16, k_test=10)
+    assert len(list((tmp_path / "f").glob("video_tokens.*.bin"))) == 2  # each rank wrote its shard
+    for r in (0, 1):
+        got = out[r]
+        assert torch.allclose(got["text"], one.text_tokens.rows(range(len(ds.text))), atol=1e-5)
+        assert torch.allclose(got["video"], one.video_tokens.rows(range(len(ds))), atol=1e-5)
+        assert torch.allclose(got["text_feat"], one.text_feat, atol=1e-5)
+        assert torch.allclose(got["video_feat"], one.video_feat, atol=1e-5)
+        assert got["x"] == ref["x"] and got["emb"] == ref["emb"]
+
+
+def _original_pth(model, cfg, path):
+    """A checkpoint as the original's pretraining saves it: {"model": state (text_encoder.bert.*), "config"}."""
+    from singularity_ds.checkpoint import plain_config
+    torch.save({"model": model.state_dict(), "config": plain_config(cfg)}, path)
+    return str(path)
+
+
+def test_eval_cli_zero_shot_from_pretraining_checkpoint(synthetic_eval, tmp_path, capsys):
+    from singularity_ds.cli import main
+    cfg, model = _eval_setup(synthetic_eval, task="pretrain")
+    assert any(k.startswith("text_encoder.bert.") for k in model.state_dict())
+    ckpt = _original_pth(model, cfg, tmp_path / "pretrain.pth")
+    ret_cfg = str(synthetic_eval / "configs" / "ret.yaml")
+    out = tmp_path / "out"
+    assert main(["eval", "ret", "ret_msrvtt", ret_cfg, ckpt, "image_res=32", "video_input.num_frames_test=3",
+                 "k_test=10", "max_txt_l=16", f"output_dir={out}", "test_types=[motion]", "--offload"]) == 0
+    import json
+    from PIL import Image
+    got = json.loads((out / "eval.json").read_text())["motion"]
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    ref = evaluate(model, ds, build_tokenizer(), 16, k_test=10)  # the pretraining model itself
+    assert got["x"] == ref["x"] and got["emb"] == ref["emb"]
+    assert Image.open(out / "eval.png").size[0] > 100
+    assert "motion: ITM re-ranked" in capsys.readouterr().out
+
+
+def test_eval_cli_multiple_choice(synthetic_eval, tmp_path):
+    import json
+    from singularity_ds.cli import main
+    from singularity_ds.eval.mc import evaluate_mc
+    cfg, model = _eval_setup(synthetic_eval)
+    ckpt = _original_pth(model, cfg, tmp_path / "ret.pth")
+    mc_cfg = tmp_path / "mc.yaml"
+    mc_cfg.write_text(f"test_types: [mc]\ntest_file:\n  mc: ['{synthetic_eval}/anno/mc_test.json', "
+                      f"'{synthetic_eval}/videos', video]\n")
+    out = tmp_path / "out"
+    assert main(["eval", "mc", "ret_msrvtt", str(mc_cfg), ckpt, "image_res=32", "video_input.num_frames_test=3",
+                 "max_txt_l=16", f"output_dir={out}"]) == 0
+    saved = json.loads((out / "mc_mc.json").read_text())
+    mc_set = json.loads((synthetic_eval / "anno" / "mc_test.json").read_text())
+    assert len(saved["predictions"]) == len(mc_set) and all(len(p["scores"]) == 5 for p in saved["predictions"])
+    # each prediction is the argmax of the plain (uncached) ITM logit over the options
+    ds = eval_datasets(load_config(["ret_msrvtt", "tiny", str(mc_cfg)], ["image_res=32", "video_input.num_frames_test=3"]),
+                       kind="mc")["mc"]
+    tok = build_tokenizer()
+    with torch.no_grad():
+        for i in range(3):
+            item = ds[i]
+            ids, mask = tokenize(tok, item["captions"], 16)
+            video = model.encode_image(item["media"][None])[0]
+            logits = model.itm_logits(model.encode_text(ids, mask)[0], mask, video.expand(len(ids), -1, -1))[:, 1]
+            assert saved["predictions"][i]["pred"] == int(logits.argmax())
+            assert np.allclose(saved["predictions"][i]["scores"], logits.numpy(), atol=1e-4)
+    acc = 100 * np.mean([p["pred"] == p["answer"] for p in saved["predictions"]])
+    assert saved["accuracy"] == round(acc, 2)
+    assert evaluate_mc(model, ds, tok, 16, num_frames_test=3)[0] == saved["accuracy"]
+
+
+def test_eval_cli_bad_input_is_one_clear_line(synthetic_eval, tmp_path, capsys, monkeypatch):
+    from singularity_ds.cli import main
+    assert main(["eval", "ret", "ret_msrvtt", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth: no such file" in capsys.readouterr().err
+    (tmp_path / "x.pth").write_bytes(b"")
+    monkeypatch.delenv("SL_DATA_DIR", raising=False)
+    assert main(["eval", "ret", "ret_msrvtt", str(tmp_path / "x.pth")]) == 2  # data root unset: a config error
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SL_DATA_DIR" in err and "full_key: " in err
+    cfg, model = _eval_setup(synthetic_eval, **{"video_input.num_frames": 4, "add_temporal_embed": True})
+    ckpt = _original_pth(model, cfg, tmp_path / "t.pth")
+    assert main(["eval", "ret", "ret_msrvtt", str(synthetic_eval / "configs" / "ret.yaml"), ckpt, "image_res=32",
+                 "eval_frame_ensemble=max", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "eval_frame_ensemble=max" in err and not (tmp_path / "o").exists()
+
+
+def test_eval_x_only_scores_every_pair_instead_of_crashing(synthetic_eval):
+    """The original's eval_x_only path reads a missing dataset attribute (raw_n_image) and crashes."""
+    from singularity_ds.eval.run import evaluate_sets
+    cfg, model = _eval_setup(synthetic_eval, eval_x_only=True, k_test=3, max_txt_l=16, test_types="[motion]")
+    tok = build_tokenizer()
+    got = evaluate_sets(model, cfg, tok)["motion"]
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    every = evaluate(model, ds, tok, 16, k_test=len(ds) + len(ds.text))
+    assert got["x"] == every["x"]
+    assert got["x"] != evaluate(model, ds, tok, 16, k_test=3)["x"]  # k_test=3 alone would differ

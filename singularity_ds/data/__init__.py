@@ -49,8 +49,9 @@ def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: 
     return MetaLoader(loaders, seed=config.get("seed", 42))
 
 
-def eval_datasets(config, names=None) -> dict:
-    """Retrieval evaluation sets named in ``test_types`` (default: every ``test_file`` entry)."""
+def eval_datasets(config, names=None, kind: str = "caption") -> dict:
+    """Evaluation sets named in ``test_types`` (default: every ``test_file`` entry): retrieval sets,
+    or with ``kind="mc"`` multiple-choice sets (entries with a list of option captions and ``answer``)."""
     names = list(names or config.get("test_types") or config.test_file.keys())
     out = {}
     for name in names:
@@ -58,6 +59,10 @@ def eval_datasets(config, names=None) -> dict:
             raise AnnotationError(f"config key 'test_types': {name!r} is not in test_file "
                                   f"({', '.join(config.test_file.keys())})")
         (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
+        if kind == "mc":
+            out[name] = MCDataset(load_corpus([spec], kind="mc"), media_source(config, spec[2], train=False),
+                                  skip_broken=config.get("skip_broken_media_eval", False))
+            continue
         out[name] = RetrievalEvalDataset(
             load_corpus([spec]), media_source(config, spec[2], train=False),
             has_multi_vision_gt=config.get("has_multi_vision_gt", False),

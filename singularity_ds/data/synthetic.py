@@ -15,11 +15,12 @@ splits, QA with an answer list, MC), plus config overlays (``configs/pretrain.ya
 ``qa.yaml``, ``mc.yaml``) pointing at them. Seeded: the same arguments give the same files.
 """
 import itertools
-import json
 import os
 import random
 
 import numpy as np
+
+from ..fileio import write_json
 
 COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40),
           "purple": (150, 60, 200), "orange": (245, 140, 30)}
@@ -153,12 +154,6 @@ def plan_clips(num_clips: int, seed: int):
     return clips
 
 
-def _dump(obj, path):
-    with open(path + ".part", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".part", path)
-
-
 def _yaml(lines, path):
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -192,14 +187,14 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
         name = f"image_{i:04d}.jpg"
         Image.fromarray(render(c, size, 2)[0]).save(os.path.join(idir, name), quality=95)
         images.append({"image": name, "caption": appearance_caption(c)})
-    _dump(images, os.path.join(adir, "pretrain_image.json"))
+    write_json(images, os.path.join(adir, "pretrain_image.json"))
 
     by_split = {s: [c for c in clips if c["split"] == s] for s in SPLITS}
     files = {}
 
     def anno(name, entries):
         files[name] = os.path.join(adir, name + ".json")
-        _dump(entries, files[name])
+        write_json(entries, files[name])
 
     # pretraining and retrieval training: one entry per caption (both families)
     anno("pretrain_video", [{"video": c["video"], "caption": cap} for c in by_split["train"]
@@ -221,7 +216,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
         anno(f"ret_{split}_motion", [{"video": videos, "caption": cap} for cap, videos in groups.items()])
     # QA
     answers = sorted({a for c in clips for _, a, _ in questions(c)})
-    _dump(answers, os.path.join(adir, "qa_answers.json"))
+    write_json(answers, os.path.join(adir, "qa_answers.json"))
     files["qa_answers"] = os.path.join(adir, "qa_answers.json")
     for split in SPLITS:
         anno(f"qa_{split}", [{"video": c["video"], "question": q, "answer": a, "question_id": f"{c['id']}_{k}",
@@ -267,7 +262,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            f"  val_motion: {corpus('ret_val_motion')}"], os.path.join(cdir, "ret.yaml"))
     meta = dict(num_clips=len(clips), size=size, frames=frames, fps=fps, seed=seed, codec=codec,
                 splits={s: len(v) for s, v in by_split.items()}, files=files, videos=vdir, images=idir)
-    _dump(meta, os.path.join(out_dir, "synthetic.json"))
+    write_json(meta, os.path.join(out_dir, "synthetic.json"))
     return meta
 
 

@@ -12,6 +12,8 @@ import shutil
 
 import torch
 
+from ..fileio import atomic_write
+
 from .dist import barrier
 
 logger = logging.getLogger(__name__)
@@ -36,7 +38,7 @@ class Checkpointer:
                 json.dump(client_state, f)
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(src, dst)
-            _atomic_write(os.path.join(self.dir, "latest"), tag)
+            atomic_write(os.path.join(self.dir, "latest"), tag)
             self._prune()
             logger.info("checkpoint %s saved", dst)
         barrier()
@@ -84,8 +86,4 @@ def _step_of(tag: str) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _atomic_write(path: str, text: str):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+

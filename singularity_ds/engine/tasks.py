@@ -8,8 +8,8 @@ import logging
 
 import torch
 
-from ..data import build_tokenizer, eval_datasets, per_media, train_loader
-from ..eval.retrieval import evaluate
+from ..data import build_tokenizer, per_media, train_loader
+from ..eval.run import evaluate_sets
 from ..models import build_model
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,7 @@ class CaptionTask:
         """Retrieval metrics per test set: {name: {"x": {...}, "emb": {...}}}."""
         if not config.get("test_file"):
             return {}
-        results = {}
-        for name, ds in eval_datasets(config, names).items():
-            res = evaluate(model, ds, tokenizer, per_media(config.max_txt_l, ds.media_type),
-                           k_test=config.get("k_test", 128),
-                           ensemble=config.get("eval_frame_ensemble", "concat"))
-            results[name] = {"x": res["x"], "emb": res["emb"]}
-            logger.info("eval %s: %s", name, res["x"])
-        return results
+        return evaluate_sets(model, config, tokenizer, names)
 
 
 TASKS = {

@@ -209,7 +209,12 @@ class Trainer:
     def _evaluate(self, writer, epoch, step) -> dict:
         model = self.engine.module
         model.eval()
-        results = self.task.evaluate(model, self.config, self.tokenizer)
+        if self.engine.zero_optimization_stage() == 3:  # evaluation reads whole parameters directly
+            import deepspeed
+            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+                results = self.task.evaluate(model, self.config, self.tokenizer)
+        else:
+            results = self.task.evaluate(model, self.config, self.tokenizer)
         model.train()
         if self.rank == 0 and results:
             with open(os.path.join(self.run_dir, f"eval_{epoch}.json"), "w") as f:

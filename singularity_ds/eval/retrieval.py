@@ -1,80 +1,60 @@
-"""Two-stage retrieval evaluation, as the original's ``evaluation`` + ``itm_eval``.
+"""Two-stage retrieval evaluation: ITC ranking, then ITM re-ranking of each query's top ``k_test``.
 
-Stage 1 (ITC): mean over frames of per-frame cosine similarity, all (video, text) pairs.
+Stage 1 (ITC): mean over frames of per-frame cosine similarity (the original's ``get_sim``).
 Stage 2 (ITM): for every video its top ``k_test`` texts, and for every text its top ``k_test`` videos,
-are re-scored by the fusion encoder (class-1 logit); other pairs keep -100. Frame ensembles: ``concat``
-fuses the text with all frames' tokens at once; ``mean`` / ``max`` / ``lse`` fuse each frame alone
-(frames from ``encode_frames``, no temporal modelling) and pool the per-frame scores.
-Metrics: ``txt_r1/5/10`` (video->text), ``img_r1/5/10`` (text->video), their means and ``r_mean``, for
-the re-ranked scores and the ITC-only ones (``*_emb``); several ground truths count at the best rank.
+are scored by the fusion encoder (class-1 logit), which decides their final order. Frame ensembles:
+``concat`` fuses the text with all frames' tokens at once; ``mean`` / ``max`` / ``lse`` fuse each frame
+alone (``encode_frames``, no temporal modelling) and pool the per-frame scores.
+
+Two paths, the same metrics:
+
+- in memory (default, the original's algorithm): the dense (videos x texts) score matrices, every
+  candidate pair fused from scratch; returns the matrices too.
+- ``offload=True`` (large sets): features stay off the accelerator (:mod:`.features`); stage 1 keeps a
+  streaming blockwise top-k, never the full matrix; stage 2 scores each distinct (text, video) pair once
+  (pairs in both directions' top-k are shared), grouped by video so that each fusion layer's
+  cross-attention keys/values of a video are computed once and reused for all its texts; videos are
+  split across ranks.
 """
 import logging
 
 import numpy as np
 import torch
 
-from ..data.loader import collate_eval
-from ..data.text import tokenize
-from ..models.losses import ENSEMBLES, ensemble_frames
+from ..config import ConfigError
+from ..models.losses import ENSEMBLES, ensemble_frames, similarity
+from .features import Features, all_gather, extract, _dist
+from .metrics import itm_eval, topk_eval
 
 logger = logging.getLogger(__name__)
 
-
-def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dict, img2txt: dict) -> dict:
-    """Recall@K as the original: rank of the best-ranked ground truth, argsort descending."""
-    def ranks(scores, gts):
-        out = np.zeros(scores.shape[0])
-        for i, row in enumerate(scores):
-            order = np.argsort(row)[::-1]
-            gt = gts[i] if isinstance(gts[i], (list, tuple)) else [gts[i]]
-            out[i] = min(np.where(order == g)[0][0] for g in gt)
-        return out
-
-    def recall(r, k):
-        return 100.0 * float((r < k).sum()) / len(r)
-
-    tr, ir = ranks(scores_i2t, img2txt), ranks(scores_t2i, txt2img)
-    res = {"txt_r1": recall(tr, 1), "txt_r5": recall(tr, 5), "txt_r10": recall(tr, 10),
-           "img_r1": recall(ir, 1), "img_r5": recall(ir, 5), "img_r10": recall(ir, 10)}
-    res["txt_r_mean"] = (res["txt_r1"] + res["txt_r5"] + res["txt_r10"]) / 3
-    res["img_r_mean"] = (res["img_r1"] + res["img_r5"] + res["img_r10"]) / 3
-    res["r_mean"] = (res["txt_r_mean"] + res["img_r_mean"]) / 2
-    return {k: round(v, 2) for k, v in res.items()}
+__all__ = ["evaluate", "itm_eval", "itm_scores", "itm_scores_cached", "topk_blockwise", "check_ensemble"]
 
 
-@torch.no_grad()
-def extract(model, dataset, tokenizer, max_txt_l, ensemble="concat", batch_size=32, dtype=torch.float32):
-    """Text states + masks, and video tokens (concat: (N, 1, T*Li, D); late: (N, T, Li, D)) + pooled."""
-    model.eval()
-    texts = dataset.text
-    text_embeds, text_masks = [], []
-    for i in range(0, len(texts), 256):
-        ids, mask = tokenize(tokenizer, texts[i:i + 256], max_txt_l)
-        text_embeds.append(model.encode_text(ids, mask)[0])
-        text_masks.append(mask)
-    vid_tokens, vid_pooled, order = [], [], []
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_eval)
-    for batch in loader:
-        if batch["media"] is None:
-            continue
-        media = batch["media"].to(dtype)
-        if ensemble == "concat":
-            tokens, pooled = model.encode_image(media)
-            tokens = tokens.unsqueeze(1)
-        else:
-            tokens, pooled = model.encode_frames(media)
-        vid_tokens.append(tokens)
-        vid_pooled.append(pooled)
-        order.append(batch["index"])
-    order = torch.cat(order)
-    if len(order) != len(dataset):
-        raise RuntimeError(f"{len(dataset) - len(order)} evaluation media could not be read (skipped)")
-    return torch.cat(text_embeds), torch.cat(text_masks), torch.cat(vid_tokens), torch.cat(vid_pooled)
+def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
+    """Refuse settings that would give garbage scores instead of an error.
+
+    Late ensembles (mean / max / lse) fuse each frame alone, skipping temporal embeddings and the
+    temporal encoder: the original asserts a single-frame model there, and so do we. A frame count
+    above the trained one interpolates the temporal embeddings linearly (the original's behaviour)."""
+    if ensemble not in ENSEMBLES:
+        raise ConfigError(f"eval_frame_ensemble={ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
+    temporal = model.temporal_vision_encoder is not None or model.config.get("add_temporal_embed", False)
+    if ensemble != "concat" and temporal:
+        raise ConfigError(
+            f"eval_frame_ensemble={ensemble} scores each frame on its own and would bypass this checkpoint's "
+            f"temporal modelling (temporal embeddings / encoder, trained on {model.temporal_embeddings.shape[1]} "
+            "frames); use eval_frame_ensemble=concat")
+    trained = model.temporal_embeddings.shape[1]
+    if model.config.get("add_temporal_embed", False) and num_frames_test > trained:
+        logger.info("temporal embeddings: %d trained frames interpolated linearly to %d test frames",
+                    trained, num_frames_test)
 
 
+# ---------------------------------------------------------------------- stage 2 scoring
 @torch.no_grad()
 def itm_scores(model, text_embeds, text_mask, vid_tokens, ensemble):
-    """Class-1 ITM logit for row-aligned (text, video) pairs; vid_tokens (k, clips, L, D)."""
+    """Class-1 ITM logit for row-aligned (text, video) pairs; vid_tokens (k, clips, L, D). Uncached."""
     clip_scores = [model.itm_logits(text_embeds, text_mask, vid_tokens[:, c])[:, 1] for c in range(vid_tokens.shape[1])]
     if len(clip_scores) == 1:
         return clip_scores[0]
@@ -82,28 +62,124 @@ def itm_scores(model, text_embeds, text_mask, vid_tokens, ensemble):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat", batch_size=32):
-    """-> {"x": metrics of re-ranked scores, "emb": ITC-only metrics}, plus the score matrices."""
-    if ensemble not in ENSEMBLES:
-        raise ValueError(f"eval_frame_ensemble={ensemble!r}; expected one of {ENSEMBLES}")
-    dtype = next(model.parameters()).dtype
-    text_embeds, text_mask, vid_tokens, vid_pooled = extract(model, dataset, tokenizer, max_txt_l, ensemble,
-                                                             batch_size, dtype)
-    sim_i2t, _ = model.get_sim(vid_pooled, text_embeds[:, 0])
+def itm_scores_cached(model, text_embeds, text_mask, video_kv, ensemble):
+    """Class-1 ITM logits of several texts against ONE video whose per-clip cross-attention keys/values
+    (``model.text_encoder.cross_kv``) are already computed."""
+    clip_scores = [model.itm_head(model.text_encoder.fusion(text_embeds, text_mask, kv=kv)[:, 0])[:, 1]
+                   for kv in video_kv]
+    if len(clip_scores) == 1:
+        return clip_scores[0]
+    return ensemble_frames(torch.stack(clip_scores, dim=1), ensemble)
+
+
+# ---------------------------------------------------------------------- stage 1 streaming top-k
+@torch.no_grad()
+def topk_blockwise(queries: torch.Tensor, candidates: torch.Tensor, k: int, block: int = 8192):
+    """Top-``k`` of ``queries @ candidates.T`` per row, (values, indices), holding one
+    ``block x block`` tile of scores at a time: memory O(block^2 + rows * k), not rows x candidates."""
+    k = min(k, candidates.shape[0])
+    values = torch.empty(queries.shape[0], k, dtype=torch.float32)
+    indices = torch.empty(queries.shape[0], k, dtype=torch.int32)  # half the memory of int64 at 1M x 128
+    for i in range(0, queries.shape[0], block):
+        q = queries[i:i + block]
+        best_v = best_i = None
+        for j in range(0, candidates.shape[0], block):
+            tile = (q @ candidates[j:j + block].T).float()
+            v, ix = tile.topk(min(k, tile.shape[1]), dim=1)
+            ix += j
+            if best_v is not None:
+                v, ix = torch.cat([best_v, v], 1), torch.cat([best_i, ix], 1)
+                v, sel = v.topk(k, dim=1)
+                ix = ix.gather(1, sel)
+            best_v, best_i = v, ix
+        values[i:i + block], indices[i:i + block] = best_v.cpu(), best_i.int().cpu()
+    return values, indices
+
+
+# ---------------------------------------------------------------------- the two paths
+def _dense(model, feats: Features, k_test, ensemble):
+    text_embeds = feats.text_tokens.rows(np.arange(len(feats.text_tokens)))
+    vid_tokens = feats.video_tokens.rows(np.arange(len(feats.video_tokens)))
+    text_mask = feats.text_mask
+    sim_i2t = similarity(feats.video_feat, feats.text_feat)
     n_vid, n_txt = sim_i2t.shape
     i2t = torch.full((n_vid, n_txt), -100.0)
     for v in range(n_vid):
         k = min(n_txt, k_test)
         top = sim_i2t[v].topk(k).indices
-        i2t[v, top] = itm_scores(model, text_embeds[top], text_mask[top],
-                                 vid_tokens[v:v + 1].expand(k, -1, -1, -1), ensemble).float()
+        i2t[v, top.cpu()] = itm_scores(model, text_embeds[top], text_mask[top],
+                                       vid_tokens[v:v + 1].expand(k, -1, -1, -1), ensemble).float().cpu()
     t2i = torch.full((n_txt, n_vid), -100.0)
     for t in range(n_txt):
         k = min(n_vid, k_test)
         top = sim_i2t[:, t].topk(k).indices
-        t2i[t, top] = itm_scores(model, text_embeds[t:t + 1].expand(k, -1, -1), text_mask[t:t + 1].expand(k, -1),
-                                 vid_tokens[top], ensemble).float()
-    sim = sim_i2t.float()
-    return dict(x=itm_eval(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt),
-                emb=itm_eval(sim.numpy(), sim.T.numpy(), dataset.txt2img, dataset.img2txt),
-                scores=dict(i2t=i2t, t2i=t2i, i2t_emb=sim))
+        t2i[t, top.cpu()] = itm_scores(model, text_embeds[t:t + 1].expand(k, -1, -1), text_mask[t:t + 1].expand(k, -1),
+                                       vid_tokens[top], ensemble).float().cpu()
+    return i2t, t2i, sim_i2t.float().cpu()
+
+
+def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=8192):
+    rank, world = _dist()
+    n_txt, n_vid = feats.text_feat.shape[0], feats.video_feat.shape[0]
+    video_mean = feats.video_feat.mean(1)  # mean of per-frame cosines = dot with the frame mean (linear)
+    depth = max(k_test, 10)                # R@10 needs the first 10 of every list
+    i2t_v, i2t_c = topk_blockwise(video_mean, feats.text_feat, depth, block)
+    t2i_v, t2i_c = topk_blockwise(feats.text_feat, video_mean, depth, block)
+    k_i2t, k_t2i = min(k_test, n_txt), min(k_test, n_vid)
+    i2t_cand = i2t_c[:, :k_i2t].numpy().astype(np.int64)  # int64: pair keys go up to n_vid * n_txt
+    t2i_cand = t2i_c[:, :k_t2i].numpy().astype(np.int64)
+
+    # each distinct (video, text) pair once, as key video * n_txt + text, grouped by video
+    keys = np.unique(np.concatenate([
+        (np.arange(n_vid)[:, None] * n_txt + i2t_cand).ravel(),
+        (t2i_cand * n_txt + np.arange(n_txt)[:, None]).ravel()]))
+    videos, starts = np.unique(keys // n_txt, return_index=True)
+    ends = np.append(starts[1:], len(keys))
+    mine = np.arange(rank, len(videos), world)  # round-robin over videos
+    out_keys, out_scores = [], []
+    for j in mine:
+        v, texts = int(videos[j]), keys[starts[j]:ends[j]] % n_txt
+        clips = feats.video_tokens.rows([v])[0]  # (clips, Lv, D)
+        video_kv = [model.text_encoder.cross_kv(clips[c:c + 1]) for c in range(clips.shape[0])]
+        for s in range(0, len(texts), text_batch):
+            chunk = texts[s:s + text_batch]
+            scores = itm_scores_cached(model, feats.text_tokens.rows(chunk), feats.text_mask[chunk],
+                                       video_kv, ensemble)
+            out_keys.append(v * n_txt + chunk)
+            out_scores.append(scores.float().cpu().numpy())
+    local = (np.concatenate(out_keys) if out_keys else np.zeros(0, np.int64),
+             np.concatenate(out_scores) if out_scores else np.zeros(0, np.float32))
+    parts = all_gather(local)
+    all_keys = np.concatenate([p[0] for p in parts])
+    all_scores = np.concatenate([p[1] for p in parts])
+    order = np.argsort(all_keys)
+    all_keys, all_scores = all_keys[order], all_scores[order]
+
+    def lookup(query_keys):
+        return all_scores[np.searchsorted(all_keys, query_keys)]
+
+    x = dict(i2t=(i2t_cand, lookup(np.arange(n_vid)[:, None] * n_txt + i2t_cand)),
+             t2i=(t2i_cand, lookup(t2i_cand * n_txt + np.arange(n_txt)[:, None])))
+    emb = dict(i2t=(i2t_c.numpy(), i2t_v.numpy()), t2i=(t2i_c.numpy(), t2i_v.numpy()))
+    stats = dict(pairs=int(len(keys)), pairs_both_directions=int(n_vid * k_i2t + n_txt * k_t2i),
+                 videos=int(len(videos)))
+    return x, emb, stats
+
+
+@torch.no_grad()
+def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat", batch_size=32,
+             offload=False, feature_store=None, feature_dir=None, num_frames_test=None):
+    """-> {"x": re-ranked metrics, "emb": ITC-only metrics} (+ "scores" dense matrices in memory, or
+    "stats" with the offloaded path). ``feature_store``: device / cpu / disk (default: device, or cpu
+    with ``offload``)."""
+    check_ensemble(model, ensemble, num_frames_test or 1)
+    store = feature_store or ("cpu" if offload else "device")
+    feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir)
+    if not offload:
+        i2t, t2i, sim = _dense(model, feats, k_test, ensemble)
+        return dict(x=itm_eval(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt),
+                    emb=itm_eval(sim.numpy(), sim.T.numpy(), dataset.txt2img, dataset.img2txt),
+                    scores=dict(i2t=i2t, t2i=t2i, i2t_emb=sim))
+    x, emb, stats = _offload(model, feats, k_test, ensemble)
+    return dict(x=topk_eval(*x["i2t"], *x["t2i"], dataset.txt2img, dataset.img2txt),
+                emb=topk_eval(*emb["i2t"], *emb["t2i"], dataset.txt2img, dataset.img2txt), stats=stats)

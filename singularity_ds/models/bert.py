@@ -53,11 +53,15 @@ class BertAttention(nn.Module):
         self.attn_dropout = cfg.attention_probs_dropout_prob
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, bias=None, context=None):
-        kv = x if context is None else context
+    def project_kv(self, context):
+        """Keys and values (B, H, Lk, d) of ``context``; cross-attention's depend on the video only."""
+        return split_heads(self.self.key(context), self.num_heads), split_heads(self.self.value(context), self.num_heads)
+
+    def forward(self, x, bias=None, context=None, kv=None):
         q = split_heads(self.self.query(x), self.num_heads)
-        k = split_heads(self.self.key(kv), self.num_heads)
-        v = split_heads(self.self.value(kv), self.num_heads)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        if k.shape[0] != q.shape[0]:  # one cached video for a batch of texts: a stride-0 view, no copy
+            k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         out = merge_heads(attention(q, k, v, bias, self.attn_dropout if self.training else 0.0))
         return self.output.LayerNorm(self.dropout(self.output.dense(out)) + x)
 
@@ -75,12 +79,12 @@ class BertLayer(nn.Module):
         self.act = ACT2FN[cfg.hidden_act]
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, bias=None, context=None, context_bias=None):
+    def forward(self, x, bias=None, context=None, context_bias=None, kv=None):
         x = self.attention(x, bias)
         if self.crossattention is not None:
-            if context is None:
+            if context is None and kv is None:
                 raise ValueError("a fusion layer needs vision tokens (encoder_hidden_states)")
-            x = self.crossattention(x, context_bias, context)
+            x = self.crossattention(x, context_bias, context, kv)
         h = self.dropout(self.output.dense(self.act(self.intermediate.dense(x))))
         return self.output.LayerNorm(h + x)
 
@@ -94,12 +98,14 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(cfg, i >= fusion) for i in range(cfg.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x, bias=None, context=None, context_bias=None, start=0, end=None):
-        for layer in self.layer[start:end]:
+    def forward(self, x, bias=None, context=None, context_bias=None, start=0, end=None, kv=None):
+        """``kv``: precomputed cross-attention (keys, values), one pair per layer of ``[start, end)``."""
+        for i, layer in enumerate(self.layer[start:end]):
+            layer_kv = kv[i] if kv is not None else None
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, bias, context, context_bias, use_reentrant=False)
+                x = checkpoint(layer, x, bias, context, context_bias, layer_kv, use_reentrant=False)
             else:
-                x = layer(x, bias, context, context_bias)
+                x = layer(x, bias, context, context_bias, layer_kv)
         return x
 
 
@@ -142,19 +148,25 @@ class TextEncoder(nn.Module):
     def fusion_layer(self) -> int:
         return self.config.fusion_layer
 
-    def run(self, x, mask, start, end, context=None, context_mask=None):
+    def run(self, x, mask, start, end, context=None, context_mask=None, kv=None):
         """Layers ``[start, end)`` over hidden states ``x`` with 1/0 masks (None = attend to all)."""
         bias = padding_bias(mask, x.dtype)
-        context_bias = padding_bias(context_mask, x.dtype) if context is not None else None
-        return self.bert.encoder(x, bias, context, context_bias, start, end)
+        context_bias = padding_bias(context_mask, x.dtype) if context_mask is not None else None
+        return self.bert.encoder(x, bias, context, context_bias, start, end, kv)
 
     def text(self, input_ids, mask):
         """mode='text': embeddings + text-only layers."""
         return self.run(self.bert.embeddings(input_ids), mask, 0, self.fusion_layer)
 
-    def fusion(self, text_embeds, mask, image_embeds, image_mask: Optional[torch.Tensor] = None):
-        """mode='fusion': the cross-attention layers over text states from :meth:`text`."""
-        return self.run(text_embeds, mask, self.fusion_layer, None, image_embeds, image_mask)
+    def fusion(self, text_embeds, mask, image_embeds=None, image_mask: Optional[torch.Tensor] = None, kv=None):
+        """mode='fusion': the cross-attention layers over text states from :meth:`text`; ``kv`` from
+        :meth:`cross_kv` replaces ``image_embeds``."""
+        return self.run(text_embeds, mask, self.fusion_layer, None, image_embeds, image_mask, kv)
+
+    def cross_kv(self, image_embeds):
+        """Each fusion layer's cross-attention keys/values of ``image_embeds``: computed once per
+        video, reused for every text scored against it (evaluation)."""
+        return [layer.crossattention.project_kv(image_embeds) for layer in self.bert.encoder.layer[self.fusion_layer:]]
 
     def mlm_logits(self, hidden):
         return self.cls(hidden, self.bert.embeddings.word_embeddings.weight)

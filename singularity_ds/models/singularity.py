@@ -149,8 +149,13 @@ class Singularity(nn.Module):
     # ------------------------------------------------------------------ similarity / ITC
     def project(self, pooled_image_embeds, pooled_text_embeds):
         """Normalised projections: image (B, T, embed_dim), text (B, embed_dim)."""
-        return (F.normalize(self.vision_proj(pooled_image_embeds), dim=-1),
-                F.normalize(self.text_proj(pooled_text_embeds), dim=-1))
+        return self.project_image(pooled_image_embeds), self.project_text(pooled_text_embeds)
+
+    def project_image(self, pooled_image_embeds):
+        return F.normalize(self.vision_proj(pooled_image_embeds), dim=-1)
+
+    def project_text(self, pooled_text_embeds):
+        return F.normalize(self.text_proj(pooled_text_embeds), dim=-1)
 
     def get_sim(self, pooled_image_embeds, pooled_text_embeds, t=1):
         """(sim_i2t (B_video, B_text), sim_t2i): mean over frames of per-frame cosine, / t."""

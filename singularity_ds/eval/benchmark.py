@@ -1,0 +1,118 @@
+"""``singularity-ds bench eval itm|itc``: evaluation cost, for the docs and issue notes (not a test).
+
+- ``itm``: N texts x N videos, ``k_test``, T frames, the tiny model (random weights, features from
+  random pixels): seconds for stage 1 and stage 2, the original's per-query re-ranking vs the offloaded
+  path (K/V computed once per video + each (text, video) pair scored once), and the speed-up.
+- ``itc``: stage 1 alone on N x N random normalised D-dim features, both directions' top-k, blockwise:
+  wall time and peak memory (RSS on CPU, max allocated on CUDA) beyond the features.
+"""
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from .features import Features, TokenStore
+from .retrieval import _dense, _offload
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_itm(n=1000, frames=12, k_test=128, txt_len=32, res=64, seed=0) -> dict:
+    from ..config import load_config
+    from ..models import Singularity
+    torch.manual_seed(seed)
+    cfg = load_config(["ret_msrvtt", "tiny"], [f"image_res={res}"])
+    model = Singularity(cfg).eval()
+    with torch.no_grad():
+        videos, pooled = [], []
+        for i in range(0, n, 50):
+            tokens, p = model.encode_image(torch.randn(min(50, n - i), frames, 3, res, res))
+            videos.append(tokens.unsqueeze(1))
+            pooled.append(model.project_image(p))
+        ids = torch.randint(1000, 30000, (n, txt_len))
+        mask = torch.ones(n, txt_len, dtype=torch.long)
+        mask[:, txt_len // 2:] = torch.rand(n, 1) > 0.5  # half the texts padded to half length
+        text, text_pooled = model.encode_text(ids, mask)
+        feats = Features(TokenStore([text], "cpu"), mask, model.project_text(text_pooled),
+                         TokenStore([torch.cat(videos)], "cpu"), torch.cat(pooled))
+        start = time.perf_counter()
+        _dense(model, feats, k_test, "concat")
+        plain = time.perf_counter() - start
+        start = time.perf_counter()
+        _, _, stats = _offload(model, feats, k_test, "concat")
+        offload = time.perf_counter() - start
+        start = time.perf_counter()
+        from ..models.losses import similarity
+        similarity(feats.video_feat, feats.text_feat).topk(k_test, dim=1)
+        stage1 = time.perf_counter() - start
+    return dict(texts=n, videos=n, frames=frames, video_tokens=videos[0].shape[2], k_test=k_test,
+                threads=torch.get_num_threads(), stage1_s=round(stage1, 3), original_s=round(plain, 2),
+                offload_s=round(offload, 2), speedup=round(plain / offload, 2), **stats)
+
+
+def bench_itc(n=1_000_000, dim=256, k=128, block=16384, device=None, dtype="bfloat16", seed=0) -> dict:
+    from .retrieval import topk_blockwise
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dt = getattr(torch, dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def features():
+        x = torch.empty(n, dim, device=device, dtype=dt)
+        for i in range(0, n, 1 << 18):  # normalised in chunks: no fp32 copy of the whole set
+            chunk = torch.randn(min(1 << 18, n - i), dim, device=device, generator=g)
+            x[i:i + chunk.shape[0]] = torch.nn.functional.normalize(chunk, dim=-1).to(dt)
+        return x
+
+    videos, texts = features(), features()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    rss0 = _peak_rss_mb()
+    start = time.perf_counter()
+    i2t = topk_blockwise(videos, texts, k, block)
+    t2i = topk_blockwise(texts, videos, k, block)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    out = dict(n=n, dim=dim, k=k, block=block, dtype=dtype, device=str(torch.cuda.get_device_name(device)
+               if device.type == "cuda" else "cpu"), threads=torch.get_num_threads(), wall_s=round(wall, 2),
+               features_mb=round(2 * n * dim * videos.element_size() / 2 ** 20),
+               results_mb=round(sum(t.numel() * t.element_size() for t in (*i2t, *t2i)) / 2 ** 20),
+               peak_rss_mb=round(_peak_rss_mb()), rss_growth_mb=round(_peak_rss_mb() - rss0))
+    if device.type == "cuda":
+        out["gpu_peak_beyond_features_mb"] = round((torch.cuda.max_memory_allocated() - base) / 2 ** 20)
+    return out
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="singularity-ds bench eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["itm", "itc"])
+    p.add_argument("--n", type=int, default=None, help="texts = videos (itm: 1000, itc: 1000000)")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--k", type=int, default=128)
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--block", type=int, default=16384)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--json", help="also write the result here")
+    args = p.parse_args(argv)
+    if args.what == "itm":
+        res = bench_itm(n=args.n or 1000, frames=args.frames, k_test=args.k)
+    else:
+        res = bench_itc(n=args.n or 1_000_000, dim=args.dim, k=args.k, block=args.block, device=args.device,
+                        dtype=args.dtype)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        from ..fileio import write_json
+        write_json(res, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(None))

@@ -1,0 +1,209 @@
+"""Evaluation features, extracted once and sharded across ranks.
+
+Each rank encodes a contiguous 1/world of the texts and of the media. The small normalised
+projections (ITC) are gathered to every rank. The token features that ITM needs are large (ActivityNet
+with 32 frames: ~48 GB in fp16), so they live where they fit:
+
+- ``device``: on the accelerator, gathered to every rank (the original's behaviour; small sets);
+- ``cpu``: in host memory (pinned on CUDA), gathered to every rank;
+- ``disk``: each rank streams its shard into ``<feature_dir>/<name>.<rank>.bin`` as it encodes, and every
+  rank memory-maps all shards afterwards (``feature_dir`` must be shared between nodes).
+
+Rows come back through :meth:`TokenStore.rows`, on the device, whatever the backing.
+"""
+import json
+import os
+from dataclasses import dataclass
+from typing import List
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ..data.loader import collate_eval
+from ..data.text import tokenize
+
+
+def shard_range(n: int, rank: int, world: int) -> range:
+    return range(n * rank // world, n * (rank + 1) // world)
+
+
+def _dist() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (CPU tensors, arrays, lists), in rank order; ``[obj]`` without distribution."""
+    rank, world = _dist()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier():
+    if _dist()[1] > 1:
+        dist.barrier()
+
+
+class TokenStore:
+    """Row-indexed (rows, *shape) features over one or more shards (tensors or memory maps)."""
+
+    def __init__(self, shards: List[torch.Tensor], device):
+        self.shards = [s for s in shards if s.shape[0]]
+        self.starts = np.cumsum([0] + [s.shape[0] for s in self.shards])
+        self.device = device
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    @property
+    def shape(self):
+        return (len(self),) + tuple(self.shards[0].shape[1:])
+
+    def rows(self, index) -> torch.Tensor:
+        """Rows ``index`` (ints) stacked on the device."""
+        index = np.asarray(index, dtype=np.int64).reshape(-1)
+        shard = np.searchsorted(self.starts, index, side="right") - 1
+        parts = [self.shards[s][int(i - self.starts[s])] for s, i in zip(shard, index)]
+        return torch.stack(parts).to(self.device, non_blocking=True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.shards)
+
+
+class ShardWriter:
+    """Streams one rank's rows to ``<dir>/<name>.<rank>.bin`` (raw bytes of any dtype, bf16 included)."""
+
+    def __init__(self, folder: str, name: str, rank: int):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"{name}.{rank}.bin")
+        self.file = open(self.path + ".part", "wb")
+        self.rows, self.shape, self.dtype = 0, None, None
+
+    def write(self, x: torch.Tensor):
+        x = x.detach().cpu().contiguous()
+        self.shape, self.dtype = tuple(x.shape[1:]), x.dtype
+        self.rows += x.shape[0]
+        self.file.write(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+
+    def close(self):
+        self.file.close()
+        os.replace(self.path + ".part", self.path)
+        with open(self.path + ".json", "w") as f:
+            json.dump(dict(rows=self.rows, shape=self.shape, dtype=str(self.dtype).replace("torch.", "")), f)
+
+
+def open_shards(folder: str, name: str, world: int) -> List[torch.Tensor]:
+    shards = []
+    for r in range(world):
+        path = os.path.join(folder, f"{name}.{r}.bin")
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        if meta["rows"] == 0:
+            continue
+        dtype = getattr(torch, meta["dtype"])
+        row_bytes = int(np.prod(meta["shape"])) * torch.empty((), dtype=dtype).element_size()
+        raw = np.memmap(path, dtype=np.uint8, mode="c", shape=(meta["rows"], row_bytes))
+        shards.append(torch.from_numpy(raw).view(dtype).view(meta["rows"], *meta["shape"]))
+    return shards
+
+
+class _Sink:
+    """Collects one rank's rows of one feature: in memory, or streamed to a shard file."""
+
+    def __init__(self, store: str, folder: str, name: str, rank: int):
+        self.writer = ShardWriter(folder, name, rank) if store == "disk" else None
+        self.parts, self.name, self.folder = [], name, folder
+        self.offload = store != "device"
+
+    def add(self, x: torch.Tensor):
+        if self.writer is not None:
+            self.writer.write(x)
+        else:
+            self.parts.append(x.cpu() if self.offload else x)
+
+    def finish(self, device, world: int) -> TokenStore:
+        if self.writer is not None:
+            self.writer.close()
+            barrier()
+            return TokenStore(open_shards(self.folder, self.name, world), device)
+        local = torch.cat(self.parts) if self.parts else None
+        if world == 1:
+            shards = [local]
+        else:  # every rank gets every shard (via host memory)
+            shards = [s for s in all_gather(None if local is None else local.cpu()) if s is not None]
+            shards = [s if self.offload else s.to(device) for s in shards]
+        if self.offload and torch.cuda.is_available():
+            shards = [s.pin_memory() for s in shards]
+        return TokenStore(shards, device)
+
+
+@dataclass
+class Features:
+    text_tokens: TokenStore    # (N_text, L, D) states of the text-only layers
+    text_mask: torch.Tensor    # (N_text, L) on the device
+    text_feat: torch.Tensor    # (N_text, d) normalised text projections, on the device
+    video_tokens: TokenStore   # (N_media, clips, Lv, D): clips = 1 (concat) or T (late ensembles)
+    video_feat: torch.Tensor   # (N_media, T, d) normalised per-frame projections, on the device
+
+
+@torch.no_grad()
+def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat", batch_size: int = 32,
+            store: str = "device", feature_dir: str = None, text_batch: int = 256) -> Features:
+    """Encode ``dataset`` (texts and media), this rank's shard of each, and gather the results."""
+    if store not in ("device", "cpu", "disk"):
+        raise ValueError(f"feature store {store!r}: expected device, cpu or disk")
+    if store == "disk" and not feature_dir:
+        raise ValueError("the disk feature store needs a feature_dir")
+    model.eval()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    rank, world = _dist()
+
+    text_sink = _Sink(store, feature_dir, "text_tokens", rank)
+    masks, text_feats = [], []
+    mine = shard_range(len(dataset.text), rank, world)
+    for i in range(mine.start, mine.stop, text_batch):
+        ids, mask = tokenize(tokenizer, dataset.text[i:min(i + text_batch, mine.stop)], max_txt_l)
+        ids, mask = ids.to(device), mask.to(device)
+        embeds, pooled = model.encode_text(ids, mask)
+        text_sink.add(embeds)
+        masks.append(mask.cpu())
+        text_feats.append(model.project_text(pooled).float().cpu())
+
+    video_sink = _Sink(store, feature_dir, "video_tokens", rank)
+    video_feats, order = [], []
+    mine = shard_range(len(dataset), rank, world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
+                                         collate_fn=collate_eval)
+    failures = 0
+    for batch in loader:
+        failures += len(batch["failures"])
+        if batch["media"] is None:
+            continue
+        media = batch["media"].to(device, dtype)
+        if ensemble == "concat":
+            tokens, pooled = model.encode_image(media)
+            tokens = tokens.unsqueeze(1)
+        else:
+            tokens, pooled = model.encode_frames(media)
+        video_sink.add(tokens)
+        video_feats.append(model.project_image(pooled).float().cpu())
+        order.append(batch["index"])
+    read = sum(len(o) for o in order)
+    missing = sum(all_gather(len(mine) - read))
+    if missing:
+        raise RuntimeError(f"{missing} evaluation media could not be read; evaluation needs every item")
+
+    def gathered(parts):
+        local = torch.cat(parts) if parts else None
+        return torch.cat([p for p in all_gather(local) if p is not None]).to(device)
+
+    return Features(text_tokens=text_sink.finish(device, world), text_mask=gathered(masks),
+                    text_feat=gathered(text_feats), video_tokens=video_sink.finish(device, world),
+                    video_feat=gathered(video_feats))

@@ -1,0 +1,103 @@
+"""``singularity-ds eval ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]``.
+
+The architecture comes from the checkpoint (an original ``.pth`` -- pretraining or fine-tuned layout,
+so zero-shot evaluation of a pretraining checkpoint loads its text weights -- or an exported folder);
+the data and evaluation settings (``test_file``, ``test_types``, ``image_res``,
+``video_input.num_frames_test``, ``k_test``, ``eval_frame_ensemble``, ...) come from the config.
+Results go to ``output_dir`` (default ``runs/eval/<config>``): ``eval_<split>.json`` per split,
+``eval.json`` + ``eval.png`` (recall@K), or ``mc_<split>.json`` with every prediction.
+Launched under ``deepspeed`` / ``torchrun`` / ``srun``, extraction and re-ranking are split across ranks.
+"""
+import logging
+import os
+
+import torch
+from omegaconf import OmegaConf
+
+from ..config import ConfigError, load_config
+from ..fileio import write_json
+from ..data import build_tokenizer, eval_datasets, per_media
+from .features import _dist
+from .mc import evaluate_mc
+from .metrics import save_results
+from .retrieval import evaluate
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_sets(model, config, tokenizer, names=None) -> dict:
+    """Retrieval metrics per test set, {name: {"x": {...}, "emb": {...}}}, with the config's settings
+    (``eval_offload``, ``eval_x_only`` = ITM on every pair, ``k_test``, ``eval_frame_ensemble``)."""
+    if not config.get("test_file"):
+        return {}
+    results = {}
+    for name, ds in eval_datasets(config, names).items():
+        k_test = config.get("k_test", 128)
+        if config.get("eval_x_only", False):  # the original crashes here (raw_n_image); we score all pairs
+            k_test = max(len(ds), len(ds.text))
+        res = evaluate(model, ds, tokenizer, per_media(config.max_txt_l, ds.media_type), k_test=k_test,
+                       ensemble=config.get("eval_frame_ensemble", "concat"),
+                       batch_size=per_media(config.get("batch_size_test", 32), ds.media_type),
+                       offload=bool(config.get("eval_offload", False)),
+                       feature_store=config.get("eval_feature_store"),
+                       feature_dir=config.get("eval_feature_dir") or os.path.join(config.get("output_dir") or ".",
+                                                                                 "eval_features", name),
+                       num_frames_test=config.video_input.get("num_frames_test", 1))
+        results[name] = {"x": res["x"], "emb": res["emb"]}
+        if "stats" in res:
+            results[name]["stats"] = res["stats"]
+        logger.info("eval %s: %s", name, res["x"])
+    return results
+
+
+def _split_args(argv):
+    offload = "--offload" in argv
+    argv = [a for a in argv if a != "--offload" and not a.startswith("--local_rank")]
+    names = [a for a in argv if "=" not in a]
+    overrides = [a for a in argv if "=" in a]
+    if len(names) < 2:
+        raise ConfigError("usage: singularity-ds eval ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]")
+    if offload:
+        overrides.append("eval_offload=True")
+    return names[:-1], names[-1], overrides
+
+
+def eval_main(kind: str, argv) -> dict:
+    from ..engine.dist import setup
+    from ..models import load_model
+    configs, checkpoint, overrides = _split_args(list(argv))
+    if not os.path.exists(checkpoint):
+        from ..checkpoint import CheckpointError
+        raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
+    config = load_config(configs, overrides)
+    for name in config.get("test_types") or config.test_file:  # an unset ${oc.env:...} fails before loading
+        if name in config.test_file:
+            OmegaConf.to_container(config.test_file[name], resolve=True)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
+    device = setup()["device"] if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(checkpoint, image_res=config.image_res).to(device)
+    config.vit_type = model.vit_type  # transforms (normalisation) follow the checkpoint's tower
+    out_dir = config.get("output_dir") or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
+    config.output_dir = out_dir
+    tokenizer = build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
+    rank = _dist()[0]
+    if kind == "ret":
+        results = evaluate_sets(model, config, tokenizer)
+        if rank == 0:
+            save_results(results, out_dir)
+            for name, res in results.items():
+                print(f"{name}: ITM re-ranked {res['x']}\n{name}: ITC only     {res['emb']}")
+            print(f"results: {out_dir}/eval.json, {out_dir}/eval.png")
+        return results
+    if kind == "mc":
+        results = {}
+        for name, ds in eval_datasets(config, kind="mc").items():
+            acc, predictions = evaluate_mc(model, ds, tokenizer, per_media(config.max_txt_l, "video"),
+                                           config.get("eval_frame_ensemble", "concat"),
+                                           config.video_input.get("num_frames_test", 1))
+            results[name] = acc
+            if rank == 0:
+                write_json(dict(accuracy=acc, predictions=predictions), os.path.join(out_dir, f"mc_{name}.json"))
+                print(f"{name}: MC accuracy {acc:.2f}% over {len(predictions)} videos -> {out_dir}/mc_{name}.json")
+        return results
+    raise ConfigError(f"unknown evaluation {kind!r}; expected ret or mc")

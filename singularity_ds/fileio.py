@@ -1,0 +1,16 @@
+"""Files written whole or not at all: a temporary name, then an atomic rename."""
+import json
+import os
+
+
+def atomic_write(path: str, text: str) -> str:
+    tmp = path + ".part"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(obj, path: str, indent: int = 1) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return atomic_write(path, json.dumps(obj, indent=indent))
