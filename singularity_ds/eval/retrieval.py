@@ -162,7 +162,7 @@ def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=819
              t2i=(t2i_cand, lookup(t2i_cand * n_txt + np.arange(n_txt)[:, None])))
     emb = dict(i2t=(i2t_c.numpy(), i2t_v.numpy()), t2i=(t2i_c.numpy(), t2i_v.numpy()))
     stats = dict(pairs=int(len(keys)), pairs_both_directions=int(n_vid * k_i2t + n_txt * k_t2i),
-                 videos=int(len(videos)))
+                 videos_reranked=int(len(videos)))
     return x, emb, stats
 
 
