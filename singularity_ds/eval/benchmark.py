@@ -21,35 +21,46 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_itm(n=1000, frames=12, k_test=128, txt_len=32, res=64, seed=0) -> dict:
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_itm(n=1000, frames=12, k_test=128, txt_len=32, res=64, seed=0, device=None) -> dict:
     from ..config import load_config
     from ..models import Singularity
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     cfg = load_config(["ret_msrvtt", "tiny"], [f"image_res={res}"])
-    model = Singularity(cfg).eval()
+    model = Singularity(cfg).eval().to(device)
     with torch.no_grad():
         videos, pooled = [], []
         for i in range(0, n, 50):
-            tokens, p = model.encode_image(torch.randn(min(50, n - i), frames, 3, res, res))
+            tokens, p = model.encode_image(torch.randn(min(50, n - i), frames, 3, res, res, device=device))
             videos.append(tokens.unsqueeze(1))
             pooled.append(model.project_image(p))
-        ids = torch.randint(1000, 30000, (n, txt_len))
-        mask = torch.ones(n, txt_len, dtype=torch.long)
-        mask[:, txt_len // 2:] = torch.rand(n, 1) > 0.5  # half the texts padded to half length
+        ids = torch.randint(1000, 30000, (n, txt_len), device=device)
+        mask = torch.ones(n, txt_len, dtype=torch.long, device=device)
+        mask[:, txt_len // 2:] = torch.rand(n, 1, device=device) > 0.5  # half the texts padded to half length
         text, text_pooled = model.encode_text(ids, mask)
-        feats = Features(TokenStore([text], "cpu"), mask, model.project_text(text_pooled),
-                         TokenStore([torch.cat(videos)], "cpu"), torch.cat(pooled))
+        feats = Features(TokenStore([text], device), mask, model.project_text(text_pooled),
+                         TokenStore([torch.cat(videos)], device), torch.cat(pooled))
+        _sync(device)
         start = time.perf_counter()
         _dense(model, feats, k_test, "concat")
+        _sync(device)
         plain = time.perf_counter() - start
         start = time.perf_counter()
         _, _, stats = _offload(model, feats, k_test, "concat")
+        _sync(device)
         offload = time.perf_counter() - start
         start = time.perf_counter()
         from ..models.losses import similarity
         similarity(feats.video_feat, feats.text_feat).topk(k_test, dim=1)
+        _sync(device)
         stage1 = time.perf_counter() - start
     return dict(texts=n, videos=n, frames=frames, video_tokens=videos[0].shape[2], k_test=k_test,
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 threads=torch.get_num_threads(), stage1_s=round(stage1, 3), original_s=round(plain, 2),
                 offload_s=round(offload, 2), speedup=round(plain / offload, 2), **stats)
 
@@ -69,16 +80,15 @@ def bench_itc(n=1_000_000, dim=256, k=128, block=None, device=None, dtype="bfloa
         return x
 
     videos, texts = features(), features()
+    _sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     rss0 = _peak_rss_mb()
     start = time.perf_counter()
     i2t = topk_blockwise(videos, texts, k, block)
     t2i = topk_blockwise(texts, videos, k, block)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     wall = time.perf_counter() - start
     out = dict(n=n, dim=dim, k=k, block=block, dtype=dtype, device=str(torch.cuda.get_device_name(device)
                if device.type == "cuda" else "cpu"), threads=torch.get_num_threads(), wall_s=round(wall, 2),
@@ -104,7 +114,7 @@ def main(argv) -> int:
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
     if args.what == "itm":
-        res = bench_itm(n=args.n or 1000, frames=args.frames, k_test=args.k)
+        res = bench_itm(n=args.n or 1000, frames=args.frames, k_test=args.k, device=args.device)
     else:
         res = bench_itc(n=args.n or 1_000_000, dim=args.dim, k=args.k, block=args.block, device=args.device,
                         dtype=args.dtype)
