@@ -115,6 +115,22 @@ def test_export_round_trips_and_tensorboard(corpus, tmp_path):
     assert len(events.Scalars("train/loss")) == 3
 
 
+def test_train_ret_evaluates_each_epoch_under_zero3_with_sharded_offloaded_eval(corpus, tmp_path):
+    out = tmp_path / "ret"
+    args = ["--module", "singularity_ds", "train", "train_ret", "tiny", str(corpus / "configs" / "ret.yaml"),
+            "image_res=32", "batch_size.video=8", "num_workers=0", "max_txt_l=16", "k_test=10", "ds_config=zero3",
+            "scheduler.epochs=3", "save_every_epochs=2", "keep_last_checkpoints=5", "eval_offload=True",
+            "test_types=[motion]", f"output_dir={out}"]
+    run(deepspeed_cmd(*args))
+    for name in ("eval_0.json", "eval_1.json", "eval_2.json", "eval_final.json"):
+        res = json.load(open(out / name))["motion"]
+        assert 0 <= res["x"]["r_mean"] <= 100 and res["stats"]["pairs"] > 0, name
+    history = json.load(open(out / "history.json"))
+    per_epoch = max(r["step"] for r in history) // 3
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))
+    assert ckpts == [f"step{2 * per_epoch:08d}", f"step{3 * per_epoch:08d}"]  # every 2nd epoch end + the last
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
     existing = tmp_path / "existing"
     existing.mkdir()
