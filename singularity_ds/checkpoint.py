@@ -159,18 +159,57 @@ def normalise_keys(state: dict, model) -> dict:
         if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS:
             continue
         out[k] = v
-    for tied, source in (("text_encoder.cls.predictions.decoder.weight", "text_encoder.bert.embeddings.word_embeddings.weight"),
-                         ("text_encoder.cls.predictions.decoder.bias", "text_encoder.cls.predictions.bias")):
-        if tied in out:
-            if source in out and not torch.equal(out[tied], out[source]):
-                raise CheckpointError(f"{tied} differs from {source}; this model ties them (as the original)")
-            del out[tied]
+    for tower in ("text_encoder", "text_decoder"):
+        for tied, source in ((f"{tower}.cls.predictions.decoder.weight", f"{tower}.bert.embeddings.word_embeddings.weight"),
+                             (f"{tower}.cls.predictions.decoder.bias", f"{tower}.cls.predictions.bias")):
+            if tied in out:
+                if source in out and not torch.equal(out[tied], out[source]):
+                    raise CheckpointError(f"{tied} differs from {source}; this model ties them (as the original)")
+                del out[tied]
+    if hasattr(model, "text_decoder") and not any(k.startswith("text_decoder.") for k in out):
+        out = decoder_from_text_tower(out, model.text_encoder.config.fusion_layer)
     if not model.has_mlm_head:
         dropped = [k for k in out if k.startswith("text_encoder.cls.")]
         for k in dropped:
             del out[k]
         if dropped:
             logger.info("MLM head not used by this model; dropped %d text_encoder.cls.* keys", len(dropped))
+    own = model.state_dict()
+    layers = lambda keys: len({k.split(".")[4] for k in keys if k.startswith("text_decoder.bert.encoder.layer.")})  # noqa: E731
+    if hasattr(model, "text_decoder") and layers(out) != layers(own):
+        raise CheckpointError(f"text_decoder: the checkpoint has {layers(out)} decoder layers, this model "
+                              f"{layers(own)} (text layers - fusion_layer); check bert_config / fusion_layer")
+    unused = [k for k in out if (k == "temp" or k.startswith(RETRIEVAL_HEADS)) and k not in own]
+    for k in unused:  # the QA model has no retrieval heads or BEiT pooler (as the original's)
+        del out[k]
+    if unused:
+        logger.info("dropped %d keys of heads this model does not have (%s)", len(unused),
+                    ", ".join(sorted({k.split(".")[0] for k in unused})))
+    return out
+
+
+RETRIEVAL_HEADS = ("vision_proj.", "text_proj.", "itm_head.", "vision_encoder.pooler.")  # and "temp"
+
+
+def decoder_from_text_tower(state: dict, fusion_layer: int) -> dict:
+    """QA from a retrieval/pretraining checkpoint, as the original's ``setup_model(has_decoder=True)``:
+    the answer decoder gets the text tower's embeddings, its fusion layers ``[fusion_layer, N)`` as
+    layers ``0..`` and the MLM head (which moves: the question encoder has none)."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("text_encoder.cls."):
+            out["text_decoder." + k[len("text_encoder."):]] = v
+            continue
+        out[k] = v
+        if k.startswith("text_encoder.bert.embeddings."):
+            out["text_decoder." + k[len("text_encoder."):]] = v
+        elif k.startswith("text_encoder.bert.encoder.layer."):
+            parts = k.split(".")
+            if int(parts[4]) >= fusion_layer:
+                parts[4] = str(int(parts[4]) - fusion_layer)
+                out[".".join(["text_decoder"] + parts[1:])] = v
+    logger.info("answer decoder initialised from the text tower's embeddings, layers [%d, N) and MLM head",
+                fusion_layer)
     return out
 
 

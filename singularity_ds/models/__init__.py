@@ -11,11 +11,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checkpoint import (CheckpointError, load_into, load_text_tower, load_vision_tower,
                           read_checkpoint)
+from .qa import SingularityQA
 from .singularity import Singularity
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Singularity", "build_model", "load_model", "CheckpointError"]
+__all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "CheckpointError"]
 
 
 def _local_folder(name: str):
@@ -45,9 +46,15 @@ def init_towers(model: Singularity, config) -> None:
         loader(model, folder)
 
 
+def model_class(config, state: dict = None):
+    """QA (answer decoder) for the QA tasks or a checkpoint that has a decoder; retrieval otherwise."""
+    qa = str(config.get("task", "")).endswith("qa") or (state is not None and any(k.startswith("text_decoder.") for k in state))
+    return SingularityQA if qa else Singularity
+
+
 def build_model(config, strict: bool = True) -> Singularity:
     """A training-ready model: towers from ``pretrained_path`` or per ``tower_init``."""
-    model = Singularity(config)
+    model = model_class(config)(config)
     path = config.get("pretrained_path")
     if path:
         state, _ = read_checkpoint(path)
@@ -74,6 +81,6 @@ def load_model(path: str, strict: bool = True, **overrides) -> Singularity:
     if "video_input" not in cfg or "num_frames" not in cfg.video_input:
         n = state["temporal_embeddings"].shape[1] if "temporal_embeddings" in state else 1
         OmegaConf.update(cfg, "video_input.num_frames", n, merge=True)
-    model = Singularity(cfg)
+    model = model_class(cfg, state)(cfg)
     load_into(model, state, strict=strict, source=path)
     return model.eval()

@@ -88,3 +88,18 @@ def temporal_config(bert: BertConfig, vision_width: int, num_layers: int) -> Ber
     d = bert.to_dict()
     d.update(num_hidden_layers=num_layers, fusion_layer=num_layers, hidden_size=vision_width)
     return BertConfig(**d)
+
+
+def decoder_config(bert: BertConfig, config=None) -> BertConfig:
+    """The QA answer decoder: as many layers as the text tower's fusion layers, each with causal
+    self-attention and cross-attention to the question states (the original hard-codes 3 = 12 - 9).
+    An inline ``text_decoder_config_dict`` (as the reference fixture stores) wins."""
+    inline = _get(config, "text_decoder_config_dict") if config is not None else None
+    if inline is not None:
+        d = dict(inline)
+        d.setdefault("encoder_width", d["hidden_size"])
+        return BertConfig(**d)
+    d = bert.to_dict()
+    d.update(num_hidden_layers=bert.num_hidden_layers - bert.fusion_layer, fusion_layer=0,
+             encoder_width=bert.hidden_size)
+    return BertConfig(**d)

@@ -41,7 +41,7 @@ def interpolate_temporal_embed(temp_embed: torch.Tensor, num_frames: int) -> tor
 
 
 class Singularity(nn.Module):
-    def __init__(self, config, mlm_head: bool = None):
+    def __init__(self, config, mlm_head: bool = None, retrieval_heads: bool = True):
         super().__init__()
         config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
         self.config = config
@@ -64,13 +64,16 @@ class Singularity(nn.Module):
         # BEiT-only extra LayerNorm on the token states (not the pooled vector), eps 1e-12 as the original
         self.vision_layernorm = nn.LayerNorm(self.vision_width, eps=1e-12) if self.vit_type == "beit" else None
 
-        embed_dim = config.get("embed_dim", 256)
-        self.vision_proj = nn.Linear(self.vision_width, embed_dim)
-        self.text_proj = nn.Linear(self.text_width, embed_dim)
-        # shape (1,), not the original's (): DeepSpeed cannot broadcast 0-dim parameters (the loader
-        # converts the original's scalar); it broadcasts exactly like the scalar in every use
-        self.temp = nn.Parameter(torch.ones(1) * config.get("temp", 0.07))
-        self.itm_head = nn.Linear(self.text_width, 2)
+        if retrieval_heads:  # the QA model has none of these (nor the BEiT pooler)
+            embed_dim = config.get("embed_dim", 256)
+            self.vision_proj = nn.Linear(self.vision_width, embed_dim)
+            self.text_proj = nn.Linear(self.text_width, embed_dim)
+            # shape (1,), not the original's (): DeepSpeed cannot broadcast 0-dim parameters (the loader
+            # converts the original's scalar); it broadcasts exactly like the scalar in every use
+            self.temp = nn.Parameter(torch.ones(1) * config.get("temp", 0.07))
+            self.itm_head = nn.Linear(self.text_width, 2)
+        else:
+            self.vision_encoder.pooler = None
 
         num_frames = config.video_input.num_frames
         self.temporal_embeddings = nn.Parameter(torch.zeros(1, num_frames, 1, self.vision_width))
@@ -111,7 +114,8 @@ class Singularity(nn.Module):
         tokens, pooled = self.vision_encoder(image.flatten(0, 1))
         if self.vision_layernorm is not None:
             tokens = self.vision_layernorm(tokens)
-        return tokens.view(b, t, -1, self.vision_width), pooled.view(b, t, self.vision_width)
+        pooled = pooled.view(b, t, self.vision_width) if pooled is not None else None
+        return tokens.view(b, t, -1, self.vision_width), pooled
 
     _encode_image = encode_frames  # the original's name
 

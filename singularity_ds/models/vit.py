@@ -178,7 +178,7 @@ class VisionTransformer(nn.Module):
                 x = checkpoint(layer, x, shared_bias, use_reentrant=False)
             else:
                 x = layer(x, shared_bias)
-        if self.beit:
-            return x, self.pooler.layernorm(x[:, 1:].mean(1))
+        if self.beit:  # the QA model removes the pooler (pooler = None): no pooled output
+            return x, (self.pooler.layernorm(x[:, 1:].mean(1)) if self.pooler is not None else None)
         x = self.layernorm(x)
         return x, x[:, 0]
