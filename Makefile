@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 # The venv's bin first on PATH: DeepSpeed's JIT ops (ninja) and the console script come from there.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps test demo clean
+.PHONY: install system-deps test demo demo-qa clean
 
 install: system-deps $(STAMP)
 
@@ -29,6 +29,9 @@ test: install
 
 demo: install
 	$(VENV)/bin/singularity-ds demo
+
+demo-qa: install  # after `make demo`: video QA from its single-frame pretraining (~3 min)
+	$(VENV)/bin/singularity-ds demo --qa
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -42,8 +42,11 @@ def cmd_summary(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
-    run_demo(args.run_dir)
+    from .demo import run_demo, run_demo_qa
+    if args.qa:
+        run_demo_qa(args.run_dir)
+    else:
+        run_demo(args.run_dir)
     return 0
 
 
@@ -89,14 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_summary)
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.add_argument("--run-dir", default="runs/demo")
+    d.add_argument("--qa", action="store_true", help="video QA from the demo's pretraining (after `demo`)")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
-                       description="Tasks: pretrain, train_ret. Run under `deepspeed` or `srun` for several ranks.")
+                       description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` for several ranks.")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
-    e = sub.add_parser("eval", help="evaluate: ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
-                       description="Retrieval (two-stage ITC + ITM) or multiple-choice evaluation of a checkpoint.")
-    e.add_argument("kind", choices=["ret", "mc"])
+    e = sub.add_parser("eval", help="evaluate: ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
+                       description="Retrieval (two-stage ITC + ITM), multiple-choice or QA evaluation of a checkpoint.")
+    e.add_argument("kind", choices=["ret", "mc", "qa"])
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
     m = sub.add_parser("make-synthetic", help="generate the synthetic video-text corpus (H.264 clips + annotations)")

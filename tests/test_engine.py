@@ -131,6 +131,21 @@ def test_train_ret_evaluates_each_epoch_under_zero3_with_sharded_offloaded_eval(
     assert ckpts == [f"step{2 * per_epoch:08d}", f"step{3 * per_epoch:08d}"]  # every 2nd epoch end + the last
 
 
+def test_train_qa_two_ranks_lowers_the_loss_and_writes_predictions(corpus, tmp_path):
+    out = tmp_path / "qa"
+    args = ["--module", "singularity_ds", "train", "train_qa", "tiny", str(corpus / "configs" / "qa.yaml"),
+            "image_res=32", "batch_size.video=8", "num_workers=0", "max_q_len=16", "max_a_len=6", "k_test=8",
+            "optimizer.lr=2e-3", "scheduler.warmup_epochs=0", "scheduler.epochs=4", "log_freq=1",
+            f"output_dir={out}"]
+    run(deepspeed_cmd(*args))
+    losses = [r["loss_qa"] for r in json.load(open(out / "history.json"))]
+    assert len(losses) >= 12 and sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+    res = json.load(open(out / "eval_final.json"))["test"]
+    assert res["metric"] == "exact_match" and 0 <= res["accuracy"] <= 100 and res["missing_answers"] == 0
+    predictions = json.load(open(out / "qa_test.json"))
+    assert len(predictions) == res["questions"] and {"question_id", "answer"} <= set(predictions[0])
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -122,3 +122,72 @@ def test_decoder_with_the_wrong_number_of_layers_is_a_clear_error(qa_ref, tmp_pa
     torch.save({"model": {**ckpt["model"], **extra}, "config": ckpt["config"]}, tmp_path / "bad.pth")
     with pytest.raises(CheckpointError, match="text_decoder: the checkpoint has 2 decoder layers, this model 1"):
         load_model(str(tmp_path / "bad.pth"))
+
+
+# ---------------------------------------------------------------------- metrics
+def test_vqa_accuracy_and_normalisation_by_hand():
+    from singularity_ds.eval.qa import normalize_answer, vqa_accuracy
+    assert normalize_answer("Two dogs!") == "2 dogs"
+    assert normalize_answer("the red one.") == "red 1"
+    assert normalize_answer("dont know") == "don't know"
+    assert normalize_answer("1,000") == "1000"
+    humans = ["yes"] * 3 + ["no"] * 7
+    # each leave-one-out subset of 9: 'yes' matches 2 humans (when a 'yes' is left out) or 3 otherwise
+    assert vqa_accuracy("yes", humans) == pytest.approx((3 * (2 / 3) + 7 * 1.0) / 10)
+    assert vqa_accuracy("Yes.", humans) == vqa_accuracy("yes", humans)
+    assert vqa_accuracy("no", humans) == 1.0
+    assert vqa_accuracy("maybe", humans) == 0.0
+    assert vqa_accuracy("two", ["2"] * 2 + ["3"] * 8) == pytest.approx((2 * (1 / 3) + 8 * (2 / 3)) / 10)
+
+
+class _Store(list):
+    pass
+
+
+class _Set:
+    def __init__(self, entries):
+        self.store = _Store(entries)
+
+
+def test_exact_match_per_type_and_questions_without_a_known_answer():
+    from singularity_ds.eval.qa import score
+    ds = _Set([{"question_id": 1, "answer": "red", "question_type": "color"},
+               {"question_id": 2, "answer": "left", "question_type": "motion"},
+               {"question_id": 3, "answer": "purple", "question_type": "color"},   # not in the answer list
+               {"question_id": 4, "answer": ["yes"] * 10}])
+    res = score(ds, {0: "red", 1: "right", 2: "red", 3: "yes"}, ["red", "left", "right", "yes"])
+    assert res["missing_answers"] == 1 and res["questions"] == 4
+    assert res["accuracy"] == 50.0 and res["per_type"] == {"color": 50.0, "motion": 0.0}
+    assert res["metric"] == "vqa_accuracy"  # a list of human answers switches to the VQA rule
+    assert res["predictions"][1] == {"question_id": 2, "answer": "right"}
+
+
+def test_late_ensemble_needs_a_single_frame_qa_model(qa_ref):
+    from singularity_ds.config import ConfigError
+    from singularity_ds.eval.qa import evaluate_qa
+    model = load_model(str(qa_ref["path"] / "checkpoint.pth"))  # trained with 4 frames
+    with pytest.raises(ConfigError, match=r"single-frame QA model .*num_frames == 1; this one has 4\)"):
+        evaluate_qa(model, None, ["yes"], None, 12, 5, ensemble="max")
+
+
+def test_eval_qa_cli_on_the_synthetic_corpus(tmp_path):
+    import json
+    from singularity_ds.checkpoint import plain_config
+    from singularity_ds.cli import main
+    from singularity_ds.config import load_config
+    from singularity_ds.data.synthetic import make_synthetic
+    make_synthetic(str(tmp_path / "syn"), num_clips=24, size=32, frames=6, num_images=2, seed=2)
+    qa_yaml = str(tmp_path / "syn" / "configs" / "qa.yaml")
+    cfg = load_config(["qa_msrvtt", "tiny", qa_yaml], ["image_res=32", "max_q_len=16", "max_a_len=6"])
+    cfg.task = "train_qa"
+    torch.manual_seed(0)
+    model = SingularityQA(cfg)
+    torch.save({"model": model.state_dict(), "config": plain_config(cfg)}, tmp_path / "qa.pth")
+    out = tmp_path / "out"
+    assert main(["eval", "qa", "qa_msrvtt", qa_yaml, str(tmp_path / "qa.pth"), "image_res=32", "max_q_len=16",
+                 "max_a_len=6", "k_test=4", "video_input.num_frames_test=2", f"output_dir={out}"]) == 0
+    res = json.loads((out / "eval_qa.json").read_text())["test"]
+    predictions = json.loads((out / "qa_test.json").read_text())
+    answers = set(json.loads((tmp_path / "syn" / "anno" / "qa_answers.json").read_text()))
+    assert len(predictions) == res["questions"] > 0 and all(p["answer"] in answers for p in predictions)
+    assert set(res["per_type"]) == {"appearance", "motion"} and res["missing_answers"] == 0

@@ -74,6 +74,19 @@ def collate_eval(batch):
                 index=torch.tensor([b["index"] for b in keep], dtype=torch.long), failures=_failures(batch))
 
 
+class QACollate:
+    """``collate_qa`` + tokenised questions (max_q_len) and answers "answer [SEP]" (max_a_len)."""
+
+    def __init__(self, tokenizer, max_q_len: int, max_a_len: int):
+        self.tokenizer, self.max_q_len, self.max_a_len = tokenizer, max_q_len, max_a_len
+
+    def __call__(self, batch):
+        out = collate_qa(batch)
+        out["question_ids"], out["question_mask"] = tokenize(self.tokenizer, out["questions"], self.max_q_len)
+        out["answer_ids"], out["answer_mask"] = tokenize(self.tokenizer, out["answers"], self.max_a_len)
+        return out
+
+
 def collate_qa(batch):
     out = dict(media=torch.stack([b["media"] for b in batch]), questions=[b["question"] for b in batch],
                failures=_failures(batch))

@@ -260,6 +260,17 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            f"  motion: {corpus('ret_test_motion')}",
            f"  val_appearance: {corpus('ret_val_appearance')}",
            f"  val_motion: {corpus('ret_val_motion')}"], os.path.join(cdir, "ret.yaml"))
+    _yaml(["# synthetic corpus overlay for video QA (`qa_msrvtt`-style; written by make-synthetic)",
+           f"train_file: {corpus('qa_train')}",
+           f"answer_list: {files['qa_answers']}",
+           "test_types: [test]",
+           "test_file:",
+           f"  val: {corpus('qa_val')}",
+           f"  test: {corpus('qa_test')}"], os.path.join(cdir, "qa.yaml"))
+    _yaml(["# synthetic corpus overlay for multiple choice (`ret_msrvtt_mc`-style; written by make-synthetic)",
+           "test_types: [mc]",
+           "test_file:",
+           f"  mc: {corpus('mc_test')}"], os.path.join(cdir, "mc.yaml"))
     meta = dict(num_clips=len(clips), size=size, frames=frames, fps=fps, seed=seed, codec=codec,
                 splits={s: len(v) for s, v in by_split.items()}, files=files, videos=vdir, images=idir)
     write_json(meta, os.path.join(out_dir, "synthetic.json"))

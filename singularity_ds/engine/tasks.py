@@ -3,13 +3,15 @@
 - ``pretrain``: image + video corpora mixed (MetaLoader), ITC + ITM + MLM; the second (temporal) stage
   is the same task with ``video_input.num_frames=4 temporal_vision_encoder.enable=True ...``.
 - ``train_ret``: retrieval fine-tuning, ITC + ITM, evaluation at every epoch end and after training.
+- ``train_qa``: question answering (answer decoder), weighted answer likelihood, answer-list ranking
+  evaluated at every epoch end and after training.
 """
 import logging
 
 import torch
 
 from ..data import build_tokenizer, per_media, train_loader
-from ..eval.run import evaluate_sets
+from ..eval.run import evaluate_qa_sets, evaluate_sets
 from ..models import build_model
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,24 @@ class CaptionTask:
         return evaluate_sets(model, config, tokenizer, names)
 
 
+class QATask(CaptionTask):
+    """Video QA / VQA: the model is :class:`~singularity_ds.models.SingularityQA` (``config.task``)."""
+
+    def losses(self, model, batch, dtype, device) -> dict:
+        return dict(loss_qa=model(batch["media"].to(device, dtype), batch["question_ids"].to(device),
+                                  batch["question_mask"].to(device), batch["answer_ids"].to(device),
+                                  batch["answer_mask"].to(device), batch["weights"].to(device), batch["num_answers"]))
+
+    @torch.no_grad()
+    def evaluate(self, model, config, tokenizer, names=None) -> dict:
+        """{name: {"accuracy", "metric", "per_type", "missing_answers", "questions"}}."""
+        if not config.get("test_file"):
+            return {}
+        return evaluate_qa_sets(model, config, tokenizer, names)
+
+
 TASKS = {
     "pretrain": CaptionTask("pretrain", "pretrain", evaluate_each_epoch=False),
     "train_ret": CaptionTask("train_ret", "ret_msrvtt", evaluate_each_epoch=True),
+    "train_qa": QATask("train_qa", "qa_msrvtt", evaluate_each_epoch=True),
 }

@@ -67,6 +67,7 @@ def _memory_mb(device) -> float:
 class Trainer:
     def __init__(self, config, task):
         self.config, self.task = config, task
+        self._last_eval, self._last_eval_step = {}, None
         self.run_dir = prepare_run_dir(config)
         self.precision = resolve_precision(config)
         self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
@@ -183,7 +184,12 @@ class Trainer:
                 self._evaluate(writer, epoch, global_step)
         if progress is not None:
             progress.close()
-        results = self._evaluate(writer, "final", global_step) if self.task.evaluate_each_epoch else {}
+        results = {}
+        if self.task.evaluate_each_epoch:  # the last epoch's evaluation already scored this very model
+            results = self._last_eval if self._last_eval_step == global_step else self._evaluate(writer, "final", global_step)
+            if self.rank == 0 and results:
+                with open(os.path.join(self.run_dir, "eval_final.json"), "w") as f:
+                    json.dump(results, f, indent=1)
         self._export()
         if writer is not None:
             writer.close()
@@ -216,13 +222,15 @@ class Trainer:
         else:
             results = self.task.evaluate(model, self.config, self.tokenizer)
         model.train()
+        self._last_eval, self._last_eval_step = results, step
         if self.rank == 0 and results:
             with open(os.path.join(self.run_dir, f"eval_{epoch}.json"), "w") as f:
                 json.dump(results, f, indent=1)
             if writer is not None:
                 for name, res in results.items():
-                    for k, v in res["x"].items():
-                        writer.add_scalar(f"eval_{name}/{k}", v, step)
+                    for k, v in res.get("x", res).items():  # retrieval: re-ranked metrics; QA: accuracy
+                        if isinstance(v, (int, float)):
+                            writer.add_scalar(f"eval_{name}/{k}", v, step)
         return results
 
     def _export(self):

@@ -1,11 +1,12 @@
-"""``singularity-ds eval ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]``.
+"""``singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]``.
 
 The architecture comes from the checkpoint (an original ``.pth`` -- pretraining or fine-tuned layout,
 so zero-shot evaluation of a pretraining checkpoint loads its text weights -- or an exported folder);
 the data and evaluation settings (``test_file``, ``test_types``, ``image_res``,
 ``video_input.num_frames_test``, ``k_test``, ``eval_frame_ensemble``, ...) come from the config.
 Results go to ``output_dir`` (default ``runs/eval/<config>``): ``eval_<split>.json`` per split,
-``eval.json`` + ``eval.png`` (recall@K), or ``mc_<split>.json`` with every prediction.
+``eval.json`` + ``eval.png`` (recall@K), ``mc_<split>.json`` with every prediction, or for QA
+``eval_qa.json`` + ``qa_<split>.json`` (predictions in the VQA submission format).
 Launched under ``deepspeed`` / ``torchrun`` / ``srun``, extraction and re-ranking are split across ranks.
 """
 import logging
@@ -50,13 +51,46 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
     return results
 
 
+def load_answer_list(config) -> list:
+    import json
+    from ..data.annotations import AnnotationError
+    path = config.get("answer_list")
+    try:
+        with open(path) as f:
+            answers = json.load(f)
+    except (OSError, TypeError, ValueError) as e:
+        raise AnnotationError(f"answer_list {path}: cannot read a JSON list of answers ({e})") from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+        raise AnnotationError(f"answer_list {path}: expected a non-empty JSON list of strings")
+    return answers
+
+
+def evaluate_qa_sets(model, config, tokenizer, names=None) -> dict:
+    """QA metrics per test set (predictions written to ``<output_dir>/qa_<split>.json`` by rank 0)."""
+    from ..data import qa_eval_datasets
+    from .qa import evaluate_qa
+    answers = load_answer_list(config)
+    results = {}
+    for name, ds in qa_eval_datasets(config, names).items():
+        res = evaluate_qa(model, ds, answers, tokenizer, config.max_q_len, config.max_a_len,
+                          k_test=config.get("k_test", 128), ensemble=config.get("eval_frame_ensemble", "concat"),
+                          batch_size=per_media(config.get("batch_size_test", 16), ds.source.media_type),
+                          eos=config.get("eos", "[SEP]"))
+        if _dist()[0] == 0 and config.get("output_dir"):
+            write_json(res["predictions"], os.path.join(config.output_dir, f"qa_{name}.json"))
+        results[name] = {k: v for k, v in res.items() if k != "predictions"}
+        logger.info("eval %s: %s %.2f (%d questions, %d with no answer in the list)", name, res["metric"],
+                    res["accuracy"], res["questions"], res["missing_answers"])
+    return results
+
+
 def _split_args(argv):
     offload = "--offload" in argv
     argv = [a for a in argv if a != "--offload" and not a.startswith("--local_rank")]
     names = [a for a in argv if "=" not in a]
     overrides = [a for a in argv if "=" in a]
     if len(names) < 2:
-        raise ConfigError("usage: singularity-ds eval ret|mc CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]")
+        raise ConfigError("usage: singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]")
     if offload:
         overrides.append("eval_offload=True")
     return names[:-1], names[-1], overrides
@@ -75,7 +109,8 @@ def eval_main(kind: str, argv) -> dict:
             OmegaConf.to_container(config.test_file[name], resolve=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
     device = setup()["device"] if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(checkpoint, image_res=config.image_res).to(device)
+    extra = {"task": "train_qa"} if kind == "qa" else {}  # a QA model (decoder initialised if the file has none)
+    model = load_model(checkpoint, image_res=config.image_res, **extra).to(device)
     config.vit_type = model.vit_type  # transforms (normalisation) follow the checkpoint's tower
     out_dir = config.get("output_dir") or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir
@@ -100,4 +135,12 @@ def eval_main(kind: str, argv) -> dict:
                 write_json(dict(accuracy=acc, predictions=predictions), os.path.join(out_dir, f"mc_{name}.json"))
                 print(f"{name}: MC accuracy {acc:.2f}% over {len(predictions)} videos -> {out_dir}/mc_{name}.json")
         return results
-    raise ConfigError(f"unknown evaluation {kind!r}; expected ret or mc")
+    if kind == "qa":
+        results = evaluate_qa_sets(model, config, tokenizer)
+        if rank == 0:
+            write_json(results, os.path.join(out_dir, "eval_qa.json"))
+            for name, res in results.items():
+                print(f"{name}: {res['metric']} {res['accuracy']:.2f}% over {res['questions']} questions "
+                      f"({res['missing_answers']} with no answer in the list) -> {out_dir}/qa_{name}.json")
+        return results
+    raise ConfigError(f"unknown evaluation {kind!r}; expected ret, mc or qa")
