@@ -1,13 +1,18 @@
 """The one attention function every tower calls (self, cross and temporal attention).
 
-Keeping a single entry point means a fused kernel (``kernels/``) can later be switched in at one
-place. Masks are additive biases, as in the original BERT/BEiT code: a padding mask becomes
+Keeping a single entry point means the fused kernel (``kernels/attention.py``) is switched in at one
+place (``attention_impl``). Masks are additive biases, as in the original BERT/BEiT code: a padding mask becomes
 ``(1 - mask) * -10000`` so the numbers match the original exactly.
 """
+import logging
+import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 MASK_VALUE = -10000.0  # the original's extended-attention-mask constant
 
@@ -19,6 +24,38 @@ def padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
 
 
+IMPLS = ("auto", "triton", "sdpa", "math")
+_impl = "auto"
+_logged = set()
+
+
+def set_attention_impl(impl: str) -> None:
+    """``auto``: the Triton kernel on CUDA where it supports the inputs, SDPA otherwise (always on CPU);
+    ``triton``: the kernel wherever it can run (CPU only under ``TRITON_INTERPRET=1``); ``sdpa``;
+    ``math`` (explicit softmax, the reference)."""
+    global _impl
+    if impl not in IMPLS:
+        from ..config import ConfigError
+        raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(IMPLS)}")
+    _impl = impl
+
+
+def _log_once(reason: str) -> None:
+    if reason not in _logged:
+        _logged.add(reason)
+        logger.info("attention: SDPA instead of the Triton kernel (%s)", reason)
+
+
+def _triton_reason(q, k, v, bias, dropout_p) -> str:
+    if not q.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device; TRITON_INTERPRET=1 runs the kernel on CPU, slowly"
+    try:
+        from ..kernels.attention import supported
+    except ImportError as e:  # no triton installed
+        return f"triton unavailable: {e}"
+    return supported(q, k, v, bias, dropout_p)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention.
@@ -26,6 +63,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: (B, H, Lq, d); k, v: (B, H, Lk, d); bias: additive, broadcastable to (B, H, Lq, Lk)
     (relative-position bias and/or padding bias). Returns (B, H, Lq, d).
     """
+    if _impl == "triton" or (_impl == "auto" and q.is_cuda):
+        reason = _triton_reason(q, k, v, bias, dropout_p)
+        if not reason:
+            from ..kernels.attention import flash_attention
+            return flash_attention(q, k, v, bias)
+        _log_once(reason)
+    if _impl == "math":
+        scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias.float()
+        probs = F.dropout(scores.softmax(-1), dropout_p)
+        return (probs @ v.float()).to(q.dtype)
     if bias is not None:
         bias = bias.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)

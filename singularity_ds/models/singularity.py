@@ -13,6 +13,7 @@ from torch import nn
 
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
+from .attention import set_attention_impl
 from .bert import BertEncoder, TextEncoder
 from .vit import VisionTransformer
 
@@ -45,6 +46,7 @@ class Singularity(nn.Module):
         super().__init__()
         config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
         self.config = config
+        set_attention_impl(config.get("attention_impl", "auto"))
         vis_cfg = vision_config(config)
         txt_cfg = bert_config(config)
         txt_cfg.encoder_width = vis_cfg.hidden_size
