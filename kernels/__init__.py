@@ -1,6 +1,6 @@
-"""Fused attention kernels (importable as ``singularity_ds.kernels``).
+"""Fused kernels, importable as ``singularity_ds.kernels`` (no compile step beyond Triton's JIT).
 
-Nothing lives here yet: every attention in the model goes through
-``singularity_ds.models.attention.attention`` (PyTorch SDPA), the single place where a Triton kernel
-will be switched in (tracked as the fused-attention issue).
+- :mod:`.attention`: flash attention (forward and backward) with an additive bias of any broadcast
+  shape, used by the model's one attention function (``attention_impl``);
+- :mod:`.benchmark`: ``singularity-ds bench kernels``.
 """

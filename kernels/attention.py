@@ -49,7 +49,7 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse,
                 H, Lq, Lk, scale,
                 HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # batch*heads on axis 0: no 65,535 limit
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -98,7 +98,7 @@ def _bwd_kv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DS,
                    HAS_BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                    D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_n = tl.program_id(0), tl.program_id(1)
     b, h = pid_bh // H, pid_bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -133,7 +133,7 @@ def _bwd_q_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ,
                   H, Lq, Lk, scale,
                   HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, D: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid_bh, pid_m = tl.program_id(0), tl.program_id(1)  # batch*heads on axis 0: no 65,535 limit
     b, h = pid_bh // H, pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -176,7 +176,7 @@ class _FlashAttention(torch.autograd.Function):
         lse = torch.empty(b * h, lq, device=q.device, dtype=torch.float32)
         bm, bn = _blocks(q)
         ieee, upcast = q.dtype == torch.float32, q.dtype == torch.bfloat16 and not q.is_cuda
-        _fwd_kernel[(triton.cdiv(lq, bm), b * h)](
+        _fwd_kernel[(b * h, triton.cdiv(lq, bm))](
             q, k, v, bias_full if bias_full is not None else q, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *bs, out.stride(0), out.stride(1), out.stride(2),
@@ -205,10 +205,10 @@ class _FlashAttention(torch.autograd.Function):
         common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                   v.stride(0), v.stride(1), v.stride(2), *bs, dout.stride(0), dout.stride(1), dout.stride(2),
                   h, lq, lk, ctx.scale)
-        _bwd_kv_kernel[(triton.cdiv(lk, bn), b * h)](
+        _bwd_kv_kernel[(b * h, triton.cdiv(lk, bn))](
             q, k, v, bias_arg, dout, lse, delta, dk, dv, ds, *common,
             HAS_BIAS=ctx.has_bias, BIAS_GRAD=bias_grad, IEEE=ieee, UPCAST=upcast, D=d, BLOCK_M=bm, BLOCK_N=bn)
-        _bwd_q_kernel[(triton.cdiv(lq, bm), b * h)](
+        _bwd_q_kernel[(b * h, triton.cdiv(lq, bm))](
             q, k, v, bias_arg, dout, lse, delta, dq, *common,
             HAS_BIAS=ctx.has_bias, IEEE=ieee, UPCAST=upcast, D=d, BLOCK_M=bm, BLOCK_N=bn)
         dbias = ds.sum_to_size(ctx.bias_shape).to(bias_full.dtype) if bias_grad else None

@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# Triton reads TRITON_INTERPRET when it is first imported (DeepSpeed imports it early): set it for the
+# whole session so the kernel tests run the kernels on CPU tensors; nothing else here uses Triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

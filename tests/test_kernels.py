@@ -2,13 +2,13 @@
 math reference: outputs and gradients (q, k, v, bias) for every attention the model runs."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: @triton.jit reads it then
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from singularity_ds.kernels.attention import flash_attention
+from singularity_ds.models import attention as attn
 
-from singularity_ds.kernels.attention import flash_attention  # noqa: E402
-from singularity_ds.models import attention as attn  # noqa: E402
+assert os.environ.get("TRITON_INTERPRET") == "1"  # set by conftest.py before anything imports Triton
 
 
 def reference(q, k, v, bias):

@@ -30,7 +30,8 @@ _logged = set()
 
 
 def set_attention_impl(impl: str) -> None:
-    """``auto``: the Triton kernel on CUDA where it supports the inputs, SDPA otherwise (always on CPU);
+    """``auto``: the Triton kernel for forward-only attention on CUDA where it supports the inputs, SDPA
+    otherwise (training, and always on CPU);
     ``triton``: the kernel wherever it can run (CPU only under ``TRITON_INTERPRET=1``); ``sdpa``;
     ``math`` (explicit softmax, the reference)."""
     global _impl
@@ -63,7 +64,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: (B, H, Lq, d); k, v: (B, H, Lk, d); bias: additive, broadcastable to (B, H, Lq, Lk)
     (relative-position bias and/or padding bias). Returns (B, H, Lq, d).
     """
-    if _impl == "triton" or (_impl == "auto" and q.is_cuda):
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
+    # auto: the kernel for forward-only attention (evaluation, extraction), where it beat SDPA on H200;
+    # training keeps SDPA, whose backward measured faster (docs/benchmarks.md)
+    if _impl == "triton" or (_impl == "auto" and q.is_cuda and not needs_grad):
         reason = _triton_reason(q, k, v, bias, dropout_p)
         if not reason:
             from ..kernels.attention import flash_attention
