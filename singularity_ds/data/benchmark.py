@@ -77,16 +77,25 @@ def main(argv=None):
     p.add_argument("--corpus", help="existing synthetic corpus folder (default: generate one at --res px)")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--clips", type=int, default=64)
-    p.add_argument("--entries", type=int, default=1_000_000, help="annotation entries for the memory test")
+    p.add_argument("--entries", type=int, default=1_000_000, help="annotation entries for the memory test (0: skip)")
+    p.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"],
+                   help="codec of the generated corpus (DALI's CPU decoder reads MJPEG / VP9, not H.264)")
+    p.add_argument("--readers", default="decord,av", help="comma-separated: decord, av, dali")
+    p.add_argument("--frames", default="1,4", help="comma-separated frames per clip")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     corpus = args.corpus or tempfile.mkdtemp(prefix="sds-bench-")
     if not args.corpus:
-        make_synthetic(corpus, num_clips=max(args.clips, 18), size=args.res, frames=32, fps=8, num_images=2, workers=2)
-    print(f"decode + train transform, {args.res} px, {args.clips} clips of 32 frames (H.264), 1 process:")
+        make_synthetic(corpus, num_clips=max(args.clips, 18), size=args.res, frames=32, fps=8, num_images=2, workers=2,
+                       codec=args.codec)
+    print(f"decode + train transform, {args.res} px, {args.clips} clips of 32 frames ({args.codec}), 1 process:")
     print(f"{'reader':8s} {'frames':>6s} {'clips/s':>9s} {'ms/clip':>9s}")
-    for r in decode_benchmark(os.path.join(corpus, "videos"), res=args.res, limit=args.clips):
+    frames = tuple(int(x) for x in args.frames.split(","))
+    for r in decode_benchmark(os.path.join(corpus, "videos"), frames_list=frames, readers=args.readers.split(","),
+                              res=args.res, limit=args.clips):
         print(f"{r['reader']:8s} {r['frames']:6d} {r['clips_per_s']:9.1f} {r['ms_per_clip']:9.2f}")
+    if not args.entries:
+        return 0
     m = memory_benchmark(args.entries)
     print(f"\nannotations: {m['entries']:,} entries; store {m['store_mib']:.0f} MiB")
     print("worker USS after reading every entry, MiB: list of dicts "

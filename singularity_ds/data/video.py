@@ -158,10 +158,13 @@ READERS = {"decord": DecordReader, "av": PyAVReader}
 
 
 def get_reader(name: str) -> VideoReader:
+    if name == "dali":  # optional dependency: imported only when asked for
+        from .dali import DaliReader
+        return DaliReader()
     try:
         return READERS[name]()
     except KeyError:
-        raise ValueError(f"unknown video reader {name!r}; expected one of {sorted(READERS)}") from None
+        raise ValueError(f"unknown video reader {name!r}; expected one of {sorted(READERS) + ['dali']}") from None
 
 
 def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="decord",
