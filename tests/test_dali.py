@@ -76,3 +76,14 @@ def test_batched_augmentation_matches_the_torch_transform(clips):
 def test_gpu_pipeline_equals_cpu_pipeline(clips):
     args = (clips["mjpeg"], [[1, 5, 9, 13]] * 3, [(0, 0, 64, 64)] * 3, [False] * 3, 32, (0.5,) * 3, (0.5,) * 3)
     assert torch.allclose(clip_pipeline(*args, device="gpu").cpu(), clip_pipeline(*args, device="cpu"), atol=0.05)
+
+
+def test_auto_reader_falls_back_to_decord_per_file_and_says_so_once(clips, caplog):
+    reader = get_reader("auto")
+    with caplog.at_level("WARNING"):
+        for path in clips["libx264"][:2]:  # H.264: the CPU decoder cannot, decord reads them
+            frames, idx, _ = read_frames(path, 3, "middle", reader, fallback=False)
+            assert torch.equal(frames, DecordReader().decode(path, idx))
+        vp9, idx, _ = read_frames(clips["libvpx-vp9"][0], 3, "middle", reader, fallback=False)  # DALI again
+    assert caplog.text.count("DALI cannot decode") == 1 and "reading such files with decord" in caplog.text
+    assert not torch.equal(vp9, DecordReader().decode(clips["libvpx-vp9"][0], idx))  # DALI's own conversion

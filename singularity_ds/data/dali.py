@@ -12,10 +12,14 @@ external source, so DALI decodes exactly the frames decord would.
   return (B, T, C, H, W) float -- the GPU path when ``device="gpu"``; ``device="cpu"`` runs the same
   graph for the parity tests.
 """
+import logging
+
 import numpy as np
 import torch
 
 from .video import DecordReader, MediaError, PyAVReader, VideoReader
+
+logger = logging.getLogger(__name__)
 
 
 def dali_missing() -> str:
@@ -61,11 +65,15 @@ def _outputs(out):
 
 
 class DaliReader(VideoReader):
-    """Per-clip decoding in DALI; probing (frame count, fps) from the container index via decord/PyAV."""
+    """Per-clip decoding in DALI; probing (frame count, fps) from the container index via decord/PyAV.
+
+    ``fallback=True`` (``video_input.reader=auto``): a file DALI cannot decode (e.g. H.264 on the CPU
+    decoder) is read with decord instead, and the log says so once."""
 
     name = "dali"
 
-    def __init__(self, backend: str = None):
+    def __init__(self, backend: str = None, fallback: bool = False):
+        self.fallback, self._warned = fallback, False
         missing = dali_missing()
         if missing:
             from ..config import ConfigError
@@ -91,6 +99,11 @@ class DaliReader(VideoReader):
         except RuntimeError as e:
             self._pipe = None  # a failed DALI pipeline cannot run again
             hint = " (DALI's CPU decoder reads VP8/VP9/MJPEG; H.264 needs a GPU)" if self.backend == "cpu" else ""
+            if self.fallback:
+                if not self._warned:
+                    self._warned = True
+                    logger.warning("DALI cannot decode %s%s; reading such files with decord", path, hint)
+                return DecordReader().decode(path, indices)
             raise MediaError(path, f"DALI cannot decode it{hint}: {str(e).strip().splitlines()[0][:160]}") from None
         return _outputs(out)[0].permute(0, 3, 1, 2).contiguous()
 

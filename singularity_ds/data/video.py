@@ -6,12 +6,15 @@ its sorted-permutation fallback for very short videos), ``middle`` takes each se
 videos repeat the last index. Decoding sits behind :class:`VideoReader` (``probe`` + ``decode`` of given
 indices) so a GPU backend can replace it and produce the same frames from the same indices.
 """
+import logging
 import os
 import random
 from typing import List, Sequence, Tuple
 
 import numpy as np
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAMPLE_TYPES = ("rand", "middle", "uniform", "fpsX")
 
@@ -158,13 +161,18 @@ READERS = {"decord": DecordReader, "av": PyAVReader}
 
 
 def get_reader(name: str) -> VideoReader:
-    if name == "dali":  # optional dependency: imported only when asked for
-        from .dali import DaliReader
-        return DaliReader()
+    """``decord`` | ``av`` | ``dali`` (an error without DALI) | ``auto`` (DALI when installed, per-file
+    decord fallback; decord without DALI -- each said once in the log)."""
+    if name in ("dali", "auto"):  # optional dependency: imported only when asked for
+        from .dali import DaliReader, dali_missing
+        if name == "auto" and dali_missing():
+            logger.warning("video_input.reader=auto: %s; using decord", dali_missing())
+            return DecordReader()
+        return DaliReader(fallback=name == "auto")
     try:
         return READERS[name]()
     except KeyError:
-        raise ValueError(f"unknown video reader {name!r}; expected one of {sorted(READERS) + ['dali']}") from None
+        raise ValueError(f"unknown video reader {name!r}; expected one of {sorted(READERS) + ['dali', 'auto']}") from None
 
 
 def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="decord",

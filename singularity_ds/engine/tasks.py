@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from ..data import build_tokenizer, per_media, train_loader
+from ..data import build_tokenizer, corpus_specs, per_media, train_loader
 from ..eval.run import evaluate_qa_sets, evaluate_sets
 from ..models import build_model
 
@@ -33,7 +33,8 @@ class CaptionTask:
         return train_loader(config, tokenizer, rank, world)
 
     def micro_batch(self, config):
-        return max(per_media(config.batch_size, m) for m in ("image", "video"))
+        """The largest per-rank batch among the media types actually trained on (DeepSpeed's micro-batch)."""
+        return max(per_media(config.batch_size, m) for m in {s[2] for s in corpus_specs(config.train_file)})
 
     def losses(self, model, batch, dtype, device) -> dict:
         return model(batch["media"].to(device, dtype), batch["input_ids"].to(device),
