@@ -22,7 +22,30 @@ def media_source(config, media_type: str, train: bool) -> MediaSource:
     if media_type == "image":
         return MediaSource("image", transform)
     return MediaSource("video", transform, vi.num_frames if train else vi.num_frames_test,
-                       vi.sample_type if train else vi.sample_type_test, vi.get("reader", "decord"))
+                       vi.sample_type if train else vi.sample_type_test, vi.get("reader", "decord"),
+                       plan=train and bool(vi.get("dali_device")), train=train)
+
+
+def dali_finish(config):
+    """``video_input.dali_device=gpu|cpu``: the training loader's clip plans become pixels in one DALI
+    graph per batch (decode, crop, resize, flip, normalise), in the main process, on that device."""
+    from .dali import clip_pipeline
+    from .transforms import normalization
+    mean, std = normalization(config.get("vit_type", "beit"))
+    device = config.video_input.dali_device
+
+    def finish(batch):
+        plans = batch["media"]
+        if isinstance(plans, list):
+            try:
+                batch["media"] = clip_pipeline([p.path for p in plans], [p.indices for p in plans],
+                                               [p.box for p in plans], [p.flip for p in plans],
+                                               config.image_res, mean, std, device=device)
+            except RuntimeError as e:
+                raise MediaError(", ".join(p.path for p in plans),
+                                 f"DALI could not decode this batch ({str(e).strip().splitlines()[0][:160]})") from None
+        return batch
+    return finish
 
 
 def train_datasets(config) -> dict:
@@ -72,7 +95,8 @@ def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: 
         loaders[media_type] = make_loader(ds, per_media(config.batch_size, media_type), collate, rank, world,
                                           shuffle=True, seed=config.get("seed", 42), drop_last=True,
                                           num_workers=workers)
-    return MetaLoader(loaders, seed=config.get("seed", 42))
+    finish = dali_finish(config) if config.video_input.get("dali_device") else None
+    return MetaLoader(loaders, seed=config.get("seed", 42), finish=finish)
 
 
 def eval_datasets(config, names=None, kind: str = "caption") -> dict:

@@ -9,26 +9,58 @@ at evaluation a broken file is an error naming it unless ``skip_broken`` is set.
 import logging
 import os
 import random
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
+from torchvision import transforms
 
 from .annotations import AnnotationStore
 from .text import pre_text
-from .video import MediaError, get_reader, load_image, read_frames
+from .video import MediaError, frame_size, get_frame_indices, get_reader, load_image, read_frames
 
 logger = logging.getLogger(__name__)
 
 
-class MediaSource:
-    """Reads + transforms one image or clip: -> float (T, C, H, W); images have T=1."""
+class ClipPlan(NamedTuple):
+    """What to decode and how to augment one clip, for a batched decoder (DALI) in the main process."""
+    path: str
+    indices: list
+    box: tuple   # (top, left, height, width) of the crop, the same for every frame
+    flip: bool
 
-    def __init__(self, media_type, transform, num_frames=1, sample_type="rand", reader="decord", max_num_frames=-1):
+
+class MediaSource:
+    """Reads + transforms one image or clip: -> float (T, C, H, W); images have T=1.
+
+    ``plan=True`` (videos; ``video_input.dali_device``): returns a :class:`ClipPlan` instead -- the
+    same frame indices, crop box and flip the transform would draw from this item's seed -- and the
+    pixels are made later, for the whole batch, by ``data.dali.clip_pipeline``."""
+
+    def __init__(self, media_type, transform, num_frames=1, sample_type="rand", reader="decord", max_num_frames=-1,
+                 plan=False, train=True):
         self.media_type, self.transform = media_type, transform
         self.num_frames, self.sample_type, self.max_num_frames = num_frames, sample_type, max_num_frames
         self.reader = get_reader(reader) if media_type == "video" else None
+        self.plan, self.train = plan and media_type == "video", train
 
-    def __call__(self, path: str, seed: int) -> torch.Tensor:
+    def _plan(self, path: str, seed: int) -> ClipPlan:
+        vlen, fps = self.reader.probe(path)
+        indices = get_frame_indices(self.num_frames, vlen, self.sample_type, fps, self.max_num_frames, random.Random(seed))
+        height, width = frame_size(path)
+        if not self.train:
+            return ClipPlan(path, indices, (0, 0, height, width), False)
+        steps = {type(t): t for t in self.transform.transforms}
+        crop, hflip = steps[transforms.RandomResizedCrop], steps[transforms.RandomHorizontalFlip]
+        with torch.random.fork_rng(devices=[]):  # the transform's own draws, in its order, from this seed
+            torch.manual_seed(seed)
+            box = crop.get_params(torch.empty(1, height, width), crop.scale, crop.ratio)
+            flip = bool(torch.rand(1) < hflip.p)
+        return ClipPlan(path, indices, tuple(box), flip)
+
+    def __call__(self, path: str, seed: int):
+        if self.plan:
+            return self._plan(path, seed)
         if self.media_type == "image":
             raw = load_image(path)
         else:

@@ -62,7 +62,7 @@ class CaptionCollate:
 
     def __call__(self, batch):
         ids, mask = tokenize(self.tokenizer, [b["caption"] for b in batch], self.max_len)
-        return dict(media=torch.stack([b["media"] for b in batch]), input_ids=ids, attention_mask=mask,
+        return dict(media=stack_media([b["media"] for b in batch]), input_ids=ids, attention_mask=mask,
                     idx=torch.tensor([b["idx"] for b in batch]), captions=[b["caption"] for b in batch],
                     failures=_failures(batch))
 
@@ -87,8 +87,13 @@ class QACollate:
         return out
 
 
+def stack_media(items):
+    """Pixels stack into (B, T, C, H, W); clip plans (batched DALI decoding) stay a list."""
+    return torch.stack(items) if isinstance(items[0], torch.Tensor) else list(items)
+
+
 def collate_qa(batch):
-    out = dict(media=torch.stack([b["media"] for b in batch]), questions=[b["question"] for b in batch],
+    out = dict(media=stack_media([b["media"] for b in batch]), questions=[b["question"] for b in batch],
                failures=_failures(batch))
     if "answers" in batch[0]:
         out["answers"] = [a for b in batch for a in b["answers"]]
@@ -110,8 +115,9 @@ def make_loader(dataset, batch_size, collate_fn, rank=0, world=1, shuffle=True, 
 class MetaLoader:
     """Iterate several loaders (one per media type), a media type per step, same order on all ranks."""
 
-    def __init__(self, loaders: Dict[str, DataLoader], seed: int = 0):
-        self.loaders, self.seed, self.epoch = dict(loaders), seed, 0
+    def __init__(self, loaders: Dict[str, DataLoader], seed: int = 0, finish=None):
+        """``finish(batch) -> batch`` runs in the main process on every batch (batched GPU decoding)."""
+        self.loaders, self.seed, self.epoch, self.finish = dict(loaders), seed, 0, finish
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
@@ -138,4 +144,5 @@ class MetaLoader:
             loader.sampler.skip = order[:start].count(name) * loader.batch_size  # read when iteration starts
             iters[name] = iter(loader)
         for name in order[start:]:
-            yield name, next(iters[name])
+            batch = next(iters[name])
+            yield name, self.finish(batch) if self.finish is not None else batch

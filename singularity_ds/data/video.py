@@ -195,6 +195,17 @@ def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="d
             raise MediaError(path, f"{first.reason}; {second.reason}") from None
 
 
+def frame_size(path: str) -> Tuple[int, int]:
+    """(height, width) of a video's frames from its container header (no decoding)."""
+    import av
+    try:
+        with av.open(path) as container:
+            ctx = container.streams.video[0].codec_context
+            return ctx.height, ctx.width
+    except Exception as e:
+        raise MediaError(path, f"cannot read the frame size ({type(e).__name__}: {str(e)[:160]})") from None
+
+
 def check_file(path: str):
     """Missing and empty files fail before a decoder sees them (some decoders crash on them)."""
     try:
