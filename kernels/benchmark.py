@@ -6,7 +6,6 @@ size in backward, FlashAttention's convention). CPU numbers come from the Triton
 ``TRITON_INTERPRET=1`` and are not performance numbers.
 """
 import argparse
-import json
 import time
 
 import torch
@@ -89,7 +88,6 @@ def run(shapes, dtype, device, reps):
             rows.append(dict(shape=name, impl=impl, B=b, H=h, Lq=lq, Lk=lk, d=d, max_abs_err=err,
                              fwd_ms=round(fwd, 3), fwd_tflops=round(flops / fwd / 1e9, 1),
                              fwd_bwd_ms=round(both, 3), fwd_bwd_tflops=round(3.5 * flops / both / 1e9, 1)))
-        del q, k, v, bias
     return rows
 
 

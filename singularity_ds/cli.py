@@ -80,6 +80,9 @@ def cmd_bench(args) -> int:
     if args.what == "eval":
         from .eval.benchmark import main as bench_eval
         return bench_eval(args.rest)
+    if args.what == "train":
+        from .engine.benchmark import main as bench_train
+        return bench_train(args.rest)
     if args.what == "kernels":
         from .kernels.benchmark import main as bench_kernels
         return bench_kernels(args.rest)
@@ -117,9 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"])
     m.add_argument("--workers", type=int, default=1)
     m.set_defaults(func=cmd_make_synthetic)
-    b = sub.add_parser("bench", help="benchmarks: data (decode throughput, loader memory), eval (itm / itc cost), "
-                                     "kernels (attention: Triton vs SDPA vs math)")
-    b.add_argument("what", choices=["data", "eval", "kernels"])
+    b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode throughput, loader "
+                                     "memory), eval (itm / itc cost), kernels (attention: Triton vs SDPA vs math)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

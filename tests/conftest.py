@@ -36,3 +36,22 @@ def tiny_config(**overrides):
     """The packaged tiny preset, with dotted overrides."""
     from singularity_ds.config import load_config
     return load_config(["pretrain", "tiny"], [f"{k}={v}" for k, v in overrides.items()])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Runs killed on purpose (kill-and-resume) cannot release DeepSpeed's /dev/shm allreduce buffers;
+    remove the ones this session created (~69 MB each, they would stay in RAM)."""
+    import glob
+    import time
+    start = getattr(session.config, "_sds_start", time.time())
+    for path in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            if os.path.getmtime(path) >= start:
+                os.unlink(path)
+        except OSError:
+            pass
+
+
+def pytest_sessionstart(session):
+    import time
+    session.config._sds_start = time.time()

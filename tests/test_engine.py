@@ -1,4 +1,5 @@
 """The DeepSpeed engine with 2 CPU ranks (gloo), launched by the real `deepspeed` launcher."""
+import glob
 import json
 import os
 import signal
@@ -99,7 +100,10 @@ def test_export_round_trips_and_tensorboard(corpus, tmp_path):
     from singularity_ds.models import load_model
 
     out = tmp_path / "run"
-    run(deepspeed_cmd(*train_args(corpus, out, "max_steps=3", "ds_config=zero3")))
+    cmd = deepspeed_cmd(*train_args(corpus, out, "max_steps=3", "ds_config=zero3"))
+    run(cmd)
+    port = cmd[cmd.index("--master_port") + 1]  # DeepSpeed's CPU allreduce buffers were released
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     model = load_model(str(out / "export"))
     consolidated = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step00000003")
     own = model.state_dict()

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from singularity_ds.models import Singularity
 from singularity_ds.models.attention import attention, padding_bias

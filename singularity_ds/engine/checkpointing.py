@@ -10,10 +10,7 @@ import os
 import re
 import shutil
 
-import torch
-
 from ..fileio import atomic_write
-
 from .dist import barrier
 
 logger = logging.getLogger(__name__)

@@ -273,4 +273,6 @@ def parse_train_args(argv):
 
 def train_main(argv) -> dict:
     task, config = parse_train_args(argv)
-    return Trainer(config, task).train()
+    results = Trainer(config, task).train()
+    dist.release_cpu_shm()
+    return results

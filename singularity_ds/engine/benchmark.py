@@ -1,0 +1,146 @@
+"""``singularity-ds bench train TASK [OVERLAY ...] [key=value ...] [--steps M] [--warmup N]``.
+
+Times M training steps (after N warm-up steps) of any config on one synthetic in-memory batch (data
+loading excluded), through the same DeepSpeed engine, ds_config and precision as ``train``; under the
+``deepspeed`` launcher every rank runs its own batch. Prints and returns (``--json``): samples/s per
+device and in total, step time median and 10-90% spread, the forward / backward / optimizer split,
+the analytic training FLOPs per sample (:mod:`.flops`), achieved TFLOP/s, MFU against the device's
+measured matmul peak for the dtype (a large GEMM, measured once and cached in
+``~/.cache/singularity_ds/peak.json``), and peak memory (CUDA max allocated, or the process RSS).
+Towers start random (no weights are read): speed does not depend on them.
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+
+from ..data import per_media
+from . import dist
+from .ds_config import build_ds_config, offloads_optimizer, resolve_precision
+from .flops import step_flops
+from .optim import build_optimizer, build_scheduler
+
+CACHE = os.path.join(os.path.expanduser("~"), ".cache", "singularity_ds", "peak.json")
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device, dtype, n: int = None) -> float:
+    """Measured TFLOP/s of an n x n x n product in ``dtype`` (the MFU denominator), cached per device."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    key = f"{name}/{dtype}"
+    try:
+        with open(CACHE) as f:
+            cache = json.load(f)
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    n = n or (8192 if device.type == "cuda" else 2048)
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 2.0:
+        a @ b
+        reps += 1
+    _sync(device)
+    peak = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
+    cache[key] = peak
+    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
+    with open(CACHE, "w") as f:
+        json.dump(cache, f, indent=1)
+    return peak
+
+
+def synthetic_batch(config, batch_size: int):
+    vi = config.video_input
+    length = config.max_txt_l["video"] if hasattr(config.max_txt_l, "keys") else config.max_txt_l
+    g = torch.Generator().manual_seed(0)
+    return dict(media=torch.randn(batch_size, vi.num_frames, 3, config.image_res, config.image_res, generator=g),
+                input_ids=torch.randint(1000, 29000, (batch_size, length), generator=g),
+                attention_mask=torch.ones(batch_size, length, dtype=torch.long),
+                idx=torch.arange(batch_size))
+
+
+def run(argv, steps=10, warmup=3) -> dict:
+    import deepspeed
+    from omegaconf import OmegaConf
+    from .trainer import parse_train_args
+    task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
+    if task.name not in ("pretrain", "train_ret"):
+        raise ValueError(f"bench train: task {task.name!r} not supported yet (pretrain, train_ret)")
+    precision = resolve_precision(config)
+    micro = per_media(config.batch_size, "video")  # synthetic video batches: no corpus is read
+    ds_cfg = build_ds_config(config, micro, precision)
+    info = dist.setup()
+    device, world = info["device"], info["world"]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    torch.manual_seed(0)
+    model = task.build_model(OmegaConf.merge(config, {"pretrained_path": None}))
+    optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
+    scheduler = build_scheduler(optimizer, config.scheduler, 100)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    batch = {k: v.to(device) for k, v in synthetic_batch(config, micro).items()}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        losses = task.losses(engine, batch, dtype, device)
+        loss = sum(losses.values())
+        _sync(device)
+        t1 = time.perf_counter()
+        engine.backward(loss)
+        _sync(device)
+        t2 = time.perf_counter()
+        engine.step()
+        _sync(device)
+        t3 = time.perf_counter()
+        if i >= warmup:
+            times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+    step = [t[3] for t in times]
+    median = statistics.median(step)
+    deciles = statistics.quantiles(step, n=10) if len(step) > 1 else [median] * 9
+    flops = step_flops(config, micro)
+    achieved = flops["train"] * micro / median / 1e12
+    peak = matmul_peak(device, dtype)
+    memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    return dict(task=task.name, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                threads=torch.get_num_threads(), ranks=world, precision=precision, ds_config=config.get("ds_config"),
+                batch_per_rank=micro, frames=config.video_input.num_frames, image_res=config.image_res,
+                samples_per_s_per_device=round(micro / median, 3), samples_per_s=round(micro * world / median, 3),
+                step_s_median=round(median, 4), step_s_p10_p90=[round(deciles[0], 4), round(deciles[-1], 4)],
+                forward_s=round(statistics.median(t[0] for t in times), 4),
+                backward_s=round(statistics.median(t[1] for t in times), 4),
+                optimizer_s=round(statistics.median(t[2] for t in times), 4),
+                train_gflop_per_sample=round(flops["train"] / 1e9, 2),
+                gflop_per_sample_by_part={k: round(3 * v / 1e9, 2) for k, v in flops.items() if k not in ("forward", "train")},
+                achieved_tflops_per_device=round(achieved, 3), peak_tflops=round(peak, 3), mfu=round(achieved / peak, 4),
+                peak_memory_gib=round(memory, 2), loss=round(loss.item(), 4))
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="singularity-ds bench train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--json")
+    args, rest = p.parse_known_args(argv)
+    res = run(rest, args.steps, args.warmup)
+    dist.release_cpu_shm()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(res, indent=1))
+        if args.json:
+            from ..fileio import write_json
+            write_json(res, args.json)
+    return 0
