@@ -212,3 +212,16 @@ def test_sbatch_multinode_trains_on_two_nodes(slurm, corpus, tmp_path):
     run_dir = tmp_path / "runs" / "slurmtest"
     assert "2 rank(s)" in (run_dir / "train.log").read_text()
     assert (run_dir / "checkpoints" / "step00000003" / "COMPLETE").is_file()
+
+
+def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
+    from singularity_ds.config import load_config
+    from singularity_ds.engine.flops import step_flops
+    out = tmp_path / "bench.json"
+    run([sys.executable, "-m", "singularity_ds", "bench", "train", "pretrain", "tiny", "image_res=32",
+         "batch_size.video=4", "--steps", "2", "--warmup", "1", "--json", str(out)])
+    res = json.load(open(out))
+    cfg = load_config(["pretrain", "tiny"], ["image_res=32", "batch_size.video=4"])
+    assert res["train_gflop_per_sample"] == round(step_flops(cfg, 4)["train"] / 1e9, 2)
+    assert res["samples_per_s"] > 0 and 0 < res["mfu"] < 1.5 and res["peak_memory_gib"] > 0
+    assert res["step_s_median"] >= res["forward_s"] and res["batch_per_rank"] == 4
