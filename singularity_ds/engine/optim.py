@@ -34,7 +34,8 @@ def build_optimizer(model, opt_cfg, cpu_adam: bool = False):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         logger.info("building DeepSpeed's CPU Adam (JIT-compiled on first use: about a minute)")
         return DeepSpeedCPUAdam(groups, lr=float(opt_cfg.lr), betas=betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=float(opt_cfg.lr), betas=betas)
+    # fused: one kernel over all parameters (CPU and CUDA); the same update as the loop version
+    return torch.optim.AdamW(groups, lr=float(opt_cfg.lr), betas=betas, fused=True)
 
 
 def cosine_lambda(warmup_steps: int, total_steps: int, min_lr_multi: float = 0.0):
