@@ -44,6 +44,12 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, b, h, sb, sh, sl, offs, ok, offs_d):
+    """Rows ``offs`` of one (batch, head) of a (B, H, L, D) tensor (unit stride on D), 0 outside ``ok``."""
+    return tl.load(ptr + b * sb + h * sh + offs[:, None] * sl + offs_d[None, :], mask=ok[:, None], other=0.0)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, Bias, Out, Lse,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbb, sbh, sbm, sbn, sob, soh, som,
                 H, Lq, Lk, scale,
@@ -54,15 +60,15 @@ def _fwd_kernel(Q, K, V, Bias, Out, Lse,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _tile(Q, b, h, sqb, sqh, sqm, offs_m, row_ok, offs_d)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     for start in range(0, Lk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = _tile(K, b, h, skb, skh, skn, offs_n, col_ok, offs_d)
+        v = _tile(V, b, h, svb, svh, svn, offs_n, col_ok, offs_d)
         s = _dot(q, tl.trans(k), IEEE, UPCAST) * scale
         if HAS_BIAS:
             s += tl.load(Bias + b * sbb + h * sbh + offs_m[:, None] * sbm + offs_n[None, :] * sbn,
@@ -103,15 +109,15 @@ def _bwd_kv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DS,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     col_ok = offs_n < Lk
-    k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-    v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    k = _tile(K, b, h, skb, skh, skn, offs_n, col_ok, offs_d)
+    v = _tile(V, b, h, svb, svh, svn, offs_n, col_ok, offs_d)
     dk = tl.zeros((BLOCK_N, D), tl.float32)
     dv = tl.zeros((BLOCK_N, D), tl.float32)
     for start in range(0, Lq, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _tile(Q, b, h, sqb, sqh, sqm, offs_m, row_ok, offs_d)
+        do = _tile(DO, b, h, sdb, sdh, sdm, offs_m, row_ok, offs_d)
         lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=row_ok, other=0.0)
         delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=row_ok, other=0.0)
         p = _probs(q, k, Bias, b, h, offs_m, offs_n, row_ok, col_ok, lse, sbb, sbh, sbm, sbn, scale, HAS_BIAS,
@@ -138,16 +144,16 @@ def _bwd_q_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     row_ok = offs_m < Lq
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q = _tile(Q, b, h, sqb, sqh, sqm, offs_m, row_ok, offs_d)
+    do = _tile(DO, b, h, sdb, sdh, sdm, offs_m, row_ok, offs_d)
     lse = tl.load(Lse + pid_bh * Lq + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(Delta + pid_bh * Lq + offs_m, mask=row_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, D), tl.float32)
     for start in range(0, Lk, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         col_ok = offs_n < Lk
-        k = tl.load(K + b * skb + h * skh + offs_n[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-        v = tl.load(V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        k = _tile(K, b, h, skb, skh, skn, offs_n, col_ok, offs_d)
+        v = _tile(V, b, h, svb, svh, svn, offs_n, col_ok, offs_d)
         p = _probs(q, k, Bias, b, h, offs_m, offs_n, row_ok, col_ok, lse, sbb, sbh, sbm, sbn, scale, HAS_BIAS,
                    IEEE, UPCAST)
         dp = _dot(do, tl.trans(v), IEEE, UPCAST)

@@ -70,20 +70,6 @@ def qa_train_datasets(config) -> dict:
             for media_type in sorted({s[2] for s in specs})}
 
 
-def qa_eval_datasets(config, names=None) -> dict:
-    """QA evaluation sets (``test_types`` of ``test_file``); entries may carry their answers for metrics."""
-    names = list(names or config.get("test_types") or config.test_file.keys())
-    out = {}
-    for name in names:
-        if name not in config.test_file:
-            raise AnnotationError(f"config key 'test_types': {name!r} is not in test_file "
-                                  f"({', '.join(config.test_file.keys())})")
-        (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
-        out[name] = QADataset(load_corpus([spec], kind="qa_eval"), media_source(config, spec[2], train=False),
-                              train=False, skip_broken=config.get("skip_broken_media_eval", False))
-    return out
-
-
 def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: int = None) -> MetaLoader:
     """Training batches of the config's task: captions (pretrain / train_ret) or QA (train_qa)."""
     workers = config.get("num_workers", 0) if num_workers is None else num_workers
@@ -101,7 +87,8 @@ def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: 
 
 def eval_datasets(config, names=None, kind: str = "caption") -> dict:
     """Evaluation sets named in ``test_types`` (default: every ``test_file`` entry): retrieval sets,
-    or with ``kind="mc"`` multiple-choice sets (entries with a list of option captions and ``answer``)."""
+    ``kind="mc"`` multiple-choice sets (entries with a list of option captions and ``answer``), or
+    ``kind="qa"`` QA sets (entries may carry their answers, for the metrics)."""
     names = list(names or config.get("test_types") or config.test_file.keys())
     out = {}
     for name in names:
@@ -109,13 +96,18 @@ def eval_datasets(config, names=None, kind: str = "caption") -> dict:
             raise AnnotationError(f"config key 'test_types': {name!r} is not in test_file "
                                   f"({', '.join(config.test_file.keys())})")
         (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
+        skip = config.get("skip_broken_media_eval", False)
         if kind == "mc":
             out[name] = MCDataset(load_corpus([spec], kind="mc"), media_source(config, spec[2], train=False),
-                                  skip_broken=config.get("skip_broken_media_eval", False))
+                                  skip_broken=skip)
+            continue
+        if kind == "qa":
+            out[name] = QADataset(load_corpus([spec], kind="qa_eval"), media_source(config, spec[2], train=False),
+                                  train=False, skip_broken=skip)
             continue
         out[name] = RetrievalEvalDataset(
             load_corpus([spec]), media_source(config, spec[2], train=False),
             has_multi_vision_gt=config.get("has_multi_vision_gt", False),
             is_paragraph_retrieval=config.get("is_paragraph_retrieval", False),
-            skip_broken=config.get("skip_broken_media_eval", False))
+            skip_broken=skip)
     return out

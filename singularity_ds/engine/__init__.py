@@ -1,4 +1,3 @@
-"""Training engine on DeepSpeed: ``train_main(argv)`` runs a task (pretrain, train_ret) in one loop."""
-from .trainer import Trainer, parse_train_args, train_main
-
-__all__ = ["Trainer", "parse_train_args", "train_main"]
+"""Training engine on DeepSpeed: ``engine.trainer.train_main(argv)`` runs a task (pretrain, train_ret,
+train_qa) in one loop. Nothing is imported here, so ``engine.dist`` stays importable from the
+evaluation code without pulling in the trainer."""

@@ -69,6 +69,23 @@ def barrier():
         torch.distributed.barrier()
 
 
+def rank_world() -> tuple:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (CPU tensors, arrays, lists), in rank order; ``[obj]`` without distribution."""
+    world = rank_world()[1]
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 def release_cpu_shm():
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU shared-memory allreduce (69 MB per rank,
     ``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``): DeepSpeed never removes it, so every

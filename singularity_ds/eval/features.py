@@ -18,35 +18,14 @@ from typing import List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..data.loader import collate_eval
+from ..engine.dist import all_gather, barrier, rank_world
 from ..data.text import tokenize
 
 
 def shard_range(n: int, rank: int, world: int) -> range:
     return range(n * rank // world, n * (rank + 1) // world)
-
-
-def _dist() -> tuple:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_gather(obj) -> list:
-    """Every rank's ``obj`` (CPU tensors, arrays, lists), in rank order; ``[obj]`` without distribution."""
-    rank, world = _dist()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def barrier():
-    if _dist()[1] > 1:
-        dist.barrier()
 
 
 class TokenStore:
@@ -166,7 +145,7 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
     model.eval()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    rank, world = _dist()
+    rank, world = rank_world()
 
     text_sink = _Sink(store, feature_dir, "text_tokens", rank)
     masks, text_feats = [], []

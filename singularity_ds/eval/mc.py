@@ -4,7 +4,8 @@ highest-scoring option is the prediction. Videos are split across ranks."""
 import torch
 
 from ..data.text import tokenize
-from .features import all_gather, shard_range, _dist
+from ..engine.dist import all_gather, rank_world
+from .features import shard_range
 from .retrieval import check_ensemble, itm_scores_cached
 
 
@@ -14,7 +15,7 @@ def evaluate_mc(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "conc
     check_ensemble(model, ensemble, num_frames_test)
     model.eval()
     param = next(model.parameters())
-    rank, world = _dist()
+    rank, world = rank_world()
     predictions = []
     for i in shard_range(len(dataset), rank, world):
         item = dataset[i]

@@ -13,7 +13,8 @@ import re
 import torch
 
 from ..data.text import tokenize
-from .features import all_gather, shard_range, _dist
+from ..engine.dist import all_gather, rank_world
+from .features import shard_range
 
 # ---------------------------------------------------------------------- the VQA evaluator's normalisation
 _CONTRACTIONS = {
@@ -82,7 +83,7 @@ def evaluate_qa(model, dataset, answer_list, tokenizer, max_q_len: int, max_a_le
     param = next(model.parameters())
     a_ids, a_mask = tokenize(tokenizer, [f"{a} {eos}" for a in answer_list], max_a_len)
     a_ids, a_mask = a_ids.to(param.device), a_mask.to(param.device)
-    rank, world = _dist()
+    rank, world = rank_world()
     mine = list(shard_range(len(dataset), rank, world))
     local = []
     for start in range(0, len(mine), batch_size):

@@ -23,7 +23,8 @@ import torch
 
 from ..config import ConfigError
 from ..models.losses import ENSEMBLES, ensemble_frames, similarity
-from .features import Features, all_gather, extract, _dist
+from ..engine.dist import all_gather, rank_world
+from .features import Features, extract
 from .metrics import itm_eval, topk_eval
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def _dense(model, feats: Features, k_test, ensemble):
 
 
 def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=8192):
-    rank, world = _dist()
+    rank, world = rank_world()
     n_txt, n_vid = feats.text_feat.shape[0], feats.video_feat.shape[0]
     video_mean = feats.video_feat.mean(1)  # mean of per-frame cosines = dot with the frame mean (linear)
     depth = max(k_test, 10)                # R@10 needs the first 10 of every list

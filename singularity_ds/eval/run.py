@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from ..config import ConfigError, load_config
 from ..fileio import write_json
 from ..data import build_tokenizer, eval_datasets, per_media
-from .features import _dist
+from ..engine.dist import rank_world
 from .mc import evaluate_mc
 from .metrics import save_results
 from .retrieval import evaluate
@@ -67,16 +67,15 @@ def load_answer_list(config) -> list:
 
 def evaluate_qa_sets(model, config, tokenizer, names=None) -> dict:
     """QA metrics per test set (predictions written to ``<output_dir>/qa_<split>.json`` by rank 0)."""
-    from ..data import qa_eval_datasets
     from .qa import evaluate_qa
     answers = load_answer_list(config)
     results = {}
-    for name, ds in qa_eval_datasets(config, names).items():
+    for name, ds in eval_datasets(config, names, kind="qa").items():
         res = evaluate_qa(model, ds, answers, tokenizer, config.max_q_len, config.max_a_len,
                           k_test=config.get("k_test", 128), ensemble=config.get("eval_frame_ensemble", "concat"),
                           batch_size=per_media(config.get("batch_size_test", 16), ds.source.media_type),
                           eos=config.get("eos", "[SEP]"))
-        if _dist()[0] == 0 and config.get("output_dir"):
+        if rank_world()[0] == 0 and config.get("output_dir"):
             write_json(res["predictions"], os.path.join(config.output_dir, f"qa_{name}.json"))
         results[name] = {k: v for k, v in res.items() if k != "predictions"}
         logger.info("eval %s: %s %.2f (%d questions, %d with no answer in the list)", name, res["metric"],
@@ -115,7 +114,7 @@ def eval_main(kind: str, argv) -> dict:
     out_dir = config.get("output_dir") or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir
     tokenizer = build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
-    rank = _dist()[0]
+    rank = rank_world()[0]
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)
         if rank == 0:

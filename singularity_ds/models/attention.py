@@ -57,6 +57,10 @@ def _triton_reason(q, k, v, bias, dropout_p) -> str:
     return supported(q, k, v, bias, dropout_p)
 
 
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
     """Scaled dot-product attention.
@@ -64,10 +68,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q: (B, H, Lq, d); k, v: (B, H, Lk, d); bias: additive, broadcastable to (B, H, Lq, Lk)
     (relative-position bias and/or padding bias). Returns (B, H, Lq, d).
     """
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias))
     # auto: the kernel for forward-only attention (evaluation, extraction), where it beat SDPA on H200;
     # training keeps SDPA, whose backward measured faster (docs/benchmarks.md)
-    if _impl == "triton" or (_impl == "auto" and q.is_cuda and not needs_grad):
+    if _impl == "triton" or (_impl == "auto" and q.is_cuda and not _needs_grad(q, k, v, bias)):
         reason = _triton_reason(q, k, v, bias, dropout_p)
         if not reason:
             from ..kernels.attention import flash_attention
