@@ -28,7 +28,7 @@ test: install
 	$(PY) -m pytest -q tests
 
 demo: install
-	$(VENV)/bin/singularity-ds demo
+	$(VENV)/bin/singularity-ds demo $(DEMO_ARGS)
 
 demo-qa: install  # after `make demo`: video QA from its single-frame pretraining (~3 min)
 	$(VENV)/bin/singularity-ds demo --qa

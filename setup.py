@@ -27,6 +27,7 @@ setup(
         "omegaconf>=2.3",  # the original's config format (interpolation, CLI dotlist) and its pickled configs
         "scipy>=1.10",     # BEiT relative-position-bias interpolation, the original's method
         "matplotlib>=3.7", # the recall@K plot saved with every retrieval evaluation
+        "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
     ],
     extras_require={
         "dev": [

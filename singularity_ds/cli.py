@@ -46,7 +46,7 @@ def cmd_demo(args) -> int:
     if args.qa:
         run_demo_qa(args.run_dir)
     else:
-        run_demo(args.run_dir)
+        run_demo(args.run_dir, shards=args.shards)
     return 0
 
 
@@ -55,7 +55,8 @@ def cmd_make_synthetic(args) -> int:
     if args.num_clips < 18:
         raise ConfigError(f"--num-clips {args.num_clips}: need at least 18 clips (3 groups of 6) for train/val/test")
     meta = make_synthetic(args.out_dir, num_clips=args.num_clips, size=args.size, frames=args.frames, fps=args.fps,
-                          num_images=args.num_images, seed=args.seed, codec=args.codec, workers=args.workers)
+                          num_images=args.num_images, seed=args.seed, codec=args.codec, workers=args.workers,
+                          shards=args.shards)
     print(f"wrote {meta['num_clips']} clips ({meta['splits']}) to {args.out_dir}; config overlays in "
           f"{args.out_dir}/configs/")
     return 0
@@ -73,6 +74,23 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_make_shards(args) -> int:
+    from .data.shards import make_shards
+    try:
+        index = make_shards(args.anno, args.media_dir, args.out_dir, args.shard_size, args.media_type, args.kind,
+                            overwrite=args.overwrite)
+    except ValueError as e:  # a bad --shard-size
+        raise ConfigError(str(e)) from None
+    print(f"wrote {index['samples']} samples in {len(index['shards'])} shard(s) to {args.out_dir}; "
+          f"{len(index['skipped'])} entries skipped (missing media, listed in index.json)")
+    return 0
+
+
+def cmd_preprocess(args) -> int:
+    from .data.preprocess import main as preprocess
+    return preprocess([args.kind, *args.rest])
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from .data.benchmark import main as bench_data
@@ -86,6 +104,18 @@ def cmd_bench(args) -> int:
     if args.what == "kernels":
         from .kernels.benchmark import main as bench_kernels
         return bench_kernels(args.rest)
+    if args.what == "precision":
+        q = argparse.ArgumentParser(prog="singularity-ds bench precision",
+                                    description="bf16 correctness guard: the demo's single-frame stages per precision")
+        q.add_argument("--run-dir", default="runs/precision")
+        q.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "amp_bf16"])
+        q.add_argument("--seeds", nargs="+", type=int, default=[42])
+        q.add_argument("--epochs-pt", type=int, default=40)
+        q.add_argument("--epochs-ret", type=int, default=25)
+        a = q.parse_args(args.rest)
+        from .demo import run_precision_check
+        run_precision_check(a.run_dir, a.precisions, a.seeds, a.epochs_pt, a.epochs_ret)
+        return 0
     raise ConfigError(f"unknown benchmark {args.what!r}")
 
 
@@ -99,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--qa", action="store_true", help="video QA from the demo's pretraining (after `demo`)")
+    d.add_argument("--shards", action="store_true", help="pretrain from the corpus's tar shards (streaming loader)")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
                        description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` for several ranks.")
@@ -119,10 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"])
     m.add_argument("--workers", type=int, default=1)
+    m.add_argument("--no-shards", dest="shards", action="store_false", help="skip writing the tar-shard copy")
     m.set_defaults(func=cmd_make_synthetic)
+    sh = sub.add_parser("make-shards", help="write a corpus (annotation JSON + media folder) as WebDataset tar shards")
+    sh.add_argument("anno")
+    sh.add_argument("media_dir")
+    sh.add_argument("out_dir")
+    sh.add_argument("--shard-size", default="1GB", help="start a new shard past this size (e.g. 500MB, 1GB)")
+    sh.add_argument("--media-type", default="video", choices=["video", "image"])
+    sh.add_argument("--kind", default="caption", choices=["caption", "qa_train"], help="annotation schema to validate")
+    sh.add_argument("--overwrite", action="store_true", help="replace a shard corpus already in OUT_DIR")
+    sh.set_defaults(func=cmd_make_shards)
+    pp = sub.add_parser("preprocess", help="re-encode videos (fps, size, no audio) or resize images, in parallel",
+                        description="preprocess videos|images SRC DST [--fps 2] [--size 224] [--workers N] "
+                                    "[--trim SECONDS]; `preprocess videos --help` for details")
+    pp.add_argument("kind", choices=["videos", "images"])
+    pp.add_argument("rest", nargs=argparse.REMAINDER)
+    pp.set_defaults(func=cmd_preprocess)
     b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode throughput, loader "
-                                     "memory), eval (itm / itc cost), kernels (attention: Triton vs SDPA vs math)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels"])
+                                     "memory), eval (itm / itc cost), kernels (attention: Triton vs SDPA vs math), "
+                                     "precision (bf16 vs fp32 retrieval after training the tiny model)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

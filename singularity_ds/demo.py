@@ -8,6 +8,7 @@
 Every stage is a real ``deepspeed`` launch of ``singularity-ds train``; logs, TensorBoard files and
 checkpoints stay in the run folder.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -76,13 +77,14 @@ def table(rows) -> str:
 def ensure_corpus(run_dir, num_clips=300) -> str:
     """The demo's synthetic corpus in <run_dir>/data (generated once; seeded, so always the same)."""
     data = os.path.join(run_dir, "data")
-    if not os.path.isfile(os.path.join(data, "configs", "qa.yaml")):
+    if not os.path.isfile(os.path.join(data, "shards", "image", "index.json")):
         shutil.rmtree(data, ignore_errors=True)
         make_synthetic(data, num_clips=num_clips, size=64, frames=16, workers=2)
     return data
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300) -> str:
+def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300, shards=False) -> str:
+    """``shards``: the pretraining stages stream the corpus from its tar shards (``train_corpus=synthetic_shards``)."""
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
@@ -90,7 +92,8 @@ def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=3
     pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
     common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
-    pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16"]
+    pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
+               f"train_corpus={'synthetic_shards' if shards else 'synthetic'}"]
     pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
     pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
                                  f"pretrained_path={pt1}/export"], run_dir)
@@ -110,6 +113,33 @@ def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=3
     with open(os.path.join(run_dir, "results.txt"), "w") as f:
         f.write(text + "\n")
     return text
+
+
+def run_precision_check(run_dir="runs/precision", precisions=("fp32", "bf16", "amp_bf16"), seeds=(42,),
+                        epochs_pt=40, epochs_ret=25, num_clips=300) -> dict:
+    """bf16 correctness guard: the demo's single-frame stages (pretrain, then retrieval fine-tuning) in
+    each precision (and seed), evaluated the same way; returns and writes R@1/5/10 per run."""
+    torch.set_num_threads(1)
+    os.makedirs(run_dir, exist_ok=True)
+    data = ensure_corpus(run_dir, num_clips)
+    pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
+    common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
+    results = {}
+    for precision in precisions:
+        for seed in seeds:
+            name, extra = f"{precision}_seed{seed}", [f"precision={precision}", f"seed={seed}"]
+            pt = launch(f"{name}_pt", ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
+                                       f"scheduler.epochs={epochs_pt}", *extra], run_dir)
+            ret = launch(f"{name}_ret", ["train_ret", *common, ret_cfg, "max_txt_l=16", f"scheduler.epochs={epochs_ret}",
+                                         "test_types=[appearance]", "k_test=16", f"pretrained_path={pt}/export", *extra],
+                         run_dir)
+            res = evaluate_model(ret, ret_cfg, 1)
+            results[name] = {kind: {split: {k: round(m[k], 1) for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
+                                    for split, m in res[kind].items()} for kind in ("x", "emb")}
+            print(name, json.dumps(results[name]), flush=True)
+    from .fileio import write_json
+    write_json(results, os.path.join(run_dir, "precision_check.json"))
+    return results
 
 
 def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:

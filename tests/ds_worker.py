@@ -2,6 +2,7 @@
 
     ds_worker.py zero OUT.json              each ds_config trains 3 steps on the same fixed batch
     ds_worker.py accumulation OUT.json      2 x micro-batch B vs 1 x 2B (per-sample loss, fp32)
+    ds_worker.py amp OUT.json               precision=amp_bf16 under ZeRO-0 and ZeRO-2: dtypes and losses
 """
 import json
 import os
@@ -55,6 +56,32 @@ def zero_stages(out):
         json.dump(results, open(out, "w"))
 
 
+def amp(out):
+    """fp32 weights, bf16 matmuls inside the engine's forward, a falling loss."""
+    info = dist.setup()
+    results = {}
+    video, ids, mask, idx = batch(8, seed=info["rank"])
+    for name in ("zero0", "zero2"):
+        cfg = tiny_config(ds_config=name, image_res=32, **{"optimizer.lr": 1e-3})
+        eng = engine(cfg, 8, "amp_bf16")
+        seen = set()
+        linear = eng.module.text_encoder.bert.encoder.layer[0].intermediate.dense
+        linear.register_forward_hook(lambda m, i, o: seen.add(str(o.dtype)))
+        losses = []
+        for step in range(3):
+            torch.manual_seed(1234 + info["rank"])
+            loss = sum(eng(video, ids, mask, idx).values())
+            eng.backward(loss)
+            eng.step()
+            losses.append(loss.item())
+        results[name] = dict(losses=losses, linear_out=sorted(seen),
+                             weights=sorted({str(p.dtype) for p in eng.module.parameters()}),
+                             autocast=eng.torch_autocast_enabled())
+        eng.destroy()
+    if info["rank"] == 0:
+        json.dump(results, open(out, "w"))
+
+
 def accumulation(out):
     """Per-sample objective (MLM with fixed masks, no dropout), fp32: accumulation must be exact."""
     info = dist.setup()
@@ -84,4 +111,4 @@ def accumulation(out):
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    {"zero": zero_stages, "accumulation": accumulation}[args[0]](args[1])
+    {"zero": zero_stages, "accumulation": accumulation, "amp": amp}[args[0]](args[1])

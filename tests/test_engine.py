@@ -60,6 +60,14 @@ def test_every_zero_stage_and_offload_trains(tmp_path):
         assert all(torch.isfinite(torch.tensor(l))) and l[0] > l[1] > l[2], (name, l)
 
 
+def test_amp_bf16_keeps_fp32_weights_and_runs_bf16_matmuls(tmp_path):
+    out = tmp_path / "amp.json"
+    run(deepspeed_cmd("tests/ds_worker.py", "amp", str(out)))
+    for name, r in json.load(open(out)).items():
+        assert r["autocast"] and r["weights"] == ["torch.float32"] and r["linear_out"] == ["torch.bfloat16"], (name, r)
+        assert r["losses"][0] > r["losses"][1] > r["losses"][2], (name, r)
+
+
 def test_gradient_accumulation_matches_a_larger_micro_batch(tmp_path):
     out = tmp_path / "acc.json"
     run(deepspeed_cmd("tests/ds_worker.py", "accumulation", str(out)))
@@ -225,3 +233,18 @@ def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
     assert res["train_gflop_per_sample"] == round(step_flops(cfg, 4)["train"] / 1e9, 2)
     assert res["samples_per_s"] > 0 and 0 < res["mfu"] < 1.5 and res["peak_memory_gib"] > 0
     assert res["step_s_median"] >= res["forward_s"] and res["batch_per_rank"] == 4
+
+
+def test_bench_train_qa_under_the_deepspeed_launcher(tmp_path):
+    """QA step, 2 frames, two ranks: per-device and total throughput, the QA FLOP formula."""
+    from singularity_ds.config import load_config
+    from singularity_ds.engine.flops import qa_step_flops
+    out = tmp_path / "bench.json"
+    overrides = ["image_res=32", "batch_size.video=2", "video_input.num_frames=2"]
+    run(deepspeed_cmd("--module", "singularity_ds", "bench", "train", "train_qa", "tiny", *overrides,
+                      "--steps", "2", "--warmup", "1", "--json", str(out)))
+    res = json.load(open(out))
+    cfg = load_config(["qa_msrvtt", "tiny"], overrides)
+    assert res["task"] == "train_qa" and res["ranks"] == 2 and res["frames"] == 2
+    assert res["train_gflop_per_sample"] == round(qa_step_flops(cfg)["train"] / 1e9, 2)
+    assert res["samples_per_s"] == pytest.approx(2 * res["samples_per_s_per_device"], rel=1e-3)

@@ -6,6 +6,7 @@
 from .annotations import AnnotationError, AnnotationStore, corpus_specs, load_corpus, read_annotations
 from .datasets import CaptionDataset, MCDataset, MediaSource, QADataset, RetrievalEvalDataset
 from .loader import CaptionCollate, MetaLoader, QACollate, SeededSampler, collate_eval, collate_qa, make_loader
+from .shards import ShardStream, is_shard_source, make_shards, shard_list
 from .text import build_tokenizer, pre_text, tokenize
 from .transforms import build_transform
 from .video import MediaError, get_frame_indices, get_reader, load_image, read_frames
@@ -48,12 +49,32 @@ def dali_finish(config):
     return finish
 
 
-def train_datasets(config) -> dict:
-    """One CaptionDataset per media type of ``train_file`` (corpora of a type are concatenated)."""
+def shard_stream(config, specs, media_type, rank, world) -> ShardStream:
+    """The streaming dataset of a media type's shard corpora (their shards are read in one order)."""
+    if config.video_input.get("dali_device") and media_type == "video":
+        raise AnnotationError("video_input.dali_device: DALI decodes files; shard corpora use decord or PyAV")
+    return ShardStream([s for spec in specs for s in shard_list(spec[0])], media_source(config, media_type, train=True),
+                       per_media(config.batch_size, media_type), rank, world, seed=config.get("seed", 42),
+                       buffer=config.get("shard_shuffle_buffer", 500),
+                       has_multi_vision_gt=config.get("has_multi_vision_gt", False),
+                       is_paragraph_retrieval=config.get("is_paragraph_retrieval", False))
+
+
+def train_datasets(config, rank: int = 0, world: int = 1) -> dict:
+    """One dataset per media type of ``train_file`` (corpora of a type are concatenated): a
+    CaptionDataset over annotation files, or a ShardStream over tar shards."""
     specs = corpus_specs(config.train_file)
     out = {}
     for media_type in sorted({s[2] for s in specs}):
-        store = load_corpus([s for s in specs if s[2] == media_type])
+        typed = [s for s in specs if s[2] == media_type]
+        sharded = [is_shard_source(s[0]) for s in typed]
+        if any(sharded):
+            if not all(sharded):
+                raise AnnotationError(f"config key 'train_file': the {media_type} corpora mix shards and annotation "
+                                      f"files; give one kind per media type")
+            out[media_type] = shard_stream(config, typed, media_type, rank, world)
+            continue
+        store = load_corpus(typed)
         out[media_type] = CaptionDataset(
             store, media_source(config, media_type, train=True), num_tries=config.get("media_retries", 3),
             has_multi_vision_gt=config.get("has_multi_vision_gt", False),
@@ -64,6 +85,9 @@ def train_datasets(config) -> dict:
 def qa_train_datasets(config) -> dict:
     """One QADataset per media type of ``train_file`` (video QA, or VQA's image corpora)."""
     specs = corpus_specs(config.train_file)
+    if any(is_shard_source(s[0]) for s in specs):
+        raise AnnotationError("config key 'train_file': shard corpora stream caption training (pretrain, train_ret); "
+                              "QA training reads annotation files")
     return {media_type: QADataset(load_corpus([s for s in specs if s[2] == media_type], kind="qa_train"),
                                   media_source(config, media_type, train=True), train=True,
                                   eos=config.get("eos", "[SEP]"), num_tries=config.get("media_retries", 3))
@@ -75,7 +99,7 @@ def train_loader(config, tokenizer, rank: int = 0, world: int = 1, num_workers: 
     workers = config.get("num_workers", 0) if num_workers is None else num_workers
     qa = str(config.get("task", "")).endswith("qa")
     loaders = {}
-    for media_type, ds in (qa_train_datasets(config) if qa else train_datasets(config)).items():
+    for media_type, ds in (qa_train_datasets(config) if qa else train_datasets(config, rank, world)).items():
         collate = (QACollate(tokenizer, config.max_q_len, config.max_a_len) if qa
                    else CaptionCollate(tokenizer, per_media(config.max_txt_l, media_type)))
         loaders[media_type] = make_loader(ds, per_media(config.batch_size, media_type), collate, rank, world,

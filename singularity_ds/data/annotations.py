@@ -68,9 +68,11 @@ def corpus_specs(train_file, key: str = "train_file") -> List[tuple]:
     specs = []
     for spec in items:
         spec = list(spec)
+        if len(spec) == 3 and spec[1] is None and isinstance(spec[0], str):
+            spec[1] = ""  # a shard corpus: its samples carry the media
         if len(spec) not in (2, 3) or not all(isinstance(s, str) for s in spec):
-            raise AnnotationError(f"config key {key!r}: each corpus must be [anno_json, media_dir] or "
-                                  f"[anno_json, media_dir, video], got {spec}")
+            raise AnnotationError(f"config key {key!r}: each corpus must be [anno_json, media_dir], "
+                                  f"[anno_json, media_dir, video] or [shard_index, null, video], got {spec}")
         media_type = spec[2] if len(spec) == 3 else "image"
         if media_type not in MEDIA_TYPES:
             raise AnnotationError(f"config key {key!r}: third element must be 'video' or 'image', got {media_type!r}")

@@ -12,7 +12,7 @@ import random
 from typing import Dict, Iterator
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .text import tokenize
 
@@ -106,6 +106,10 @@ def collate_qa(batch):
 
 def make_loader(dataset, batch_size, collate_fn, rank=0, world=1, shuffle=True, seed=0, drop_last=True,
                 num_workers=0):
+    if isinstance(dataset, IterableDataset):  # a shard stream splits itself over ranks and workers
+        # workers restart each epoch: they receive the stream's epoch and resume position when started
+        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                          drop_last=True, persistent_workers=False)
     sampler = SeededSampler(len(dataset), rank, world, shuffle, seed, drop_last)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
@@ -119,10 +123,15 @@ class MetaLoader:
         """``finish(batch) -> batch`` runs in the main process on every batch (batched GPU decoding)."""
         self.loaders, self.seed, self.epoch, self.finish = dict(loaders), seed, 0, finish
 
+    @staticmethod
+    def _positioned(loader):
+        """What holds a loader's epoch and resume position: its sampler, or the stream itself."""
+        return loader.dataset if isinstance(loader.dataset, IterableDataset) else loader.sampler
+
     def set_epoch(self, epoch: int):
         self.epoch = epoch
         for loader in self.loaders.values():
-            loader.sampler.set_epoch(epoch)
+            self._positioned(loader).set_epoch(epoch)
 
     def order(self):
         names = sorted(self.loaders)
@@ -141,7 +150,7 @@ class MetaLoader:
         order = self.order()
         iters = {}
         for name, loader in self.loaders.items():
-            loader.sampler.skip = order[:start].count(name) * loader.batch_size  # read when iteration starts
+            self._positioned(loader).skip = order[:start].count(name) * loader.batch_size  # read when iteration starts
             iters[name] = iter(loader)
         for name in order[start:]:
             batch = next(iters[name])

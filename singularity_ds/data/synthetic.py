@@ -12,7 +12,8 @@ Each clip is a coloured shape on a textured background. Two caption families:
 ``make_synthetic(out_dir)`` writes H.264 MP4 clips (PyAV), a few still images, and annotations in the
 original's formats (pretraining, retrieval train/val/test with ``appearance`` and ``motion`` test
 splits, QA with an answer list, MC), plus config overlays (``configs/pretrain.yaml``, ``ret.yaml``,
-``qa.yaml``, ``mc.yaml``) pointing at them. Seeded: the same arguments give the same files.
+``qa.yaml``, ``mc.yaml``) pointing at them, and the pretraining corpora as tar shards (``shards/``;
+``train_corpus=synthetic_shards`` streams them). Seeded: the same arguments give the same files.
 """
 import itertools
 import os
@@ -160,7 +161,8 @@ def _yaml(lines, path):
 
 
 def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: int = 16, fps: int = 8,
-                   num_images: int = 24, seed: int = 0, codec: str = "libx264", workers: int = 1) -> dict:
+                   num_images: int = 24, seed: int = 0, codec: str = "libx264", workers: int = 1,
+                   shards: bool = True) -> dict:
     out_dir = os.path.abspath(out_dir)
     vdir, idir, adir, cdir = (os.path.join(out_dir, d) for d in ("videos", "images", "anno", "configs"))
     for d in (vdir, idir, adir, cdir):
@@ -239,6 +241,17 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
     anno("mc_test", mc)
 
     corpus = lambda name: f"['{files[name]}', '{vdir}', video]"  # noqa: E731
+    shard_lines = []
+    if shards:  # the pretraining corpora again as tar shards: `train_corpus=synthetic_shards` streams them
+        from .shards import make_shards
+        sdir = os.path.join(out_dir, "shards")
+        make_shards(files["pretrain_video"], vdir, os.path.join(sdir, "video"), "20MB", "video",
+                    overwrite=True, progress=False)
+        make_shards(os.path.join(adir, "pretrain_image.json"), idir, os.path.join(sdir, "image"), "20MB", "image",
+                    overwrite=True, progress=False)
+        shard_lines = ["  synthetic_shards:",
+                       f"    - ['{os.path.join(sdir, 'video', 'index.json')}', null, video]",
+                       f"    - ['{os.path.join(sdir, 'image', 'index.json')}', null, image]"]
     _yaml(["# synthetic corpus overlay for `pretrain` (written by make-synthetic)",
            "available_corpus:",
            f"  synthetic_video: {corpus('pretrain_video')}",
@@ -246,6 +259,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "  synthetic:",
            "    - ${available_corpus.synthetic_video}",
            "    - ${available_corpus.synthetic_image}",
+           *shard_lines,
            "train_corpus: synthetic",
            "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, never negatives",
            "test_file:",

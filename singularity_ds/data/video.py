@@ -27,6 +27,22 @@ class MediaError(RuntimeError):
         self.path, self.reason = path, reason
 
 
+class MemoryFile(str):
+    """A media file already in memory (a sample read from a tar shard): the string is its name, for
+    messages; readers open ``data`` instead of a path."""
+
+    def __new__(cls, name: str, data: bytes):
+        obj = super().__new__(cls, name)
+        obj.data = data
+        return obj
+
+
+def _source(path):
+    """What a decoder opens: the path, or a file object over an in-memory file."""
+    import io
+    return io.BytesIO(path.data) if isinstance(path, MemoryFile) else path
+
+
 def get_frame_indices(num_frames: int, vlen: int, sample: str = "rand", input_fps: float = 1.0,
                       max_num_frames: int = -1, rng: random.Random = None) -> List[int]:
     """Frame indices exactly as the original samples them (``rng`` replaces Python's global
@@ -88,7 +104,7 @@ class DecordReader(VideoReader):
     def _open(self, path):
         import decord
         try:
-            return decord.VideoReader(path, num_threads=1)
+            return decord.VideoReader(_source(path), num_threads=1)
         except Exception as e:  # decord raises its own DECORDError / RuntimeError
             raise MediaError(path, f"decord cannot open it ({str(e).splitlines()[0][:200]})") from None
 
@@ -113,7 +129,7 @@ class PyAVReader(VideoReader):
     def _frames(self, path, stop=None):
         import av
         try:
-            with av.open(path) as container:
+            with av.open(_source(path)) as container:
                 if not container.streams.video:
                     raise MediaError(path, "no video stream")
                 stream = container.streams.video[0]
@@ -208,6 +224,10 @@ def frame_size(path: str) -> Tuple[int, int]:
 
 def check_file(path: str):
     """Missing and empty files fail before a decoder sees them (some decoders crash on them)."""
+    if isinstance(path, MemoryFile):
+        if not path.data:
+            raise MediaError(path, "empty file (0 bytes)")
+        return
     try:
         size = os.path.getsize(path)
     except OSError:
@@ -221,7 +241,7 @@ def load_image(path: str) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
     check_file(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(_source(path)) as im:
             arr = np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError) as e:
         raise MediaError(path, f"not a readable image ({e})") from None

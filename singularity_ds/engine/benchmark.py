@@ -20,8 +20,8 @@ import torch
 
 from ..data import per_media
 from . import dist
-from .ds_config import build_ds_config, offloads_optimizer, resolve_precision
-from .flops import step_flops
+from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
+from .flops import qa_step_flops, step_flops
 from .optim import build_optimizer, build_scheduler
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "singularity_ds", "peak.json")
@@ -60,14 +60,19 @@ def matmul_peak(device, dtype, n: int = None) -> float:
     return peak
 
 
-def synthetic_batch(config, batch_size: int):
+def synthetic_batch(config, batch_size: int, qa: bool = False):
+    """Random pixels and full-length token ids; QA: one answer of ``max_a_len`` tokens per question."""
     vi = config.video_input
-    length = config.max_txt_l["video"] if hasattr(config.max_txt_l, "keys") else config.max_txt_l
     g = torch.Generator().manual_seed(0)
-    return dict(media=torch.randn(batch_size, vi.num_frames, 3, config.image_res, config.image_res, generator=g),
-                input_ids=torch.randint(1000, 29000, (batch_size, length), generator=g),
-                attention_mask=torch.ones(batch_size, length, dtype=torch.long),
-                idx=torch.arange(batch_size))
+    media = torch.randn(batch_size, vi.num_frames, 3, config.image_res, config.image_res, generator=g)
+    ids = lambda n: torch.randint(1000, 29000, (batch_size, n), generator=g)  # noqa: E731
+    ones = lambda n: torch.ones(batch_size, n, dtype=torch.long)  # noqa: E731
+    if qa:
+        return dict(media=media, question_ids=ids(config.max_q_len), question_mask=ones(config.max_q_len),
+                    answer_ids=ids(config.max_a_len), answer_mask=ones(config.max_a_len),
+                    weights=torch.ones(batch_size), num_answers=[1] * batch_size)
+    length = config.max_txt_l["video"] if hasattr(config.max_txt_l, "keys") else config.max_txt_l
+    return dict(media=media, input_ids=ids(length), attention_mask=ones(length), idx=torch.arange(batch_size))
 
 
 def run(argv, steps=10, warmup=3) -> dict:
@@ -75,20 +80,19 @@ def run(argv, steps=10, warmup=3) -> dict:
     from omegaconf import OmegaConf
     from .trainer import parse_train_args
     task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
-    if task.name not in ("pretrain", "train_ret"):
-        raise ValueError(f"bench train: task {task.name!r} not supported yet (pretrain, train_ret)")
+    qa = task.name == "train_qa"
     precision = resolve_precision(config)
     micro = per_media(config.batch_size, "video")  # synthetic video batches: no corpus is read
     ds_cfg = build_ds_config(config, micro, precision)
     info = dist.setup()
     device, world = info["device"], info["world"]
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    dtype = WEIGHT_DTYPE[precision]
     torch.manual_seed(0)
     model = task.build_model(OmegaConf.merge(config, {"pretrained_path": None}))
     optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
     scheduler = build_scheduler(optimizer, config.scheduler, 100)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    batch = {k: v.to(device) for k, v in synthetic_batch(config, micro).items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(config, micro, qa).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -110,9 +114,9 @@ def run(argv, steps=10, warmup=3) -> dict:
     step = [t[3] for t in times]
     median = statistics.median(step)
     deciles = statistics.quantiles(step, n=10) if len(step) > 1 else [median] * 9
-    flops = step_flops(config, micro)
+    flops = qa_step_flops(config) if qa else step_flops(config, micro)
     achieved = flops["train"] * micro / median / 1e12
-    peak = matmul_peak(device, dtype)
+    peak = matmul_peak(device, COMPUTE_DTYPE[precision])
     memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     return dict(task=task.name, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

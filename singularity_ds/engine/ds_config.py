@@ -34,12 +34,22 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISIONS = ("auto", "bf16", "amp_bf16", "fp16", "fp32")
+# weight (and input) dtype, and the dtype the matmuls run in (the MFU denominator)
+WEIGHT_DTYPE = {"bf16": torch.bfloat16, "amp_bf16": torch.float32, "fp16": torch.float16, "fp32": torch.float32}
+COMPUTE_DTYPE = dict(WEIGHT_DTYPE, amp_bf16=torch.bfloat16)
+
+
 def resolve_precision(config) -> str:
     """``precision: auto`` -> bf16 where the device computes it natively, else fp32 (fp16 only on
-    request or when the original's ``fp16: True`` runs on a GPU without bf16)."""
+    request or when the original's ``fp16: True`` runs on a GPU without bf16).
+
+    ``bf16``: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer). ``amp_bf16``:
+    fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast`` (DeepSpeed's ``torch_autocast``);
+    its optimizer step skips the master-copy round trip (faster on GPUs, docs/benchmarks.md)."""
     p = config.get("precision", "auto")
-    if p not in ("auto", "bf16", "fp16", "fp32"):
-        raise ConfigError(f"config key 'precision': expected auto, bf16, fp16 or fp32, got {p!r}")
+    if p not in PRECISIONS:
+        raise ConfigError(f"config key 'precision': expected one of {', '.join(PRECISIONS)}, got {p!r}")
     if p != "auto":
         if p == "fp16" and not torch.cuda.is_available():
             raise ConfigError("config key 'precision': fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); use bf16")
@@ -61,6 +71,8 @@ def build_ds_config(config, micro_batch: int, precision: str) -> dict:
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
     }
+    if precision == "amp_bf16":
+        filled["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     for key, value in filled.items():
         if key in ds and ds[key] != value and not (isinstance(value, dict) and ds[key].get("enabled") == value["enabled"]):
             raise ConfigError(f"ds_config sets {key}={ds[key]!r} but the YAML config gives {value!r}; "

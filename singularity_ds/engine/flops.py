@@ -10,12 +10,18 @@ a cross-attention block with n_q queries over n_k keys of width d_k adds ``4 n_q
 - temporal encoder (T > 1): at each token position, its layers over the T frames;
 - text: the text-only layers once (ITC), the fusion layers 3x (ITM: the positive and two hard-negative
   pairs), then the MLM pass: text-only + fusion layers again on the masked ids, and the vocabulary head
-  at the masked positions only (``mlm_prob`` of the tokens);
+  at the masked positions only (``mlm_prob`` of the tokens). The fusion layers' cross-attention
+  keys/values of the video tokens are projected once per video and shared by all four passes;
 - heads: ITC projections and the similarity row against the batch, the ITM head.
 
-Training = 3x forward (backward costs two forwards). Unit-tested against PyTorch's FlopCounterMode.
+QA (:func:`qa_step_flops`): vision as above; the question through every text layer, the fusion ones
+cross-attending to the video tokens; per answer, the decoder (causal self-attention + cross-attention to
+the question states) and the vocabulary head at every answer position (the original's teacher forcing).
+
+Training = 3x forward (backward costs two forwards). Unit-tested against PyTorch's FlopCounterMode and
+a hand count.
 """
-from ..models.arch import bert_config, temporal_config, vision_config
+from ..models.arch import bert_config, decoder_config, temporal_config, vision_config
 
 
 def layer(n, d, f):
@@ -26,27 +32,54 @@ def cross(n_q, n_k, d, d_k):
     return 4 * n_q * d * d + 4 * n_k * d_k * d + 4 * n_q * n_k * d
 
 
+def _vision(config, t):
+    """Forward FLOPs of the vision tower (+ temporal encoder) for one sample of t frames; tokens/frame."""
+    vis, txt = vision_config(config), bert_config(config)
+    dv, fv, nv = vis.hidden_size, vis.intermediate_size, 1 + (vis.image_size // vis.patch_size) ** 2
+    patch = 2 * (nv - 1) * 3 * vis.patch_size ** 2 * dv
+    vision = t * (patch + vis.num_hidden_layers * layer(nv, dv, fv))
+    tve, temporal = config.get("temporal_vision_encoder", {}), 0
+    if t > 1 and tve.get("enable", False):
+        tcfg = temporal_config(txt, dv, tve.get("num_layers", 2))
+        temporal = nv * tcfg.num_hidden_layers * layer(t, dv, tcfg.intermediate_size)
+    return vision, temporal, nv
+
+
+def qa_step_flops(config, num_frames: int = None, q_len: int = None, a_len: int = None, answers: int = 1) -> dict:
+    """Forward FLOPs per question (``answers`` answers each) by part, plus ``forward`` and ``train``."""
+    txt = bert_config(config)
+    dec = decoder_config(txt, config)
+    t = num_frames or config.video_input.num_frames
+    lq, la = q_len or config.max_q_len, a_len or config.max_a_len
+    vision, temporal, nv = _vision(config, t)
+    dt, ft = txt.hidden_size, txt.intermediate_size
+    fusion = txt.num_hidden_layers - txt.fusion_layer
+    question = txt.num_hidden_layers * layer(lq, dt, ft) + fusion * cross(lq, t * nv, dt, vision_config(config).hidden_size)
+    decoder = dec.num_hidden_layers * (layer(la, dt, dec.intermediate_size) + cross(la, lq, dt, dt))
+    head = la * (2 * dt * dt + 2 * dt * dec.vocab_size)
+    out = dict(vision=vision, temporal=temporal, question=question, answer=answers * (decoder + head))
+    out["forward"] = sum(out.values())
+    out["train"] = 3 * out["forward"]
+    return out
+
+
 def step_flops(config, batch_size: int, num_frames: int = None, text_len: int = None, media="video") -> dict:
     """Forward FLOPs per sample by part, plus ``forward`` and ``train`` (3x) totals."""
     vis, txt = vision_config(config), bert_config(config)
     t = num_frames or (config.video_input.num_frames if media == "video" else 1)
     max_len = config.max_txt_l
     length = text_len or (max_len[media] if hasattr(max_len, "keys") else max_len)
-    dv, fv, nv = vis.hidden_size, vis.intermediate_size, 1 + (vis.image_size // vis.patch_size) ** 2
+    vision, temporal, nv = _vision(config, t)
+    dv = vis.hidden_size
     dt, ft, vocab = txt.hidden_size, txt.intermediate_size, txt.vocab_size
     fusion_at, layers = txt.fusion_layer, txt.num_hidden_layers
-    patch = 2 * (nv - 1) * 3 * vis.patch_size ** 2 * dv
-    out = dict(vision=t * (patch + vis.num_hidden_layers * layer(nv, dv, fv)))
-    tve = config.get("temporal_vision_encoder", {})
-    out["temporal"] = 0
-    if t > 1 and tve.get("enable", False):
-        tcfg = temporal_config(txt, dv, tve.get("num_layers", 2))
-        out["temporal"] = nv * tcfg.num_hidden_layers * layer(t, dv, tcfg.intermediate_size)
+    out = dict(vision=vision, temporal=temporal)
     text_only = fusion_at * layer(length, dt, ft)
-    fusion = (layers - fusion_at) * (layer(length, dt, ft) + cross(length, t * nv, dt, dv))
+    kv = (layers - fusion_at) * 4 * t * nv * dv * dt  # cross-attention keys/values: once per video
+    fusion = (layers - fusion_at) * (layer(length, dt, ft) + cross(length, t * nv, dt, dv)) - kv
     embed = config.get("embed_dim", 256)
     out["itc"] = text_only + 2 * t * dv * embed + 2 * dt * embed + 2 * t * embed * batch_size
-    out["itm"] = 3 * (fusion + 2 * dt * 2)
+    out["itm"] = kv + 3 * (fusion + 2 * dt * 2)
     weights = config.get("loss_weight", {})
     out["mlm"] = 0
     if float(weights.get("mlm", 0) or 0) > 0:

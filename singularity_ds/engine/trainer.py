@@ -24,7 +24,7 @@ from ..config import ConfigError, load_config
 from ..data.loader import item_seed
 from . import dist
 from .checkpointing import Checkpointer
-from .ds_config import build_ds_config, offloads_optimizer, resolve_precision
+from .ds_config import WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
 from .optim import build_optimizer, build_scheduler
 from .tasks import TASKS
 
@@ -79,7 +79,7 @@ class Trainer:
             os.makedirs(self.run_dir, exist_ok=True)
         dist.barrier()
         self._log_handler = _setup_logging(self.run_dir, self.rank)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        self.dtype = WEIGHT_DTYPE[self.precision]
         self.seed = int(config.get("seed", 42))
 
     def build(self):
@@ -215,12 +215,15 @@ class Trainer:
     def _evaluate(self, writer, epoch, step) -> dict:
         model = self.engine.module
         model.eval()
+        # evaluation calls the module's methods, outside the engine's forward (and its autocast)
+        amp = torch.autocast(self.device.type, torch.bfloat16, enabled=self.precision == "amp_bf16")
         if self.engine.zero_optimization_stage() == 3:  # evaluation reads whole parameters directly
             import deepspeed
-            with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            with deepspeed.zero.GatheredParameters(list(model.parameters())), amp:
                 results = self.task.evaluate(model, self.config, self.tokenizer)
         else:
-            results = self.task.evaluate(model, self.config, self.tokenizer)
+            with amp:
+                results = self.task.evaluate(model, self.config, self.tokenizer)
         model.train()
         self._last_eval, self._last_eval_step = results, step
         if self.rank == 0 and results:

@@ -1,0 +1,295 @@
+"""Tar-shard corpora in the WebDataset format: ``make-shards`` writes them; :class:`ShardStream`
+streams them for training.
+
+A sample is the media file's bytes (``<key>.mp4``, ``<key>.jpg`` ...) and ``<key>.json``. The JSON is
+the annotation entry as the source file has it (caption / question / answer, media path relative to
+MEDIA_DIR), plus ``idx``, the entry's position in that file. ``index.json`` beside the shards lists
+each shard with its sample count and size, the media type, and the SHA-256 of the source annotation
+file. A config names a shard corpus where it would name a JSON file:
+``train_file: [[path/to/index.json, null, video]]``. The index's shard URLs are relative to it, or
+absolute, or anything webdataset opens: ``pipe:aws s3 cp s3://bucket/shard-000000.tar -`` streams
+from an object store through a command, with no networking code here.
+
+Streaming (one epoch, ``world`` ranks x ``W`` workers each):
+- the shard order is shuffled from (seed, epoch), the same on every rank; the concatenated samples
+  are cut into ``world`` equal contiguous ranges of ``N = total // world``; each rank uses the
+  first ``B * batch_size`` samples of its range (``B = N // batch_size`` whole batches). Every rank
+  therefore has the same number of batches and no sample is decoded twice. The tail (under one batch
+  per rank, plus ``total % world``) waits for another epoch's order;
+- a rank's range is split into contiguous per-worker parts of whole batches, in the order the
+  DataLoader takes batches from its workers (round robin);
+- each worker shuffles its samples in a buffer (``shard_shuffle_buffer``) before decoding. Frame
+  sampling and transforms use the file loader's code, seeded by the sample's position in the epoch;
+- a sample whose media does not decode (or a shard that ends early) is skipped and counted as a
+  broken media. Its slot is filled with the next good sample, so the batch counts stay equal;
+- resume: the samples of the batches already trained on are read again but not decoded, so a resumed
+  run sees the same batches as an uninterrupted one (except near broken samples).
+"""
+import glob
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+
+import torch
+from torch.utils.data import IterableDataset
+
+from .annotations import AnnotationError, read_annotations
+from .datasets import MediaSource
+from .loader import item_seed
+from .text import pre_text
+from .video import MediaError, MemoryFile
+
+logger = logging.getLogger(__name__)
+
+INDEX = "index.json"
+UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+
+
+def parse_size(text) -> int:
+    """``1GB`` / ``500MB`` / ``2GiB`` / ``1000000`` -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in UNITS:
+        raise ValueError(f"shard size {text!r}: expected a number with an optional unit (KB, MB, GB, MiB, GiB)")
+    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
+
+
+def is_shard_source(path) -> bool:
+    """A corpus given as a shard index (file, or folder holding one) or a pattern of .tar files."""
+    path = str(path)
+    return (path.endswith(INDEX) or ".tar" in path or path.startswith("pipe:")
+            or os.path.isfile(os.path.join(path, INDEX)))
+
+
+def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media_type: str = "video",
+                kind: str = "caption", overwrite: bool = False, progress: bool = True) -> dict:
+    """Write the corpus ``anno`` + ``media_dir`` as tar shards and ``index.json`` in ``out_dir``.
+
+    Entries whose media file is missing are left out and listed in the index (``skipped``). Each shard is
+    written under a temporary name and renamed when complete; the index is written last."""
+    import webdataset as wds
+    from tqdm import tqdm
+
+    from ..fileio import write_json
+    limit = parse_size(shard_size)
+    index_path = os.path.join(out_dir, INDEX)
+    if os.path.exists(index_path) and not overwrite:
+        raise AnnotationError(f"{index_path}: a shard corpus is already there; pass --overwrite to replace it")
+    entries = read_annotations(anno, media_dir, media_type, kind)  # validated: one clear error per bad entry
+    with open(anno, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    os.makedirs(out_dir, exist_ok=True)
+    shards, skipped, writer, current = [], [], None, None
+
+    def close():
+        writer.close()
+        os.replace(current["tmp"], os.path.join(out_dir, current["url"]))
+        shards.append(dict(url=current["url"], samples=current["samples"],
+                           bytes=os.path.getsize(os.path.join(out_dir, current["url"]))))
+
+    for i, entry in enumerate(tqdm(entries, desc="make-shards", unit="sample", disable=not progress)):
+        media = entry.pop("media")
+        if isinstance(media, list):
+            raise AnnotationError(f"{anno}: entry {i}: several media files in one entry; a shard sample holds one")
+        if not os.path.isfile(media):
+            skipped.append(dict(idx=i, file=media, reason="no such file"))
+            continue
+        if writer is None:
+            url = f"shard-{len(shards):06d}.tar"
+            current = dict(url=url, tmp=os.path.join(out_dir, f".{url}.tmp"), samples=0)
+            writer = wds.TarWriter(current["tmp"])
+        ext = os.path.splitext(media)[1].lstrip(".").lower() or "bin"
+        with open(media, "rb") as f:
+            data = f.read()
+        writer.write({"__key__": f"{i:09d}", ext: data, "json": json.dumps(dict(entry, idx=i)).encode()})
+        current["samples"] += 1
+        if writer.tarstream.fileobj.tell() >= limit:
+            close()
+            writer = None
+    if writer is not None:
+        close()
+    index = dict(format="webdataset", version=1, media_type=media_type, kind=kind,
+                 annotation=os.path.abspath(anno), annotation_sha256=digest, samples=sum(s["samples"] for s in shards),
+                 shards=shards, skipped=skipped)
+    write_json(index, index_path)
+    return index
+
+
+def _count_samples(path: str) -> int:
+    import tarfile
+    with tarfile.open(path) as tar:  # headers only: members are skipped, not read
+        return len({m.name.split("/")[-1].split(".")[0] for m in tar if m.isreg()})
+
+
+def shard_list(source: str):
+    """-> [(url, samples)] of a shard corpus: its index (file or folder), or a local glob / brace
+    pattern of .tar files (counted by reading their headers)."""
+    path = str(source)
+    if os.path.isdir(path):
+        path = os.path.join(path, INDEX)
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            base = os.path.dirname(os.path.abspath(path))
+            return [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"]) else os.path.join(base, s["url"]),
+                     int(s["samples"])) for s in index["shards"]]
+        except FileNotFoundError:
+            raise AnnotationError(f"{path}: shard index not found") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise AnnotationError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
+    if path.startswith("pipe:") or "://" in path:
+        raise AnnotationError(f"{path}: remote shards need an index.json listing them with their sample counts")
+    from braceexpand import braceexpand
+    files = sorted(f for pattern in braceexpand(path) for f in glob.glob(pattern))
+    if not files:
+        raise AnnotationError(f"{path}: no shard matches")
+    return [(f, _count_samples(f)) for f in files]
+
+
+def read_shard(url: str):
+    """The samples of one shard, in order: dicts ``{"__key__": key, ext: bytes, ...}``."""
+    import webdataset as wds
+    from webdataset.tariterators import base_plus_ext, tar_file_iterator
+    stream = wds.gopen(url)
+    try:
+        sample = None
+        for f in tar_file_iterator(stream):
+            key, ext = base_plus_ext(f["fname"])
+            if key is None:
+                continue
+            if sample is not None and sample["__key__"] != key:
+                yield sample
+                sample = None
+            sample = sample or {"__key__": key}
+            sample[ext.lower()] = f["data"]
+        if sample is not None:
+            yield sample
+    finally:
+        stream.close()
+
+
+def match_id(key: str) -> int:
+    """ITC's ``idx`` from the media name (or caption): a stable 56-bit hash, no corpus-wide table."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
+
+
+class ShardStream(IterableDataset):
+    """Caption items (media, caption, idx, failures) streamed from tar shards; see the module doc."""
+
+    def __init__(self, shards, source: MediaSource, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+                 shuffle: bool = True, buffer: int = 500, has_multi_vision_gt=False, is_paragraph_retrieval=False):
+        self.shards, self.source, self.batch_size = list(shards), source, batch_size
+        self.rank, self.world, self.seed, self.shuffle, self.buffer = rank, world, seed, shuffle, max(1, buffer)
+        self.multi_vision_gt, self.paragraph = has_multi_vision_gt, is_paragraph_retrieval
+        self.epoch, self.skip = 0, 0
+        self.per_rank = sum(n for _, n in self.shards) // world
+        self.batches = self.per_rank // batch_size
+        if self.batches == 0:
+            raise AnnotationError(f"shard corpus {self.shards[0][0] if self.shards else '(empty)'}...: "
+                                  f"{self.per_rank} samples per rank, fewer than one batch of {batch_size}")
+
+    @property
+    def media_type(self):
+        return self.source.media_type
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.batches * self.batch_size
+
+    def worker_range(self, worker: int, workers: int):
+        """Global positions [start, stop) of this rank's worker in the epoch's sample order."""
+        counts = [self.batches // workers + (w < self.batches % workers) for w in range(workers)]
+        start = self.rank * self.per_rank + self.batch_size * sum(counts[:worker])
+        return start, start + self.batch_size * counts[worker]
+
+    def _order(self):
+        order = list(self.shards)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        return order
+
+    def _raw(self, start: int, stop: int):
+        """(position, sample) for positions [start, stop), reading only the shards that hold them."""
+        offset = 0
+        for url, count in self._order():
+            if offset + count > start and offset < stop:
+                pos = offset
+                try:
+                    for sample in read_shard(url):
+                        if pos >= stop:
+                            break
+                        if pos >= start:
+                            yield pos, sample
+                        pos += 1
+                except Exception as e:  # a truncated or unreadable shard: its missing slots are filled
+                    logger.warning("shard %s: read error after %d samples (%s)", url, pos - offset, e)
+            offset += count
+            if offset >= stop:
+                return
+
+    def _shuffled(self, raw, rng):
+        if not self.shuffle:
+            yield from raw
+            return
+        pool = []
+        for item in raw:
+            if len(pool) < self.buffer:
+                pool.append(item)
+                continue
+            j = rng.randrange(len(pool))
+            pool[j], item = item, pool[j]
+            yield item
+        rng.shuffle(pool)
+        yield from pool
+
+    def _item(self, pos: int, sample: dict) -> dict:
+        seed = item_seed(self.seed, self.epoch, pos)
+        meta = json.loads(sample["json"])
+        ext = next(k for k in sample if k not in ("json", "__key__"))
+        name = meta.get("video") or meta.get("image") or sample["__key__"]
+        media = self.source(MemoryFile(f"{name} (shard sample {sample['__key__']})", sample[ext]), seed)
+        caption = meta["caption"]
+        if isinstance(caption, list):
+            caption = " ".join(caption) if self.paragraph else random.Random(seed).choice(caption)
+        key = caption if self.multi_vision_gt else os.path.basename(str(name))
+        return dict(media=media, caption=pre_text(caption), idx=match_id(key), failures=[])
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # resume after `done` batches: the loader restarts its round robin at worker 0, so this worker
+        # continues the part of the worker whose batch came next
+        done = self.skip // self.batch_size
+        worker = (worker + done) % workers
+        start, stop = self.worker_range(worker, workers)
+        skip = self.batch_size * (done // workers + (worker < done % workers))
+        self.skip = 0
+        rng = random.Random(item_seed(self.seed, self.epoch, start))
+        failures, last, produced = [], None, 0
+        for n, (pos, sample) in enumerate(self._shuffled(self._raw(start, stop), rng)):
+            if n < skip:  # trained on before the resume: read, not decoded
+                continue
+            try:
+                item = self._item(pos, sample)
+            except (MediaError, KeyError, ValueError, StopIteration) as e:
+                reason = e.reason if isinstance(e, MediaError) else f"bad sample ({type(e).__name__}: {e})"
+                failures.append((str(sample.get("__key__")), reason))
+                logger.warning("broken shard sample %s (%s); its slot takes the next good sample", *failures[-1])
+                continue
+            for _ in range(len(failures) + 1):  # this slot, and those of the broken samples before it
+                yield dict(item, failures=failures)
+                failures, produced = [], produced + 1
+            last = item
+        missing = stop - start - skip - produced  # broken samples at the end, or a shard that ended early
+        if missing > 0:
+            if last is None:
+                raise MediaError(self.shards[0][0], f"no sample of positions {start}-{stop} could be read or decoded")
+            failures += [("(shard)", "shard ended early")] * (missing - len(failures))
+            for _ in range(missing):
+                yield dict(last, failures=failures)
+                failures = []
