@@ -28,6 +28,7 @@ setup(
         "scipy>=1.10",     # BEiT relative-position-bias interpolation, the original's method
         "matplotlib>=3.7", # the recall@K plot saved with every retrieval evaluation
         "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
+        "ijson>=3.2",      # annotation lists parsed one entry at a time (10M+ entries in bounded memory)
     ],
     extras_require={
         "dev": [

@@ -104,6 +104,9 @@ def cmd_bench(args) -> int:
     if args.what == "kernels":
         from .kernels.benchmark import main as bench_kernels
         return bench_kernels(args.rest)
+    if args.what == "stream":
+        from .data.stream_benchmark import main as bench_stream
+        return bench_stream(args.rest)
     if args.what == "precision":
         q = argparse.ArgumentParser(prog="singularity-ds bench precision",
                                     description="bf16 correctness guard: the demo's single-frame stages per precision")
@@ -169,8 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.set_defaults(func=cmd_preprocess)
     b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode throughput, loader "
                                      "memory), eval (itm / itc cost), kernels (attention: Triton vs SDPA vs math), "
-                                     "precision (bf16 vs fp32 retrieval after training the tiny model)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision"])
+                                     "precision (bf16 vs fp32 retrieval after training the tiny model), stream (files vs shards loader, "
+                                     "10M-entry annotation memory)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

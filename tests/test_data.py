@@ -1,4 +1,5 @@
 import json
+import zlib
 import os
 import random
 import shutil
@@ -70,8 +71,18 @@ def test_store_is_compact_and_round_trips():
     entries = [{"video": f"v{i}.mp4", "caption": f"caption {i} é", "n": [i, i + 1]} for i in range(1000)]
     store = AnnotationStore(entries)
     assert len(store) == 1000 and store[17] == entries[17] and store[-1] == entries[-1] and list(store) == entries
-    # one byte buffer (the entries' compact JSON) + int64 offsets: no per-entry Python objects
-    assert store.nbytes == sum(len(json.dumps(e, separators=(',', ':')).encode()) for e in entries) + 8 * 1001
+    # one byte buffer (the entries' JSON, compressed per block of 64) + an int64 offset per block
+    raw = sum(len(json.dumps(e, separators=(',', ':')).encode()) for e in entries)
+    assert store._offsets.nbytes == 8 * (1 + 16) and store.nbytes < raw / 2
+    assert [store[i] for i in (999, 0, 64, 63, 500)] == [entries[i] for i in (999, 0, 64, 63, 500)]  # any order
+
+
+def test_corpus_store_keeps_each_media_path_once(tmp_path):
+    entries = [{"video": f"dir/{i}.mp4", "caption": "x"} for i in range(3)]
+    (tmp_path / "a.json").write_text(json.dumps(entries))
+    store = load_corpus([(str(tmp_path / "a.json"), "/media", "video")])
+    assert store[2] == dict(entries[2], media="/media/dir/2.mp4")
+    assert b"/media" not in zlib.decompress(store._buffer.tobytes())  # the folder is joined on read
 
 
 def test_retrieval_eval_ground_truth_maps(tmp_path):

@@ -88,7 +88,7 @@ def test_make_shards_lists_missing_media_and_refuses_bad_entries(corpus, tmp_pat
     assert not (tmp_path / "sh2" / "index.json").exists()
 
 
-@pytest.mark.parametrize("counts", [[7, 1, 12, 3, 9, 5, 2], [50]])
+@pytest.mark.parametrize("counts", [[7, 1, 12, 3, 9, 5, 2, 9], [7, 1, 12, 3, 9, 5, 2], [50]])
 def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path, counts):
     total = write_uneven_shards(tmp_path, counts)
     shards, bs, world = shard_list(str(tmp_path)), 3, 2
@@ -104,6 +104,8 @@ def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path
     assert lengths[0] == lengths[1] == per_rank // bs
     assert len(seen) == len(set(seen)) == world * per_rank  # each sample at most once, the tail waits
     assert total - len(seen) < world * bs + world
+    if total % (world * bs) == 0:  # nothing left over: every sample exactly once
+        assert sorted(seen) == [f"{k:06d}" for k in range(total)]
 
 
 def test_epochs_shuffle_differently_and_resume_replays_the_same_batches(tmp_path):

@@ -14,7 +14,9 @@ share them copy-on-write instead of each holding (and refcount-touching) million
 """
 import json
 import os
-from typing import Iterator, List, Sequence
+import zlib
+from array import array
+from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
@@ -34,28 +36,63 @@ class AnnotationError(ValueError):
 
 
 class AnnotationStore:
-    """An immutable list of dicts held as one uint8 buffer + int64 offsets (fork/worker friendly)."""
+    """An immutable list of dicts held as one uint8 buffer + int64 offsets (fork/worker friendly).
 
-    def __init__(self, entries: Sequence[dict]):
-        blobs = [json.dumps(e, separators=(",", ":")).encode() for e in entries]
-        self._offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
-        self._buffer = np.frombuffer(b"".join(blobs), dtype=np.uint8) if blobs else np.zeros(0, np.uint8)
+    Entries are JSON-encoded and zlib-compressed in blocks of ``BLOCK``: reading one decompresses
+    its block (~10 us), and the last block read is kept. Entries of annotation files are stored as
+    the file has them, with the index of their corpus; ``media`` (the path joined with the corpus's
+    media folder) is added when an entry is read, so the store holds each path once."""
+
+    BLOCK = 64
+
+    def __init__(self, entries: Iterable[dict] = (), corpora: Sequence[tuple] = ()):
+        """``entries``: dicts, or ``(corpus index, dict)`` pairs when ``corpora`` lists
+        ``(media_dir, media_type)`` per corpus. Built incrementally: the entries may be a generator."""
+        self._corpora = list(corpora)
+        buffer, offsets, ids, block, n = bytearray(), array("q", [0]), array("H"), [], 0
+        for entry in entries:
+            if self._corpora:
+                cid, entry = entry
+                ids.append(cid)
+            block.append(json.dumps(entry, separators=(",", ":")).encode())  # never a raw newline
+            n += 1
+            if len(block) == self.BLOCK:
+                buffer += zlib.compress(b"\n".join(block), 1)
+                offsets.append(len(buffer))
+                block = []
+        if block:
+            buffer += zlib.compress(b"\n".join(block), 1)
+            offsets.append(len(buffer))
+        self._n, self._cached = n, (-1, None)
+        self._buffer = np.frombuffer(buffer, dtype=np.uint8) if buffer else np.zeros(0, np.uint8)
+        self._offsets = np.frombuffer(offsets, dtype=np.int64)
+        self._ids = np.frombuffer(ids, dtype=np.uint16) if self._corpora else None
 
     def __len__(self) -> int:
-        return len(self._offsets) - 1
+        return self._n
 
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
         i %= len(self)
-        return json.loads(self._buffer[self._offsets[i]:self._offsets[i + 1]].tobytes())
+        b, j = divmod(i, self.BLOCK)
+        if self._cached[0] != b:
+            raw = self._buffer[self._offsets[b]:self._offsets[b + 1]].tobytes()
+            self._cached = (b, zlib.decompress(raw).split(b"\n"))
+        entry = json.loads(self._cached[1][j])
+        if self._ids is not None:
+            media_dir, media_type = self._corpora[self._ids[i]]
+            media = entry[_media_key(entry, media_type)]
+            entry["media"] = ([os.path.join(media_dir, m) for m in media] if isinstance(media, list)
+                              else os.path.join(media_dir, media))
+        return entry
 
     def __iter__(self) -> Iterator[dict]:
         return (self[i] for i in range(len(self)))
 
     @property
     def nbytes(self) -> int:
-        return self._buffer.nbytes + self._offsets.nbytes
+        return self._buffer.nbytes + self._offsets.nbytes + (self._ids.nbytes if self._ids is not None else 0)
 
 
 def corpus_specs(train_file, key: str = "train_file") -> List[tuple]:
@@ -94,20 +131,43 @@ def _check_type(value, types, path, i, key):
         raise AnnotationError(f"{path}: entry {i}: key {key!r} must be a non-empty list of strings")
 
 
-def read_annotations(path: str, media_dir: str, media_type: str, kind: str = "caption") -> List[dict]:
-    """Read and validate one annotation file; media paths are joined with ``media_dir`` into ``media``."""
+def _entries(path: str):
+    """The entries of a JSON list, parsed one at a time (ijson): a 10M-entry file never exists as
+    Python objects all at once. Errors name the file (and, for bad JSON, the line and column)."""
+    import ijson
     try:
-        with open(path) as f:
-            raw = json.load(f)
+        f = open(path, "rb")
     except FileNotFoundError:
         raise AnnotationError(f"{path}: annotation file not found") from None
-    except json.JSONDecodeError as e:
-        raise AnnotationError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    if not isinstance(raw, list):
-        raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(raw).__name__}")
+    with f:
+        head = f.read(4096).lstrip()
+        if head[:1] != b"[":
+            f.seek(0)
+            _raise_json_error(path, f)
+            kind = "object" if head[:1] == b"{" else "a JSON value"
+            raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
+        f.seek(0)
+        try:
+            yield from ijson.items(f, "item", use_float=True)
+        except ijson.JSONError:
+            f.seek(0)
+            _raise_json_error(path, f)
+            raise AnnotationError(f"{path}: invalid JSON") from None
+
+
+def _raise_json_error(path, f):
+    """The standard parser's message for a file ijson rejected (it has the line and column)."""
+    try:
+        json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        where = f" at line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f": {e}"
+        raise AnnotationError(f"{path}: invalid JSON{where}") from None
+
+
+def iter_annotations(path: str, media_type: str, kind: str = "caption"):
+    """Validated entries of one annotation file, as the file has them (streamed)."""
     schema = SCHEMAS[kind]
-    out = []
-    for i, entry in enumerate(raw):
+    for i, entry in enumerate(_entries(path)):
         if not isinstance(entry, dict):
             raise AnnotationError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
         key = _media_key(entry, media_type)
@@ -119,15 +179,17 @@ def read_annotations(path: str, media_dir: str, media_type: str, kind: str = "ca
             if k not in entry:
                 raise AnnotationError(f"{path}: entry {i}: missing key {k!r}")
             _check_type(entry[k], types, path, i, k)
-        media = entry[key]
-        entry = dict(entry, media=[os.path.join(media_dir, m) for m in media] if isinstance(media, list)
-                     else os.path.join(media_dir, media))
-        out.append(entry)
-    return out
+        yield entry
+
+
+def read_annotations(path: str, media_dir: str, media_type: str, kind: str = "caption") -> List[dict]:
+    """Read and validate one annotation file; media paths are joined with ``media_dir`` into ``media``."""
+    return list(load_corpus([(path, media_dir, media_type)], kind))
 
 
 def load_corpus(specs: Sequence[tuple], kind: str = "caption") -> AnnotationStore:
-    entries = []
-    for anno, media_dir, media_type in specs:
-        entries += read_annotations(anno, media_dir, media_type, kind)
-    return AnnotationStore(entries)
+    """The corpora's validated entries in one :class:`AnnotationStore`, parsed and stored one entry
+    at a time (host memory ~ the compact store, not the files' Python objects)."""
+    corpora = [(media_dir, media_type) for _, media_dir, media_type in specs]
+    return AnnotationStore(((cid, entry) for cid, (anno, _, media_type) in enumerate(specs)
+                            for entry in iter_annotations(anno, media_type, kind)), corpora)

@@ -92,6 +92,8 @@ def run(argv, steps=10, warmup=3) -> dict:
     optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
     scheduler = build_scheduler(optimizer, config.scheduler, 100)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    if config.get("compile", False):
+        engine.compile()  # nn.Module.compile in place (inductor): parameter names unchanged
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(config, micro, qa).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

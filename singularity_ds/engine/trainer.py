@@ -97,6 +97,8 @@ class Trainer:
         scheduler = build_scheduler(optimizer, config.scheduler, self.steps_per_epoch)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                   lr_scheduler=scheduler, config=ds_cfg)
+        if config.get("compile", False):
+            self.engine.compile()  # nn.Module.compile in place (inductor): checkpoint keys unchanged
         self.checkpointer = Checkpointer(self.run_dir, self.rank, int(config.get("keep_last_checkpoints", 2)))
         if self.rank == 0:
             # resolved where it can be (an unused ${oc.env:...} without its variable stays as written)
