@@ -220,7 +220,8 @@ class Singularity(nn.Module):
         kv = kv if kv is not None else self.text_encoder.cross_kv(image_embeds)
         rows = torch.arange(len(text_embeds), device=text_embeds.device)
         rows = torch.cat([rows, torch.as_tensor(img_neg, device=rows.device), rows])
-        kv_all = [(k[rows], v[rows]) for k, v in kv]
+        # index_select: its backward (index_add) sums in a fixed order; k[rows]'s does not on CPU
+        kv_all = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
         return losses.itm_loss(self.itm_head(self.text_encoder.fusion(text_all, mask_all, kv=kv_all)[:, 0]))
 
     # ------------------------------------------------------------------ MLM
