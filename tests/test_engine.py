@@ -158,7 +158,8 @@ def test_train_qa_two_ranks_lowers_the_loss_and_writes_predictions(corpus, tmp_p
     assert len(predictions) == res["questions"] and {"question_id", "answer"} <= set(predictions[0])
 
 
-def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus):
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, corpus, monkeypatch):
+    monkeypatch.setenv("SL_DATA_DIR", str(tmp_path))  # the default corpora's root (the files need not exist)
     existing = tmp_path / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("precious")

@@ -108,6 +108,30 @@ def test_two_ranks_two_workers_read_each_sample_once_with_equal_batches(tmp_path
         assert sorted(seen) == [f"{k:06d}" for k in range(total)]
 
 
+def test_a_shard_longer_than_its_index_count_keeps_the_split_equal(tmp_path):
+    write_uneven_shards(tmp_path, [6, 6, 6, 6])
+    index = json.load(open(tmp_path / "index.json"))
+    index["shards"][0]["samples"] = 4  # the tar holds 6: positions must not spill into the next shard
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    seen, lengths = [], []
+    for rank in range(2):
+        batches = keys_of(KeyStream(shard_list(str(tmp_path)), None, 2, rank, 2, seed=0, buffer=3), workers=2)
+        lengths.append(len(batches))
+        seen += [k for b in batches for k in b]
+    assert lengths == [5, 5] and len(seen) == len(set(seen)) == 20
+
+
+def test_shard_sources_are_recognised_and_media_types_checked(tmp_path):
+    from singularity_ds.data.shards import is_shard_source
+    write_uneven_shards(tmp_path, [2])
+    assert is_shard_source(str(tmp_path)) and is_shard_source("a/shard-{000..009}.tar") and is_shard_source("x/*.tar")
+    assert not is_shard_source("anno/foo.targets.json") and not is_shard_source(str(tmp_path / "s0.tar.json"))
+    index = json.load(open(tmp_path / "index.json"))
+    (tmp_path / "index.json").write_text(json.dumps(dict(index, media_type="image")))
+    with pytest.raises(AnnotationError, match="a shard corpus of image samples, declared as video"):
+        shard_list(str(tmp_path), "video")
+
+
 def test_epochs_shuffle_differently_and_resume_replays_the_same_batches(tmp_path):
     write_uneven_shards(tmp_path, [6, 9, 4, 11])
     shards = shard_list(str(tmp_path))
@@ -138,7 +162,7 @@ def test_broken_sample_is_skipped_counted_and_its_slot_filled(corpus, tmp_path):
     loader.set_epoch(0)
     batches = [b for _, b in loader]
     failures = [f for b in batches for f in b["failures"]]
-    assert len(failures) == 1 and "000000003" in failures[0][0]
+    assert len(failures) == 1 and failures[0][0].endswith("shard-000000.tar#000000003")
     assert len(batches) == len(loader) and all(b["media"].shape == (4, 1, 3, 32, 32) for b in batches)
 
 
@@ -170,3 +194,10 @@ def test_pretraining_streams_the_synthetic_shards_with_one_config_switch(corpus,
     assert len(history) == 2 * sum(n // 4 for n in samples.values())
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
     assert "shards/image/index.json" in (out / "config.yaml").read_text()  # what the run read
+    # the epoch's split depends on ranks x workers: a resume with other num_workers is refused
+    proc = subprocess.run([sys.executable, "-m", "singularity_ds", "train", "pretrain", "tiny",
+                           str(corpus / "configs" / "pretrain.yaml"), "train_corpus=synthetic_shards",
+                           "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=1",
+                           "scheduler.epochs=3", "resume=auto", f"output_dir={out}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "resume with the same ranks and num_workers" in proc.stderr, proc.stderr[-2000:]

@@ -52,8 +52,10 @@ def dali_finish(config):
 def shard_stream(config, specs, media_type, rank, world) -> ShardStream:
     """The streaming dataset of a media type's shard corpora (their shards are read in one order)."""
     if config.video_input.get("dali_device") and media_type == "video":
-        raise AnnotationError("video_input.dali_device: DALI decodes files; shard corpora use decord or PyAV")
-    return ShardStream([s for spec in specs for s in shard_list(spec[0])], media_source(config, media_type, train=True),
+        raise AnnotationError("video_input.dali_device: DALI batch decoding reads files; shard corpora decode per "
+                              "sample (video_input.reader)")
+    return ShardStream([s for spec in specs for s in shard_list(spec[0], media_type)],
+                       media_source(config, media_type, train=True),
                        per_media(config.batch_size, media_type), rank, world, seed=config.get("seed", 42),
                        buffer=config.get("shard_shuffle_buffer", 500),
                        has_multi_vision_gt=config.get("has_multi_vision_gt", False),

@@ -76,10 +76,11 @@ class AnnotationStore:
             raise IndexError(i)
         i %= len(self)
         b, j = divmod(i, self.BLOCK)
-        if self._cached[0] != b:
+        cached = self._cached
+        if cached[0] != b:
             raw = self._buffer[self._offsets[b]:self._offsets[b + 1]].tobytes()
-            self._cached = (b, zlib.decompress(raw).split(b"\n"))
-        entry = json.loads(self._cached[1][j])
+            cached = self._cached = (b, zlib.decompress(raw).split(b"\n"))
+        entry = json.loads(cached[1][j])
         if self._ids is not None:
             media_dir, media_type = self._corpora[self._ids[i]]
             media = entry[_media_key(entry, media_type)]
@@ -131,6 +132,23 @@ def _check_type(value, types, path, i, key):
         raise AnnotationError(f"{path}: entry {i}: key {key!r} must be a non-empty list of strings")
 
 
+JSON_FALLBACK_BYTES = 256 * 2 ** 20  # below this, a file ijson rejects is re-read by the json module
+
+
+def _first_byte(f) -> bytes:
+    """The first byte after whitespace and a UTF-8 byte-order mark."""
+    chunk = f.read(3)
+    if not chunk.startswith(b"\xef\xbb\xbf"):
+        f.seek(0)
+    while True:
+        chunk = f.read(65536)
+        if not chunk:
+            return b""
+        stripped = chunk.lstrip()
+        if stripped:
+            return stripped[:1]
+
+
 def _entries(path: str):
     """The entries of a JSON list, parsed one at a time (ijson): a 10M-entry file never exists as
     Python objects all at once. Errors name the file (and, for bad JSON, the line and column)."""
@@ -140,25 +158,36 @@ def _entries(path: str):
     except FileNotFoundError:
         raise AnnotationError(f"{path}: annotation file not found") from None
     with f:
-        head = f.read(4096).lstrip()
-        if head[:1] != b"[":
-            f.seek(0)
-            _raise_json_error(path, f)
-            kind = "object" if head[:1] == b"{" else "a JSON value"
-            raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
+        first = _first_byte(f)
+        if first != b"[":
+            entries = _json_module(path, f)
+            kind = "object" if first == b"{" else "a JSON value"
+            if not isinstance(entries, list):
+                raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
+            yield from entries
+            return
         f.seek(0)
-        try:
-            yield from ijson.items(f, "item", use_float=True)
-        except ijson.JSONError:
+        if f.read(3) != b"\xef\xbb\xbf":
             f.seek(0)
-            _raise_json_error(path, f)
-            raise AnnotationError(f"{path}: invalid JSON") from None
+        done = 0
+        try:
+            for entry in ijson.items(f, "item", use_float=True):
+                yield entry
+                done += 1
+        except ijson.JSONError as e:
+            # the json module accepts a little more (NaN, Infinity) and reports lines and columns
+            entries = _json_module(path, f, str(e).splitlines()[0] if str(e) else "")
+            yield from entries[done:]
 
 
-def _raise_json_error(path, f):
-    """The standard parser's message for a file ijson rejected (it has the line and column)."""
+def _json_module(path, f, ijson_error: str = ""):
+    """Parse with the json module (small files only: it builds every entry at once)."""
+    size = os.fstat(f.fileno()).st_size
+    if size > JSON_FALLBACK_BYTES:
+        raise AnnotationError(f"{path}: invalid JSON ({ijson_error or 'not a JSON list'})")
+    f.seek(0)
     try:
-        json.load(f)
+        return json.loads(f.read().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         where = f" at line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f": {e}"
         raise AnnotationError(f"{path}: invalid JSON{where}") from None

@@ -17,7 +17,7 @@ import logging
 import numpy as np
 import torch
 
-from .video import DecordReader, MediaError, PyAVReader, VideoReader
+from .video import DecordReader, MediaError, MemoryFile, PyAVReader, VideoReader
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,8 @@ class DaliReader(VideoReader):
     def decode(self, path, indices):
         if self._pipe is None:
             self._pipe = _pipeline(1, self.backend)
-        self._pipe.feed_input("encoded", [np.fromfile(path, dtype=np.uint8)])
+        data = np.frombuffer(path.data, dtype=np.uint8) if isinstance(path, MemoryFile) else np.fromfile(path, dtype=np.uint8)
+        self._pipe.feed_input("encoded", [data])
         self._pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
         try:
             (out,) = self._pipe.run()

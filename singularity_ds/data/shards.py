@@ -25,6 +25,7 @@ Streaming (one epoch, ``world`` ranks x ``W`` workers each):
 - resume: the samples of the batches already trained on are read again but not decoded, so a resumed
   run sees the same batches as an uninterrupted one (except near broken samples).
 """
+import contextlib
 import glob
 import hashlib
 import json
@@ -36,7 +37,7 @@ import re
 import torch
 from torch.utils.data import IterableDataset
 
-from .annotations import AnnotationError, read_annotations
+from .annotations import AnnotationError, load_corpus
 from .datasets import MediaSource
 from .loader import item_seed
 from .text import pre_text
@@ -59,7 +60,7 @@ def parse_size(text) -> int:
 def is_shard_source(path) -> bool:
     """A corpus given as a shard index (file, or folder holding one) or a pattern of .tar files."""
     path = str(path)
-    return (path.endswith(INDEX) or ".tar" in path or path.startswith("pipe:")
+    return (path.endswith(INDEX) or re.search(r"\.tar($|[*?\[{}])", path) is not None or path.startswith("pipe:")
             or os.path.isfile(os.path.join(path, INDEX)))
 
 
@@ -77,10 +78,14 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     index_path = os.path.join(out_dir, INDEX)
     if os.path.exists(index_path) and not overwrite:
         raise AnnotationError(f"{index_path}: a shard corpus is already there; pass --overwrite to replace it")
-    entries = read_annotations(anno, media_dir, media_type, kind)  # validated: one clear error per bad entry
+    entries = load_corpus([(anno, media_dir, media_type)], kind)  # validated, streamed into the compact store
+    digest = hashlib.sha256()
     with open(anno, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+        for chunk in iter(lambda: f.read(2 ** 20), b""):
+            digest.update(chunk)
     os.makedirs(out_dir, exist_ok=True)
+    for old in glob.glob(os.path.join(out_dir, "shard-*.tar")):  # --overwrite: no stale shard stays for a glob
+        os.remove(old)
     shards, skipped, writer, current = [], [], None, None
 
     def close():
@@ -111,21 +116,29 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     if writer is not None:
         close()
     index = dict(format="webdataset", version=1, media_type=media_type, kind=kind,
-                 annotation=os.path.abspath(anno), annotation_sha256=digest, samples=sum(s["samples"] for s in shards),
+                 annotation=os.path.abspath(anno), annotation_sha256=digest.hexdigest(), samples=sum(s["samples"] for s in shards),
                  shards=shards, skipped=skipped)
     write_json(index, index_path)
     return index
 
 
 def _count_samples(path: str) -> int:
+    """Samples in a local tar, grouped as :func:`read_shard` groups them (headers only, no data read)."""
     import tarfile
-    with tarfile.open(path) as tar:  # headers only: members are skipped, not read
-        return len({m.name.split("/")[-1].split(".")[0] for m in tar if m.isreg()})
+
+    from webdataset.tariterators import base_plus_ext
+    count, last = 0, None
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key = base_plus_ext(m.name)[0] if m.isreg() else None
+            if key is not None and key != last:
+                count, last = count + 1, key
+    return count
 
 
-def shard_list(source: str):
+def shard_list(source: str, media_type: str = None):
     """-> [(url, samples)] of a shard corpus: its index (file or folder), or a local glob / brace
-    pattern of .tar files (counted by reading their headers)."""
+    pattern of .tar files (counted by reading their headers). An index of another media type is refused."""
     path = str(source)
     if os.path.isdir(path):
         path = os.path.join(path, INDEX)
@@ -134,12 +147,15 @@ def shard_list(source: str):
             with open(path) as f:
                 index = json.load(f)
             base = os.path.dirname(os.path.abspath(path))
-            return [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"]) else os.path.join(base, s["url"]),
-                     int(s["samples"])) for s in index["shards"]]
+            shards = [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"]) else os.path.join(base, s["url"]),
+                       int(s["samples"])) for s in index["shards"]]
         except FileNotFoundError:
             raise AnnotationError(f"{path}: shard index not found") from None
         except (ValueError, KeyError, TypeError) as e:
             raise AnnotationError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
+        if media_type and index.get("media_type", media_type) != media_type:
+            raise AnnotationError(f"{path}: a shard corpus of {index['media_type']} samples, declared as {media_type}")
+        return shards
     if path.startswith("pipe:") or "://" in path:
         raise AnnotationError(f"{path}: remote shards need an index.json listing them with their sample counts")
     from braceexpand import braceexpand
@@ -150,10 +166,10 @@ def shard_list(source: str):
 
 
 def read_shard(url: str):
-    """The samples of one shard, in order: dicts ``{"__key__": key, ext: bytes, ...}``."""
+    """The samples of one shard, in order: dicts ``{"__key__": key, "__url__": url, ext: bytes, ...}``."""
     import webdataset as wds
     from webdataset.tariterators import base_plus_ext, tar_file_iterator
-    stream = wds.gopen(url)
+    stream, finished = wds.gopen(url), False
     try:
         sample = None
         for f in tar_file_iterator(stream):
@@ -163,12 +179,21 @@ def read_shard(url: str):
             if sample is not None and sample["__key__"] != key:
                 yield sample
                 sample = None
-            sample = sample or {"__key__": key}
+            sample = sample or {"__key__": key, "__url__": url}
             sample[ext.lower()] = f["data"]
         if sample is not None:
             yield sample
+        finished = True
     finally:
-        stream.close()
+        proc = getattr(stream, "proc", None)  # a pipe: URL's command
+        if not finished and proc is not None and proc.poll() is None:
+            proc.kill()  # stopped mid-shard (the rest belongs to another worker): don't wait for the writer
+        try:
+            stream.close()
+        except Exception as e:  # the killed command's exit status
+            if finished:
+                raise
+            logger.debug("shard %s: closing the stream after an early stop: %s", url, e)
 
 
 def match_id(key: str) -> int:
@@ -217,20 +242,33 @@ class ShardStream(IterableDataset):
         """(position, sample) for positions [start, stop), reading only the shards that hold them."""
         offset = 0
         for url, count in self._order():
-            if offset + count > start and offset < stop:
+            end = min(stop, offset + count)  # never more than the index counts: positions stay unique
+            if end > start:
                 pos = offset
                 try:
-                    for sample in read_shard(url):
-                        if pos >= stop:
-                            break
-                        if pos >= start:
-                            yield pos, sample
-                        pos += 1
+                    with contextlib.closing(read_shard(url)) as samples:
+                        for sample in samples:
+                            if pos >= end:
+                                break
+                            if pos >= start:
+                                yield pos, sample
+                            pos += 1
                 except Exception as e:  # a truncated or unreadable shard: its missing slots are filled
                     logger.warning("shard %s: read error after %d samples (%s)", url, pos - offset, e)
+                if pos < end:
+                    logger.warning("shard %s: %d samples where the index says %d", url, pos - offset, count)
             offset += count
             if offset >= stop:
                 return
+
+    def _urls(self, start: int, stop: int):
+        """The shards holding positions [start, stop) this epoch."""
+        urls, offset = [], 0
+        for url, count in self._order():
+            if offset + count > start and offset < stop:
+                urls.append(url)
+            offset += count
+        return urls
 
     def _shuffled(self, raw, rng):
         if not self.shuffle:
@@ -250,7 +288,7 @@ class ShardStream(IterableDataset):
     def _item(self, pos: int, sample: dict) -> dict:
         seed = item_seed(self.seed, self.epoch, pos)
         meta = json.loads(sample["json"])
-        ext = next(k for k in sample if k not in ("json", "__key__"))
+        ext = next(k for k in sample if k != "json" and not k.startswith("__"))
         name = meta.get("video") or meta.get("image") or sample["__key__"]
         media = self.source(MemoryFile(f"{name} (shard sample {sample['__key__']})", sample[ext]), seed)
         caption = meta["caption"]
@@ -278,7 +316,7 @@ class ShardStream(IterableDataset):
                 item = self._item(pos, sample)
             except (MediaError, KeyError, ValueError, StopIteration) as e:
                 reason = e.reason if isinstance(e, MediaError) else f"bad sample ({type(e).__name__}: {e})"
-                failures.append((str(sample.get("__key__")), reason))
+                failures.append((f"{sample.get('__url__')}#{sample.get('__key__')}", reason))
                 logger.warning("broken shard sample %s (%s); its slot takes the next good sample", *failures[-1])
                 continue
             for _ in range(len(failures) + 1):  # this slot, and those of the broken samples before it
@@ -287,9 +325,12 @@ class ShardStream(IterableDataset):
             last = item
         missing = stop - start - skip - produced  # broken samples at the end, or a shard that ended early
         if missing > 0:
-            if last is None:
-                raise MediaError(self.shards[0][0], f"no sample of positions {start}-{stop} could be read or decoded")
-            failures += [("(shard)", "shard ended early")] * (missing - len(failures))
+            if last is None:  # nothing to fill the slots with: stop, naming the shards
+                urls = self._urls(start, stop)
+                raise MediaError(", ".join(urls), f"no sample of this worker's part ({stop - start - skip} samples) "
+                                                  f"could be read and decoded")
+            where = ", ".join(self._urls(start, stop))
+            failures += [(where, "shard ended early")] * (missing - len(failures))
             for _ in range(missing):
                 yield dict(last, failures=failures)
                 failures = []

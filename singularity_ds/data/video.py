@@ -36,6 +36,9 @@ class MemoryFile(str):
         obj.data = data
         return obj
 
+    def __reduce__(self):
+        return MemoryFile, (str(self), self.data)
+
 
 def _source(path):
     """What a decoder opens: the path, or a file object over an in-memory file."""

@@ -116,12 +116,23 @@ class Trainer:
             logger.info("resume=%s: no complete checkpoint in %s, starting fresh", self.config.resume, self.run_dir)
             return dict(epoch=0, micro_step=0, global_step=0)
         state = self.checkpointer.load(self.engine, tag)
+        saved, current = state.get("stream_layout"), self._stream_layout()
+        if saved and current and saved != current:
+            raise ConfigError(f"resume from {tag}: its shard streams were split for {saved}, this run has {current}; "
+                              f"an epoch splits over ranks and loader workers, so resume with the same ranks and "
+                              f"num_workers")
         logger.info("resumed from %s: epoch %d, micro-step %d, global step %d", tag, state["epoch"],
                     state["micro_step"], state["global_step"])
         return dict(epoch=state["epoch"], micro_step=state["micro_step"], global_step=state["global_step"])
 
+    def _stream_layout(self):
+        """How shard streams split an epoch (ranks x loader workers); None without shard corpora."""
+        from torch.utils.data import IterableDataset
+        streams = [l for l in self.loader.loaders.values() if isinstance(l.dataset, IterableDataset)]
+        return dict(world=self.world, num_workers=streams[0].num_workers) if streams else None
+
     def _save(self, epoch, micro_step, global_step):
-        state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step)
+        state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step, stream_layout=self._stream_layout())
         self.checkpointer.save(self.engine, f"step{global_step:08d}", state)
 
     def train(self) -> dict:
