@@ -83,22 +83,29 @@ def ensure_corpus(run_dir, num_clips=300) -> str:
     return data
 
 
+def stage_args(data, shards=False):
+    """The demo's pretraining and retrieval arguments (epochs, frames and checkpoints are added per stage),
+    and the retrieval overlay its evaluation reads."""
+    pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
+    common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
+    pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
+               f"train_corpus={'synthetic_shards' if shards else 'synthetic'}"]
+    ret_args = ["train_ret", *common, ret_cfg, "max_txt_l=16", "test_types=[appearance]", "k_test=16"]
+    return pt_args, ret_args, ret_cfg
+
+
 def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300, shards=False) -> str:
     """``shards``: the pretraining stages stream the corpus from its tar shards (``train_corpus=synthetic_shards``)."""
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
     data = ensure_corpus(run_dir, num_clips)
-    pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
-    common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
-    pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
-               f"train_corpus={'synthetic_shards' if shards else 'synthetic'}"]
+    pt_args, ret_args, ret_cfg = stage_args(data, shards)
     pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
     pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
                                  f"pretrained_path={pt1}/export"], run_dir)
-    ret_args = ["train_ret", *common, ret_cfg, "max_txt_l=16", f"scheduler.epochs={epochs_ret}",
-                "test_types=[appearance]", "k_test=16"]
+    ret_args = [*ret_args, f"scheduler.epochs={epochs_ret}"]
     ret1 = launch("ret_1f", [*ret_args, f"pretrained_path={pt1}/export"], run_dir)
     ret4 = launch("ret_4f", [*ret_args, *TEMPORAL, f"pretrained_path={pt4}/export"], run_dir)
     rows = []
@@ -122,17 +129,14 @@ def run_precision_check(run_dir="runs/precision", precisions=("fp32", "bf16", "a
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
     data = ensure_corpus(run_dir, num_clips)
-    pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
-    common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
+    pt_args, ret_args, ret_cfg = stage_args(data)
     results = {}
     for precision in precisions:
         for seed in seeds:
             name, extra = f"{precision}_seed{seed}", [f"precision={precision}", f"seed={seed}"]
-            pt = launch(f"{name}_pt", ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
-                                       f"scheduler.epochs={epochs_pt}", *extra], run_dir)
-            ret = launch(f"{name}_ret", ["train_ret", *common, ret_cfg, "max_txt_l=16", f"scheduler.epochs={epochs_ret}",
-                                         "test_types=[appearance]", "k_test=16", f"pretrained_path={pt}/export", *extra],
-                         run_dir)
+            pt = launch(f"{name}_pt", [*pt_args, f"scheduler.epochs={epochs_pt}", *extra], run_dir)
+            ret = launch(f"{name}_ret", [*ret_args, f"scheduler.epochs={epochs_ret}", f"pretrained_path={pt}/export",
+                                         *extra], run_dir)
             res = evaluate_model(ret, ret_cfg, 1)
             results[name] = {kind: {split: {k: round(m[k], 1) for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
                                     for split, m in res[kind].items()} for kind in ("x", "emb")}

@@ -135,11 +135,16 @@ def _check_type(value, types, path, i, key):
 JSON_FALLBACK_BYTES = 256 * 2 ** 20  # below this, a file ijson rejects is re-read by the json module
 
 
+def _skip_bom(f):
+    """Position ``f`` at its start, past a UTF-8 byte-order mark if it has one."""
+    f.seek(0)
+    if f.read(3) != b"\xef\xbb\xbf":
+        f.seek(0)
+
+
 def _first_byte(f) -> bytes:
     """The first byte after whitespace and a UTF-8 byte-order mark."""
-    chunk = f.read(3)
-    if not chunk.startswith(b"\xef\xbb\xbf"):
-        f.seek(0)
+    _skip_bom(f)
     while True:
         chunk = f.read(65536)
         if not chunk:
@@ -166,9 +171,7 @@ def _entries(path: str):
                 raise AnnotationError(f"{path}: expected a JSON list of entries, got {kind}")
             yield from entries
             return
-        f.seek(0)
-        if f.read(3) != b"\xef\xbb\xbf":
-            f.seek(0)
+        _skip_bom(f)
         done = 0
         try:
             for entry in ijson.items(f, "item", use_float=True):

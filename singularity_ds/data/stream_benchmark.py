@@ -12,7 +12,7 @@ Not a test: it prints numbers for the docs and issue notes.
 3. Annotations: ``--entries`` WebVid-like entries written to one JSON list, then loaded in a fresh
    process through ``load_corpus`` (the training path). Reported: that process's RSS before loading
    (Python + torch) and at its peak, the store's size, and the USS of 2 forked DataLoader workers
-   after each reads 200k random entries.
+   after they have read every entry (``bench data``'s worker measurement).
 """
 import argparse
 import json
@@ -70,22 +70,16 @@ def time_loader(train_file, batches, workers, res):
 
 
 _LOAD = r"""
-import json, random, resource, sys
+import json, resource, sys
 import psutil
-from torch.utils.data import DataLoader, Dataset, get_worker_info
 from singularity_ds.data.annotations import load_corpus
+from singularity_ds.data.benchmark import worker_memory
 base = psutil.Process().memory_info().rss / 2 ** 20  # the interpreter with torch imported
 store = load_corpus([(sys.argv[1], "/data/webvid/videos", "video")])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
-class Touch(Dataset):
-    def __len__(self): return 8
-    def __getitem__(self, i):
-        rng = random.Random(i)
-        for _ in range(50_000): store[rng.randrange(len(store))]["caption"]
-        return psutil.Process().memory_full_info().uss / 2 ** 20
-uss = [x for b in DataLoader(Touch(), batch_size=1, num_workers=2) for x in b.tolist()]
 print(json.dumps(dict(entries=len(store), store_mib=store.nbytes / 2 ** 20, baseline_rss_mib=base, peak_rss_mib=peak,
-                      rss_after_mib=psutil.Process().memory_info().rss / 2 ** 20, worker_uss_mib=max(uss))))
+                      rss_after_mib=psutil.Process().memory_info().rss / 2 ** 20,
+                      worker_uss_mib=max(worker_memory(store)))))
 """
 
 
