@@ -1,15 +1,12 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="singularity-ds",
     version="0.1.0",
     description="Singularity (single-frame training, multi-frame inference) for video-language models on DeepSpeed",
     python_requires=">=3.10",
-    packages=["singularity_ds", "singularity_ds.models", "singularity_ds.data", "singularity_ds.engine",
-              "singularity_ds.eval", "singularity_ds.kernels", "singularity_ds.ds_configs"],
-    # `kernels/` and `ds_configs/` sit at the top level (design layout) and install inside the package.
-    package_dir={"singularity_ds": "singularity_ds", "singularity_ds.kernels": "kernels",
-                 "singularity_ds.ds_configs": "ds_configs"},
+    # the top-level `kernels/` and `ds_configs/` (design layout) are links to these package folders
+    packages=find_packages(include=["singularity_ds", "singularity_ds.*"]),
     package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*"],
                   "singularity_ds.ds_configs": ["*.json"]},
     install_requires=[

@@ -5,10 +5,8 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
-from .data.annotations import AnnotationError
-from .data.video import MediaError
+from .errors import AnnotationError, CheckpointError, ConfigError, MediaError
+from .config import load_config
 
 
 def model_summary(model) -> str:

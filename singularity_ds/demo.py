@@ -20,7 +20,7 @@ import torch
 from .config import load_config
 from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
-from .engine.dist import free_port
+from .dist import free_port
 from .eval.metrics import save_results
 from .eval.retrieval import evaluate
 from .models import load_model
@@ -153,7 +153,7 @@ def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:
     start = time.time()
     pretrained = os.path.join(run_dir, "pretrain_1f", "export")
     if not os.path.isdir(pretrained):
-        from .config import ConfigError
+        from .errors import ConfigError
         raise ConfigError(f"{pretrained} is missing: run `make demo` first (QA starts from its pretraining)")
     qa_cfg = os.path.join(ensure_corpus(run_dir), "configs", "qa.yaml")
     qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16", "max_a_len=6",

@@ -2,7 +2,8 @@ import os
 
 import pytest
 
-from singularity_ds.config import ConfigError, load_config, packaged_configs
+from singularity_ds.config import load_config, packaged_configs
+from singularity_ds.errors import ConfigError
 
 
 def test_cli_overrides_like_the_original():

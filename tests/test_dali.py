@@ -12,7 +12,8 @@ pytest.importorskip("nvidia.dali", reason="nvidia-dali is installed by `make ins
 from singularity_ds.data import MediaSource, build_transform  # noqa: E402
 from singularity_ds.data.dali import clip_pipeline  # noqa: E402
 from singularity_ds.data.synthetic import make_synthetic  # noqa: E402
-from singularity_ds.data.video import DecordReader, MediaError, get_reader, read_frames  # noqa: E402
+from singularity_ds.errors import MediaError  # noqa: E402
+from singularity_ds.data.video import DecordReader, get_reader, read_frames  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_two_stage_scores_equal_all_pairs_itm_when_k_covers_everything(tmp_path,
 
 
 # ---------------------------------------------------------------------- scale path (issue: evaluation)
-from singularity_ds.config import ConfigError  # noqa: E402
+from singularity_ds.errors import ConfigError  # noqa: E402
 from singularity_ds.eval.features import extract  # noqa: E402
 from singularity_ds.eval.metrics import topk_eval  # noqa: E402
 from singularity_ds.eval.retrieval import itm_scores, itm_scores_cached, topk_blockwise  # noqa: E402
@@ -163,7 +163,7 @@ def _sharded_worker(rank, world, port, root, feature_dir, out):
 
 def test_two_rank_sharded_extraction_equals_one_rank(synthetic_eval, tmp_path):
     import torch.multiprocessing as mp
-    from singularity_ds.engine.dist import free_port
+    from singularity_ds.dist import free_port
     out = mp.Manager().dict()
     mp.start_processes(_sharded_worker, args=(2, free_port(), synthetic_eval, str(tmp_path / "f"), out),
                        nprocs=2, start_method="spawn")
@@ -184,7 +184,7 @@ def test_two_rank_sharded_extraction_equals_one_rank(synthetic_eval, tmp_path):
 
 def _original_pth(model, cfg, path):
     """A checkpoint as the original's pretraining saves it: {"model": state (text_encoder.bert.*), "config"}."""
-    from singularity_ds.checkpoint import plain_config
+    from singularity_ds.models.weights import plain_config
     torch.save({"model": model.state_dict(), "config": plain_config(cfg)}, path)
     return str(path)
 

@@ -115,7 +115,7 @@ def test_qa_model_from_pretraining_checkpoint_maps_fusion_layers_into_the_decode
 
 
 def test_decoder_with_the_wrong_number_of_layers_is_a_clear_error(qa_ref, tmp_path):
-    from singularity_ds.checkpoint import CheckpointError
+    from singularity_ds.errors import CheckpointError
     ckpt = torch.load(qa_ref["path"] / "checkpoint.pth", weights_only=True)
     extra = {k.replace("encoder.layer.0.", "encoder.layer.1."): v for k, v in ckpt["model"].items()
              if k.startswith("text_decoder.bert.encoder.layer.0.")}
@@ -163,7 +163,7 @@ def test_exact_match_per_type_and_questions_without_a_known_answer():
 
 
 def test_late_ensemble_needs_a_single_frame_qa_model(qa_ref):
-    from singularity_ds.config import ConfigError
+    from singularity_ds.errors import ConfigError
     from singularity_ds.eval.qa import evaluate_qa
     model = load_model(str(qa_ref["path"] / "checkpoint.pth"))  # trained with 4 frames
     with pytest.raises(ConfigError, match=r"single-frame QA model .*num_frames == 1; this one has 4\)"):
@@ -172,7 +172,7 @@ def test_late_ensemble_needs_a_single_frame_qa_model(qa_ref):
 
 def test_eval_qa_cli_on_the_synthetic_corpus(tmp_path):
     import json
-    from singularity_ds.checkpoint import plain_config
+    from singularity_ds.models.weights import plain_config
     from singularity_ds.cli import main
     from singularity_ds.config import load_config
     from singularity_ds.data.synthetic import make_synthetic

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from conftest import tiny_config
 from singularity_ds.cli import main
 from singularity_ds.data import build_tokenizer, train_loader
-from singularity_ds.data.annotations import AnnotationError
+from singularity_ds.errors import AnnotationError
 from singularity_ds.data.shards import ShardStream, make_shards, read_shard, shard_list
 from singularity_ds.data.synthetic import make_synthetic
 

@@ -3,13 +3,14 @@
     loader = train_loader(config, tokenizer, rank, world)   # MetaLoader over image/video corpora
     for media_type, batch in loader: ...
 """
-from .annotations import AnnotationError, AnnotationStore, corpus_specs, load_corpus, read_annotations
+from ..errors import AnnotationError, MediaError
+from .annotations import AnnotationStore, corpus_specs, load_corpus, read_annotations
 from .datasets import CaptionDataset, MCDataset, MediaSource, QADataset, RetrievalEvalDataset
 from .loader import CaptionCollate, MetaLoader, QACollate, SeededSampler, collate_eval, collate_qa, make_loader
 from .shards import ShardStream, is_shard_source, make_shards, shard_list
 from .text import build_tokenizer, pre_text, tokenize
 from .transforms import build_transform
-from .video import MediaError, get_frame_indices, get_reader, load_image, read_frames
+from .video import get_frame_indices, get_reader, load_image, read_frames
 
 
 def per_media(value, media_type: str):

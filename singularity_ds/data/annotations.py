@@ -20,6 +20,8 @@ from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
 
+from ..errors import AnnotationError
+
 MEDIA_TYPES = ("image", "video")
 
 # required keys and their accepted types, per kind of annotation
@@ -30,9 +32,6 @@ SCHEMAS = {
     "mc": {"caption": (list,), "answer": (int,)},
 }
 
-
-class AnnotationError(ValueError):
-    """Bad annotation input: the message names the file, the entry index and the key."""
 
 
 class AnnotationStore:

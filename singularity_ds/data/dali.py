@@ -17,7 +17,8 @@ import logging
 import numpy as np
 import torch
 
-from .video import DecordReader, MediaError, MemoryFile, PyAVReader, VideoReader
+from ..errors import MediaError
+from .video import DecordReader, MemoryFile, PyAVReader, VideoReader
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class DaliReader(VideoReader):
         self.fallback, self._warned = fallback, False
         missing = dali_missing()
         if missing:
-            from ..config import ConfigError
+            from ..errors import ConfigError
             raise ConfigError(f"video_input.reader=dali: {missing}")
         # CPU by default: readers run in DataLoader workers, where CUDA (forked) is off limits; the GPU
         # ("mixed") decoder belongs in the main process, as clip_pipeline(device="gpu") runs it

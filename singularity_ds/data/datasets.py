@@ -17,7 +17,8 @@ from torchvision import transforms
 
 from .annotations import AnnotationStore
 from .text import pre_text
-from .video import MediaError, frame_size, get_frame_indices, get_reader, load_image, read_frames
+from ..errors import MediaError
+from .video import frame_size, get_frame_indices, get_reader, load_image, read_frames
 
 logger = logging.getLogger(__name__)
 

@@ -37,11 +37,12 @@ import re
 import torch
 from torch.utils.data import IterableDataset
 
-from .annotations import AnnotationError, load_corpus
+from ..errors import AnnotationError, MediaError
+from .annotations import load_corpus
 from .datasets import MediaSource
 from .loader import item_seed
 from .text import pre_text
-from .video import MediaError, MemoryFile
+from .video import MemoryFile
 
 logger = logging.getLogger(__name__)
 

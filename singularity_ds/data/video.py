@@ -14,17 +14,12 @@ from typing import List, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import MediaError
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_TYPES = ("rand", "middle", "uniform", "fpsX")
 
-
-class MediaError(RuntimeError):
-    """A media file that cannot be read; ``path`` names it."""
-
-    def __init__(self, path: str, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
 
 
 class MemoryFile(str):

@@ -1,3 +1,3 @@
-"""Training engine on DeepSpeed: ``engine.trainer.train_main(argv)`` runs a task (pretrain, train_ret,
-train_qa) in one loop. Nothing is imported here, so ``engine.dist`` stays importable from the
-evaluation code without pulling in the trainer."""
+"""Training engine on DeepSpeed: one train loop (:mod:`.trainer`) for every task object, DeepSpeed
+config and precision (:mod:`.ds_config`), optimizer and schedule (:mod:`.optim`), run checkpoints
+(:mod:`.checkpointing`) and ``bench train`` (:mod:`.benchmark`)."""

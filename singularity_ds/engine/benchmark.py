@@ -19,7 +19,7 @@ import time
 import torch
 
 from ..data import per_media
-from . import dist
+from .. import dist
 from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
 from .flops import qa_step_flops, step_flops
 from .optim import build_optimizer, build_scheduler

@@ -11,7 +11,7 @@ import re
 import shutil
 
 from ..fileio import atomic_write
-from .dist import barrier
+from ..dist import barrier
 
 logger = logging.getLogger(__name__)
 COMPLETE = "COMPLETE"

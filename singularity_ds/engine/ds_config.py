@@ -7,12 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
-# the repo's ds_configs/ (installed as singularity_ds/ds_configs by setup.py)
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-if not DS_CONFIG_DIR.is_dir():
-    DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
+# singularity_ds/ds_configs (the repo's top-level ds_configs/ links to it)
+DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
 
 def load_ds_config(name: str) -> dict:

@@ -19,10 +19,11 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from ..checkpoint import CheckpointError, export as export_model, plain_config
-from ..config import ConfigError, load_config
+from ..errors import CheckpointError, ConfigError
+from ..models.weights import export as export_model, plain_config
+from ..config import load_config
 from ..data.loader import item_seed
-from . import dist
+from .. import dist
 from .checkpointing import Checkpointer
 from .ds_config import WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
 from .optim import build_optimizer, build_scheduler

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data.loader import collate_eval
-from ..engine.dist import all_gather, barrier, rank_world
+from ..dist import all_gather, barrier, rank_world
 from ..data.text import tokenize
 
 

@@ -4,7 +4,7 @@ highest-scoring option is the prediction. Videos are split across ranks."""
 import torch
 
 from ..data.text import tokenize
-from ..engine.dist import all_gather, rank_world
+from ..dist import all_gather, rank_world
 from .features import shard_range
 from .retrieval import check_ensemble, itm_scores_cached
 

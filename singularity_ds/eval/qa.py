@@ -13,7 +13,7 @@ import re
 import torch
 
 from ..data.text import tokenize
-from ..engine.dist import all_gather, rank_world
+from ..dist import all_gather, rank_world
 from .features import shard_range
 
 # ---------------------------------------------------------------------- the VQA evaluator's normalisation
@@ -76,7 +76,7 @@ def evaluate_qa(model, dataset, answer_list, tokenizer, max_q_len: int, max_a_le
                 ensemble: str = "concat", batch_size: int = 16, eos: str = "[SEP]") -> dict:
     """-> {"accuracy", "metric", "per_type", "missing_answers", "questions", "predictions"}."""
     if ensemble != "concat" and model.config.video_input.num_frames != 1:
-        from ..config import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"eval_frame_ensemble={ensemble} needs a single-frame QA model (the original asserts "
                           f"video_input.num_frames == 1; this one has {model.config.video_input.num_frames})")
     model.eval()

@@ -21,9 +21,9 @@ import logging
 import numpy as np
 import torch
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..models.losses import ENSEMBLES, ensemble_frames, similarity
-from ..engine.dist import all_gather, rank_world
+from ..dist import all_gather, rank_world
 from .features import Features, extract
 from .metrics import itm_eval, topk_eval
 

@@ -15,10 +15,11 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, load_config
+from ..config import load_config
+from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
 from ..data import build_tokenizer, eval_datasets, per_media
-from ..engine.dist import rank_world
+from ..dist import rank_world
 from .mc import evaluate_mc
 from .metrics import save_results
 from .retrieval import evaluate
@@ -53,7 +54,7 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
 
 def load_answer_list(config) -> list:
     import json
-    from ..data.annotations import AnnotationError
+    from ..errors import AnnotationError
     path = config.get("answer_list")
     try:
         with open(path) as f:
@@ -96,11 +97,10 @@ def _split_args(argv):
 
 
 def eval_main(kind: str, argv) -> dict:
-    from ..engine.dist import setup
+    from ..dist import setup
     from ..models import load_model
     configs, checkpoint, overrides = _split_args(list(argv))
     if not os.path.exists(checkpoint):
-        from ..checkpoint import CheckpointError
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
     config = load_config(configs, overrides)
     for name in config.get("test_types") or config.test_file:  # an unset ${oc.env:...} fails before loading

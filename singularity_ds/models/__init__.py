@@ -9,7 +9,8 @@ import os
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..checkpoint import (CheckpointError, load_into, load_text_tower, load_vision_tower,
+from ..errors import CheckpointError
+from .weights import (load_into, load_text_tower, load_vision_tower,
                           read_checkpoint)
 from .qa import SingularityQA
 from .singularity import Singularity
@@ -73,7 +74,7 @@ def _apply_overrides(cfg: dict, overrides: dict) -> DictConfig:
 
 def load_model(path: str, strict: bool = True, **overrides) -> Singularity:
     """A model in eval mode from an original Singularity checkpoint (``.pth``), or a folder written by
-    :func:`singularity_ds.checkpoint.export`. The architecture comes from the checkpoint's config;
+    :func:`singularity_ds.models.weights.export`. The architecture comes from the checkpoint's config;
     ``overrides`` change config keys (nested as dicts, or dotted: ``**{"video_input.num_frames": 1}``).
     """
     state, cfg = read_checkpoint(path)

@@ -36,7 +36,7 @@ def set_attention_impl(impl: str) -> None:
     ``math`` (explicit softmax, the reference)."""
     global _impl
     if impl not in IMPLS:
-        from ..config import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(IMPLS)}")
     _impl = impl
 

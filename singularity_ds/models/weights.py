@@ -22,6 +22,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
+from ..errors import CheckpointError
+
 logger = logging.getLogger(__name__)
 
 # What the original's pickled OmegaConf config needs, and nothing else.
@@ -34,9 +36,6 @@ DERIVED_BUFFERS = ("position_ids", "relative_position_index")
 
 WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
 
 
 def safe_load(path: str) -> dict:

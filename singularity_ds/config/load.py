@@ -17,6 +17,8 @@ from typing import Iterable, List, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ..errors import ConfigError
+
 CONFIG_DIR = resources.files("singularity_ds") / "configs"
 # Maps whose entries are user-defined (new keys allowed under them).
 OPEN_KEYS = ("available_corpus", "test_file", "vit_zoo", "bert_config_dict", "beit_config_dict",
@@ -26,9 +28,6 @@ OPEN_KEYS = ("available_corpus", "test_file", "vit_zoo", "bert_config_dict", "be
 # Keys that accept more than one type: resume = False | True | "auto" | a checkpoint tag.
 UNION_TYPES = {"resume": (bool, str)}
 
-
-class ConfigError(ValueError):
-    pass
 
 
 def packaged_configs() -> List[str]:

@@ -1,0 +1,33 @@
+"""The user-facing errors: each message is one line naming the file, entry, key or rank, and what to do.
+
+Every layer raises these and ``cli.main`` prints them as ``singularity-ds: error: ...`` (exit 2), so
+they live here, below everything else. They pickle with their message, so an error raised in a
+DataLoader worker or another process arrives whole.
+"""
+
+
+class SingularityError(Exception):
+    """Base class: a failure the user can fix, described in one line."""
+
+
+class ConfigError(SingularityError, ValueError):
+    """A config file, key or value that cannot be used; the message names the key."""
+
+
+class CheckpointError(SingularityError, ValueError):
+    """A checkpoint that cannot be loaded as asked; the message names the file and the keys."""
+
+
+class AnnotationError(SingularityError, ValueError):
+    """Bad annotation input: the message names the file, the entry index and the key."""
+
+
+class MediaError(SingularityError, RuntimeError):
+    """A media file that cannot be read; ``path`` names it."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+    def __reduce__(self):  # rebuilt from both arguments (PyTorch's worker re-raise, other processes)
+        return type(self), (self.path, self.reason)
