@@ -7,6 +7,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import AnnotationError, CheckpointError, ConfigError, MediaError
 from .config import load_config
+from .config.args import split_run_args, strip_launcher_args
 
 
 def model_summary(model) -> str:
@@ -178,21 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_config_args(items):
-    """``pretrain tiny a.b=1`` -> (["pretrain", "tiny"], ["a.b=1"])."""
-    configs = [x for x in items if "=" not in x]
-    overrides = [x for x in items if "=" in x]
-    return configs, overrides
-
-
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     argv = sys.argv[1:] if argv is None else list(argv)
-    argv = [a for a in argv if not a.startswith("--local_rank")]  # added by the deepspeed launcher
-    args = build_parser().parse_args(argv)
-    if hasattr(args, "configs"):
-        args.configs, args.overrides = split_config_args(args.configs)
+    args = build_parser().parse_args(strip_launcher_args(argv))
     try:
+        if hasattr(args, "configs"):
+            args.configs, args.overrides, _ = split_run_args(args.configs)
         return args.func(args)
     except (ConfigError, CheckpointError, AnnotationError, MediaError) as e:
         print(f"singularity-ds: error: {e}", file=sys.stderr)

@@ -102,3 +102,14 @@ def release_cpu_shm():
             os.unlink(path)
         except OSError:
             pass
+
+
+def mean_over_ranks(values: list) -> list:
+    """The element-wise mean of a list of floats over all ranks (one all-reduce); as is without
+    distribution. Used for what is logged, so a run's loss curve is the global batch's, not rank 0's."""
+    world = rank_world()[1]
+    if world == 1 or not values:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    torch.distributed.all_reduce(t)
+    return (t / world).tolist()

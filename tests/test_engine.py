@@ -225,7 +225,7 @@ def test_sbatch_multinode_trains_on_two_nodes(slurm, corpus, tmp_path):
 
 def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
     from singularity_ds.config import load_config
-    from singularity_ds.engine.flops import step_flops
+    from singularity_ds.models.flops import step_flops
     out = tmp_path / "bench.json"
     run([sys.executable, "-m", "singularity_ds", "bench", "train", "pretrain", "tiny", "image_res=32",
          "batch_size.video=4", "--steps", "2", "--warmup", "1", "--json", str(out)])
@@ -239,7 +239,7 @@ def test_bench_train_reports_throughput_flops_and_mfu(tmp_path):
 def test_bench_train_qa_under_the_deepspeed_launcher(tmp_path):
     """QA step, 2 frames, two ranks: per-device and total throughput, the QA FLOP formula."""
     from singularity_ds.config import load_config
-    from singularity_ds.engine.flops import qa_step_flops
+    from singularity_ds.models.flops import qa_step_flops
     out = tmp_path / "bench.json"
     overrides = ["image_res=32", "batch_size.video=2", "video_input.num_frames=2"]
     run(deepspeed_cmd("--module", "singularity_ds", "bench", "train", "train_qa", "tiny", *overrides,

@@ -98,7 +98,7 @@ def test_qa_model_from_pretraining_checkpoint_maps_fusion_layers_into_the_decode
     ckpt = torch.load(tiny_ref["path"] / "checkpoint.pth", weights_only=True)
     pre = ckpt["model"]
     fusion = ckpt["config"]["bert_config_dict"]["fusion_layer"] if "bert_config_dict" in ckpt["config"] else 2
-    model = load_model(str(tiny_ref["path"] / "checkpoint.pth"), task="train_qa")
+    model = load_model(str(tiny_ref["path"] / "checkpoint.pth"), qa=True)
     assert isinstance(model, SingularityQA)
     own = model.state_dict()
     n = ckpt["config"]["bert_config_dict"]["num_hidden_layers"]

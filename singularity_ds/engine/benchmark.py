@@ -4,7 +4,7 @@ Times M training steps (after N warm-up steps) of any config on one synthetic in
 loading excluded), through the same DeepSpeed engine, ds_config and precision as ``train``; under the
 ``deepspeed`` launcher every rank runs its own batch. Prints and returns (``--json``): samples/s per
 device and in total, step time median and 10-90% spread, the forward / backward / optimizer split,
-the analytic training FLOPs per sample (:mod:`.flops`), achieved TFLOP/s, MFU against the device's
+the analytic training FLOPs per sample (the task's, :mod:`singularity_ds.models.flops`), achieved TFLOP/s, MFU against the device's
 measured matmul peak for the dtype (a large GEMM, measured once and cached in
 ``~/.cache/singularity_ds/peak.json``), and peak memory (CUDA max allocated, or the process RSS).
 Towers start random (no weights are read): speed does not depend on them.
@@ -20,9 +20,8 @@ import torch
 
 from ..data import per_media
 from .. import dist
-from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
-from .flops import qa_step_flops, step_flops
-from .optim import build_optimizer, build_scheduler
+from .build import build_engine
+from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, resolve_precision
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "singularity_ds", "peak.json")
 
@@ -60,27 +59,10 @@ def matmul_peak(device, dtype, n: int = None) -> float:
     return peak
 
 
-def synthetic_batch(config, batch_size: int, qa: bool = False):
-    """Random pixels and full-length token ids; QA: one answer of ``max_a_len`` tokens per question."""
-    vi = config.video_input
-    g = torch.Generator().manual_seed(0)
-    media = torch.randn(batch_size, vi.num_frames, 3, config.image_res, config.image_res, generator=g)
-    ids = lambda n: torch.randint(1000, 29000, (batch_size, n), generator=g)  # noqa: E731
-    ones = lambda n: torch.ones(batch_size, n, dtype=torch.long)  # noqa: E731
-    if qa:
-        return dict(media=media, question_ids=ids(config.max_q_len), question_mask=ones(config.max_q_len),
-                    answer_ids=ids(config.max_a_len), answer_mask=ones(config.max_a_len),
-                    weights=torch.ones(batch_size), num_answers=[1] * batch_size)
-    length = config.max_txt_l["video"] if hasattr(config.max_txt_l, "keys") else config.max_txt_l
-    return dict(media=media, input_ids=ids(length), attention_mask=ones(length), idx=torch.arange(batch_size))
-
-
 def run(argv, steps=10, warmup=3) -> dict:
-    import deepspeed
     from omegaconf import OmegaConf
     from .trainer import parse_train_args
     task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
-    qa = task.name == "train_qa"
     precision = resolve_precision(config)
     micro = per_media(config.batch_size, "video")  # synthetic video batches: no corpus is read
     ds_cfg = build_ds_config(config, micro, precision)
@@ -89,12 +71,8 @@ def run(argv, steps=10, warmup=3) -> dict:
     dtype = WEIGHT_DTYPE[precision]
     torch.manual_seed(0)
     model = task.build_model(OmegaConf.merge(config, {"pretrained_path": None}))
-    optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
-    scheduler = build_scheduler(optimizer, config.scheduler, 100)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
-    if config.get("compile", False):
-        engine.compile()  # nn.Module.compile in place (inductor): parameter names unchanged
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in synthetic_batch(config, micro, qa).items()}
+    engine, _ = build_engine(model, config, ds_cfg, steps_per_epoch=100)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.synthetic_batch(config, micro).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -116,13 +94,13 @@ def run(argv, steps=10, warmup=3) -> dict:
     step = [t[3] for t in times]
     median = statistics.median(step)
     deciles = statistics.quantiles(step, n=10) if len(step) > 1 else [median] * 9
-    flops = qa_step_flops(config) if qa else step_flops(config, micro)
+    flops = task.step_flops(config, micro)
     achieved = flops["train"] * micro / median / 1e12
     peak = matmul_peak(device, COMPUTE_DTYPE[precision])
     memory = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     return dict(task=task.name, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                threads=torch.get_num_threads(), ranks=world, precision=precision, ds_config=config.get("ds_config"),
+                threads=torch.get_num_threads(), ranks=world, precision=precision, ds_config=config.ds_config,
                 batch_per_rank=micro, frames=config.video_input.num_frames, image_res=config.image_res,
                 samples_per_s_per_device=round(micro / median, 3), samples_per_s=round(micro * world / median, 3),
                 step_s_median=round(median, 4), step_s_p10_p90=[round(deciles[0], 4), round(deciles[-1], 4)],

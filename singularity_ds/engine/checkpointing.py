@@ -18,10 +18,22 @@ COMPLETE = "COMPLETE"
 
 
 class Checkpointer:
-    def __init__(self, run_dir: str, rank: int, keep_last: int = 2):
+    """Saves every ``every_epochs`` epochs (and after the last), every ``every_steps`` optimizer steps
+    inside an epoch when that is > 0, and keeps the newest ``keep_last``."""
+
+    def __init__(self, run_dir: str, rank: int, keep_last: int = 2, every_steps: int = 0, every_epochs: int = 1):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.tmp = os.path.join(self.dir, ".tmp")
         self.rank, self.keep_last = rank, max(1, keep_last)
+        self.every_steps, self.every_epochs = every_steps, max(1, every_epochs)
+
+    def due_in_epoch(self, global_step: int, epoch_done: bool) -> bool:
+        """After an optimizer step; the step that ends an epoch is saved by :meth:`due_at_epoch_end`."""
+        return bool(self.every_steps) and global_step % self.every_steps == 0 and not epoch_done
+
+    def due_at_epoch_end(self, epoch: int, last: bool) -> bool:
+        """After epoch ``epoch`` (0-based) stopped; ``last``: training stops here."""
+        return last or (epoch + 1) % self.every_epochs == 0
 
     def save(self, engine, tag: str, client_state: dict):
         if self.rank == 0:

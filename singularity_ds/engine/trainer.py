@@ -1,6 +1,6 @@
-"""The one train loop, on DeepSpeed, for every task.
+"""The one train loop, on DeepSpeed, for every task object (:mod:`singularity_ds.tasks`).
 
-    singularity-ds train TASK [CONFIG ...] [key=value ...]
+    singularity-ds train TASK [--config BASE] [CONFIG ...] [key=value ...]
     deepspeed --num_accelerators 2 -m singularity_ds train pretrain tiny output_dir=runs/pt
 
 Run folder (``output_dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``train.log``,
@@ -8,8 +8,11 @@ Run folder (``output_dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``t
 ``singularity_ds.models.load_model``). Randomness is a function of (seed, epoch, step, rank): the data
 order and every item's frames/crops come from the loaders' seeds, and the model's RNG (dropout, ITM
 negatives, MLM masks) is reseeded at every micro-step, so a resumed run repeats an uninterrupted one.
+
+:meth:`Trainer.train_step` is one optimizer step (its gradient-accumulation micro-steps inside);
+:meth:`Trainer.train` runs epochs of them and asks the components when to act: the checkpointer when
+to save, the task whether to evaluate, the run log when to print.
 """
-import json
 import logging
 import os
 import shutil
@@ -19,24 +22,27 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from ..errors import CheckpointError, ConfigError
-from ..models.weights import export as export_model, plain_config
-from ..config import load_config
-from ..data.loader import item_seed
 from .. import dist
+from ..config import load_config
+from ..config.args import split_run_args
+from ..data.loader import item_seed
+from ..errors import CheckpointError, ConfigError
+from ..fileio import write_json
+from ..models.weights import export as export_model, plain_config
+from ..tasks import TASKS
+from .build import build_engine
 from .checkpointing import Checkpointer
-from .ds_config import WEIGHT_DTYPE, build_ds_config, offloads_optimizer, resolve_precision
-from .optim import build_optimizer, build_scheduler
-from .tasks import TASKS
+from .ds_config import WEIGHT_DTYPE, build_ds_config, resolve_precision
+from .run_log import RunLog
 
 logger = logging.getLogger("singularity_ds.train")
 
 
 def prepare_run_dir(config) -> str:
     """``output_dir`` must be new unless ``resume`` or ``overwrite`` (checked before anything is written)."""
-    run_dir = config.get("output_dir") or os.path.join("runs", config.task)
+    run_dir = config.output_dir or os.path.join("runs", config.task)
     exists = os.path.isdir(run_dir) and any(n != ".tmp" for n in os.listdir(run_dir))
-    if exists and not (config.get("resume") or config.get("overwrite")):
+    if exists and not (config.resume or config.overwrite):
         raise ConfigError(f"output_dir {run_dir} exists and is not empty; pass resume=auto to continue it or "
                           f"overwrite=True to replace it")
     return run_dir
@@ -54,8 +60,6 @@ def _setup_logging(run_dir: str, rank: int):
         fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
         fh.setFormatter(fmt)
         root.addHandler(fh)
-        return fh
-    return None
 
 
 def _memory_mb(device) -> float:
@@ -75,47 +79,40 @@ class Trainer:
         self.info = dist.setup()
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
         if self.rank == 0:
-            if config.get("overwrite") and not config.get("resume") and os.path.isdir(self.run_dir):
+            if config.overwrite and not config.resume and os.path.isdir(self.run_dir):
                 shutil.rmtree(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
         dist.barrier()
-        self._log_handler = _setup_logging(self.run_dir, self.rank)
+        _setup_logging(self.run_dir, self.rank)
         self.dtype = WEIGHT_DTYPE[self.precision]
-        self.seed = int(config.get("seed", 42))
+        self.seed = config.seed
+        self.accumulation = config.gradient_accumulation_steps
 
     def build(self):
-        import deepspeed
-
         config, task = self.config, self.task
         torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
         self.tokenizer = task.tokenizer(config)
         model = task.build_model(config)
         self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
-        self.gas = int(config.get("gradient_accumulation_steps", 1))
-        self.steps_per_epoch = max(1, len(self.loader) // self.gas)
-        ds_cfg = self.ds_cfg
-        optimizer = build_optimizer(model, config.optimizer, cpu_adam=offloads_optimizer(ds_cfg))
-        scheduler = build_scheduler(optimizer, config.scheduler, self.steps_per_epoch)
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                  lr_scheduler=scheduler, config=ds_cfg)
-        if config.get("compile", False):
-            self.engine.compile()  # nn.Module.compile in place (inductor): checkpoint keys unchanged
-        self.checkpointer = Checkpointer(self.run_dir, self.rank, int(config.get("keep_last_checkpoints", 2)))
+        self.steps_per_epoch = max(1, len(self.loader) // self.accumulation)
+        self.engine, self.scheduler = build_engine(model, config, self.ds_cfg, self.steps_per_epoch)
+        self.checkpointer = Checkpointer(self.run_dir, self.rank, config.keep_last_checkpoints,
+                                         config.save_every_steps, config.save_every_epochs)
         if self.rank == 0:
             # resolved where it can be (an unused ${oc.env:...} without its variable stays as written)
             OmegaConf.save(OmegaConf.create(plain_config(config)), os.path.join(self.run_dir, "config.yaml"))
-            with open(os.path.join(self.run_dir, "ds_config.json"), "w") as f:
-                json.dump(ds_cfg, f, indent=2)
+            write_json(self.ds_cfg, os.path.join(self.run_dir, "ds_config.json"), indent=2)
             logger.info("task %s, %d rank(s), %s, %s, %d micro-batches/epoch, gradient accumulation %d",
-                        task.name, self.world, config.get("ds_config", "zero2"), self.precision, len(self.loader), self.gas)
+                        task.name, self.world, config.ds_config, self.precision, len(self.loader), self.accumulation)
 
     def _resume(self):
-        if not self.config.get("resume"):
-            return dict(epoch=0, micro_step=0, global_step=0)
+        fresh = dict(epoch=0, micro_step=0, global_step=0)
+        if not self.config.resume:
+            return fresh
         tag = self.checkpointer.latest() if self.config.resume in (True, "auto") else str(self.config.resume)
         if tag is None:
             logger.info("resume=%s: no complete checkpoint in %s, starting fresh", self.config.resume, self.run_dir)
-            return dict(epoch=0, micro_step=0, global_step=0)
+            return fresh
         state = self.checkpointer.load(self.engine, tag)
         saved, current = state.get("stream_layout"), self._stream_layout()
         if saved and current and saved != current:
@@ -124,109 +121,88 @@ class Trainer:
                               f"num_workers")
         logger.info("resumed from %s: epoch %d, micro-step %d, global step %d", tag, state["epoch"],
                     state["micro_step"], state["global_step"])
-        return dict(epoch=state["epoch"], micro_step=state["micro_step"], global_step=state["global_step"])
+        return {k: state[k] for k in fresh}
 
     def _stream_layout(self):
         """How shard streams split an epoch (ranks x loader workers); None without shard corpora."""
         from torch.utils.data import IterableDataset
-        streams = [l for l in self.loader.loaders.values() if isinstance(l.dataset, IterableDataset)]
+        streams = [ld for ld in self.loader.loaders.values() if isinstance(ld.dataset, IterableDataset)]
         return dict(world=self.world, num_workers=streams[0].num_workers) if streams else None
 
     def _save(self, epoch, micro_step, global_step):
         state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step, stream_layout=self._stream_layout())
         self.checkpointer.save(self.engine, f"step{global_step:08d}", state)
 
+    def train_step(self, batches, epoch: int, micro: int) -> dict:
+        """One optimizer step: ``gradient_accumulation_steps`` micro-batches from ``batches``, the first
+        being micro-step ``micro`` of ``epoch``. Returns the step's record without ``step``/``epoch``:
+        each loss averaged over the micro-steps and the ranks, lr, grad norm, throughput, data wait."""
+        start, wait, sums, broken = time.perf_counter(), 0.0, {}, 0
+        for i in range(self.accumulation):
+            t0 = time.perf_counter()
+            media_type, batch = next(batches)
+            wait += time.perf_counter() - t0
+            torch.manual_seed(item_seed(self.seed, epoch, micro + i) * 64 + self.rank)
+            losses = self.task.losses(self.engine, batch, self.dtype, self.device)
+            self.engine.backward(sum(losses.values()))
+            self.engine.step()
+            broken += len(batch.get("failures", []))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item() / self.accumulation
+        names = list(sums)
+        sums = dict(zip(names, dist.mean_over_ranks([sums[k] for k in names])))
+        window = time.perf_counter() - start
+        gn = self.engine.get_global_grad_norm()
+        return dict(media=media_type, **sums, loss=sum(sums.values()), lr=self.scheduler.get_last_lr()[0],
+                    grad_norm=float(gn) if gn is not None else float("nan"),
+                    samples_per_s=batch["media"].shape[0] * self.accumulation * self.world / window,
+                    data_wait=wait / window, memory_mb=_memory_mb(self.device), broken_media=broken)
+
     def train(self) -> dict:
         self.build()
         cfg = self.config
         state = self._resume()
-        epochs, max_steps = int(cfg.scheduler.epochs), int(cfg.get("max_steps", -1))
-        save_every = int(cfg.get("save_every_steps", 0))
-        save_every_epochs = max(1, int(cfg.get("save_every_epochs", 1)))
-        writer = None
-        if self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        epochs, max_steps = cfg.scheduler.epochs, cfg.max_steps
         total = epochs * self.steps_per_epoch if max_steps < 0 else min(max_steps, epochs * self.steps_per_epoch)
-        progress = None
-        if self.rank == 0:
-            from tqdm import tqdm
-            progress = tqdm(total=total, initial=state["global_step"], desc=self.task.name, dynamic_ncols=True,
-                            disable=not sys.stderr.isatty() and not cfg.get("progress_bar", False))
-        history, failures, global_step = [], 0, state["global_step"]
-        per_epoch = self.steps_per_epoch * self.gas  # micro-batches used per epoch (whole accumulation windows)
+        log = RunLog(self.run_dir, self.rank, total, state["global_step"], self.task.name, cfg.log_freq,
+                     cfg.progress_bar)
+        failures, global_step = 0, state["global_step"]
+        per_epoch = self.steps_per_epoch * self.accumulation  # micro-batches used per epoch (whole windows)
         for epoch in range(state["epoch"], epochs):
             if global_step >= total:
                 break
             self.loader.set_epoch(epoch)
-            start = state["micro_step"] if epoch == state["epoch"] else 0
+            micro = state["micro_step"] if epoch == state["epoch"] else 0
             self.engine.train()
-            sums, t_wait, t_window = {}, 0.0, time.perf_counter()
-            micro = start
-            batches = self.loader.iterate(start)
+            batches = self.loader.iterate(micro)
             while micro < per_epoch and global_step < total:
-                t0 = time.perf_counter()
-                media_type, batch = next(batches)
-                t_wait += time.perf_counter() - t0
-                torch.manual_seed(item_seed(self.seed, epoch, micro) * 64 + self.rank)
-                losses = self.task.losses(self.engine, batch, self.dtype, self.device)
-                self.engine.backward(sum(losses.values()))
-                self.engine.step()
-                micro += 1
-                failures += len(batch.get("failures", []))
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v.item() / self.gas
-                if micro % self.gas:
-                    continue
-                global_step += 1
-                window = time.perf_counter() - t_window
-                gn = self.engine.get_global_grad_norm()
-                record = dict(step=global_step, epoch=epoch, media=media_type, **sums, loss=sum(sums.values()),
-                              lr=self.scheduler.get_last_lr()[0], grad_norm=float(gn) if gn is not None else float("nan"),
-                              samples_per_s=batch["media"].shape[0] * self.gas * self.world / window,
-                              data_wait=t_wait / window, memory_mb=_memory_mb(self.device))
-                history.append(record)
-                self._log(writer, progress, record, list(losses), failures)
-                sums, t_wait, t_window = {}, 0.0, time.perf_counter()
-                if save_every and global_step % save_every == 0 and micro < per_epoch:
+                record = self.train_step(batches, epoch, micro)
+                micro, global_step = micro + self.accumulation, global_step + 1
+                failures += record.pop("broken_media")
+                record = dict(step=global_step, epoch=epoch, **record)
+                log.step(record, [k for k in record if k.startswith("loss_")], failures)
+                if self.checkpointer.due_in_epoch(global_step, epoch_done=micro >= per_epoch):
                     self._save(epoch, micro, global_step)
             finished = micro >= per_epoch
             last = not finished or global_step >= total or epoch + 1 == epochs
-            if last or (epoch + 1) % save_every_epochs == 0:
+            if self.checkpointer.due_at_epoch_end(epoch, last):
                 self._save(epoch + 1 if finished else epoch, 0 if finished else micro, global_step)
             if finished and self.task.evaluate_each_epoch:
-                self._evaluate(writer, epoch, global_step)
-        if progress is not None:
-            progress.close()
+                self._evaluate(log, epoch, global_step)
+        log.close()
         results = {}
         if self.task.evaluate_each_epoch:  # the last epoch's evaluation already scored this very model
-            results = self._last_eval if self._last_eval_step == global_step else self._evaluate(writer, "final", global_step)
+            results = self._last_eval if self._last_eval_step == global_step else self._evaluate(log, "final", global_step)
             if self.rank == 0 and results:
-                with open(os.path.join(self.run_dir, "eval_final.json"), "w") as f:
-                    json.dump(results, f, indent=1)
+                write_json(results, os.path.join(self.run_dir, "eval_final.json"))
         self._export()
-        if writer is not None:
-            writer.close()
         if self.rank == 0:
-            with open(os.path.join(self.run_dir, "history.json"), "w") as f:
-                json.dump(history, f, indent=1)
+            write_json(log.history, os.path.join(self.run_dir, "history.json"))
         if failures:
             logger.warning("%d broken media were replaced during training (paths in train.log)", failures)
-        return dict(history=history, eval=results, run_dir=self.run_dir, failures=failures)
+        return dict(history=log.history, eval=results, run_dir=self.run_dir, failures=failures)
 
-    def _log(self, writer, progress, record, loss_names, failures):
-        if self.rank != 0:
-            return
-        for k in loss_names + ["loss", "lr", "grad_norm", "samples_per_s", "data_wait", "memory_mb"]:
-            writer.add_scalar(f"train/{k}", record[k], record["step"])
-        writer.add_scalar("train/broken_media", failures, record["step"])
-        progress.update(1)
-        progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-        if record["step"] % int(self.config.get("log_freq", 100)) == 0 or record["step"] == 1:
-            logger.info("step %d epoch %d: %s", record["step"], record["epoch"],
-                        " ".join(f"{k}={record[k]:.4f}" for k in loss_names + ["loss", "lr", "grad_norm", "samples_per_s"]))
-
-    def _evaluate(self, writer, epoch, step) -> dict:
+    def _evaluate(self, log, epoch, step) -> dict:
         model = self.engine.module
         model.eval()
         # evaluation calls the module's methods, outside the engine's forward (and its autocast)
@@ -241,13 +217,8 @@ class Trainer:
         model.train()
         self._last_eval, self._last_eval_step = results, step
         if self.rank == 0 and results:
-            with open(os.path.join(self.run_dir, f"eval_{epoch}.json"), "w") as f:
-                json.dump(results, f, indent=1)
-            if writer is not None:
-                for name, res in results.items():
-                    for k, v in res.get("x", res).items():  # retrieval: re-ranked metrics; QA: accuracy
-                        if isinstance(v, (int, float)):
-                            writer.add_scalar(f"eval_{name}/{k}", v, step)
+            write_json(results, os.path.join(self.run_dir, f"eval_{epoch}.json"))
+            log.evaluation(self.task.eval_scalars(results), step)
         return results
 
     def _export(self):
@@ -267,22 +238,15 @@ class Trainer:
 
 
 def parse_train_args(argv):
-    """``TASK [--config BASE] [OVERLAY ...] [key=value ...]`` -> (task, config). BASE defaults to the
-    task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml)."""
-    argv = [a for a in argv if not a.startswith("--local_rank")]  # the deepspeed launcher adds it
-    if not argv or argv[0] not in TASKS:
-        raise ConfigError(f"unknown task {argv[0] if argv else ''!r}; expected one of {', '.join(TASKS)}")
-    task, rest = TASKS[argv[0]], argv[1:]
-    base = task.default_config
-    if "--config" in rest:
-        i = rest.index("--config")
-        if i + 1 >= len(rest):
-            raise ConfigError("--config needs a config name or YAML path")
-        base = rest[i + 1]
-        rest = rest[:i] + rest[i + 2:]
-    config = load_config([base] + [a for a in rest if "=" not in a], [a for a in rest if "=" in a])
+    """``TASK [--config BASE] [CONFIG ...] [key=value ...]`` -> (task, config). BASE defaults to the
+    task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml, ...)."""
+    args = split_run_args(argv, value_flags=["--config"])
+    if not args.configs or args.configs[0] not in TASKS:
+        raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; expected one of {', '.join(TASKS)}")
+    task = TASKS[args.configs[0]]
+    config = load_config([args.flags.get("config", task.default_config)] + args.configs[1:], args.overrides)
     config.task = task.name
-    path = config.get("pretrained_path")
+    path = config.pretrained_path
     if path and not os.path.exists(path):
         raise CheckpointError(f"pretrained_path {path}: no such file")
     return task, config

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import load_config
+from ..config.args import split_run_args
 from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
 from ..data import build_tokenizer, eval_datasets, per_media
@@ -85,15 +86,11 @@ def evaluate_qa_sets(model, config, tokenizer, names=None) -> dict:
 
 
 def _split_args(argv):
-    offload = "--offload" in argv
-    argv = [a for a in argv if a != "--offload" and not a.startswith("--local_rank")]
-    names = [a for a in argv if "=" not in a]
-    overrides = [a for a in argv if "=" in a]
-    if len(names) < 2:
+    args = split_run_args(argv, bool_flags=["--offload"])
+    if len(args.configs) < 2:
         raise ConfigError("usage: singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]")
-    if offload:
-        overrides.append("eval_offload=True")
-    return names[:-1], names[-1], overrides
+    overrides = args.overrides + (["eval_offload=True"] if "offload" in args.flags else [])
+    return args.configs[:-1], args.configs[-1], overrides
 
 
 def eval_main(kind: str, argv) -> dict:
@@ -108,8 +105,8 @@ def eval_main(kind: str, argv) -> dict:
             OmegaConf.to_container(config.test_file[name], resolve=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
     device = setup()["device"] if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    extra = {"task": "train_qa"} if kind == "qa" else {}  # a QA model (decoder initialised if the file has none)
-    model = load_model(checkpoint, image_res=config.image_res, **extra).to(device)
+    # QA: the QA model (decoder initialised if the file has none); else as the checkpoint holds
+    model = load_model(checkpoint, image_res=config.image_res, qa=True if kind == "qa" else None).to(device)
     config.vit_type = model.vit_type  # transforms (normalisation) follow the checkpoint's tower
     out_dir = config.get("output_dir") or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir

@@ -47,15 +47,9 @@ def init_towers(model: Singularity, config) -> None:
         loader(model, folder)
 
 
-def model_class(config, state: dict = None):
-    """QA (answer decoder) for the QA tasks or a checkpoint that has a decoder; retrieval otherwise."""
-    qa = str(config.get("task", "")).endswith("qa") or (state is not None and any(k.startswith("text_decoder.") for k in state))
-    return SingularityQA if qa else Singularity
-
-
-def build_model(config, strict: bool = True) -> Singularity:
-    """A training-ready model: towers from ``pretrained_path`` or per ``tower_init``."""
-    model = model_class(config)(config)
+def build_model(config, model_class=Singularity, strict: bool = True) -> Singularity:
+    """A training-ready ``model_class`` (the task's): towers from ``pretrained_path`` or per ``tower_init``."""
+    model = model_class(config)
     path = config.get("pretrained_path")
     if path:
         state, _ = read_checkpoint(path)
@@ -72,16 +66,20 @@ def _apply_overrides(cfg: dict, overrides: dict) -> DictConfig:
     return cfg
 
 
-def load_model(path: str, strict: bool = True, **overrides) -> Singularity:
+def load_model(path: str, strict: bool = True, qa: bool = None, **overrides) -> Singularity:
     """A model in eval mode from an original Singularity checkpoint (``.pth``), or a folder written by
     :func:`singularity_ds.models.weights.export`. The architecture comes from the checkpoint's config;
     ``overrides`` change config keys (nested as dicts, or dotted: ``**{"video_input.num_frames": 1}``).
+    ``qa``: the QA model (answer decoder; initialised from the text tower if the file has none); by
+    default QA exactly when the checkpoint has a decoder.
     """
     state, cfg = read_checkpoint(path)
     cfg = _apply_overrides(cfg, overrides)
     if "video_input" not in cfg or "num_frames" not in cfg.video_input:
         n = state["temporal_embeddings"].shape[1] if "temporal_embeddings" in state else 1
         OmegaConf.update(cfg, "video_input.num_frames", n, merge=True)
-    model = model_class(cfg, state)(cfg)
+    if qa is None:
+        qa = any(k.startswith("text_decoder.") for k in state)
+    model = (SingularityQA if qa else Singularity)(cfg)
     load_into(model, state, strict=strict, source=path)
     return model.eval()

@@ -21,7 +21,7 @@ the question states) and the vocabulary head at every answer position (the origi
 Training = 3x forward (backward costs two forwards). Unit-tested against PyTorch's FlopCounterMode and
 a hand count.
 """
-from ..models.arch import bert_config, decoder_config, temporal_config, vision_config
+from .arch import bert_config, decoder_config, temporal_config, vision_config
 
 
 def layer(n, d, f):
