@@ -40,6 +40,12 @@ def cmd_summary(args) -> int:
     return 0
 
 
+def cmd_config_docs(args) -> int:
+    from .config.docs import config_docs
+    print(config_docs(), end="")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo, run_demo_qa
     if args.qa:
@@ -128,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("configs", nargs="*", help="config names/paths (e.g. pretrain tiny) then key=value overrides")
     s.add_argument("--checkpoint", help="summarise a checkpoint instead of a config")
     s.set_defaults(func=cmd_summary)
+    c = sub.add_parser("config-docs", help="print every config key (type, default, accepted values, doc) as "
+                                           "markdown (docs/config.md)")
+    c.set_defaults(func=cmd_config_docs)
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--qa", action="store_true", help="video QA from the demo's pretraining (after `demo`)")
