@@ -205,7 +205,7 @@ def test_config_from_checkpoint_fills_the_schema_under_the_stored_values(name):
     import json
     from conftest import reference
     from singularity_ds.config import config_from_checkpoint
-    from singularity_ds.models import model_class
+    from singularity_ds.models import Singularity, SingularityQA, is_qa_state
     from singularity_ds.models.weights import load_into, read_checkpoint
     path = reference(name)
     stored = json.loads((path / "config.json").read_text())
@@ -223,7 +223,7 @@ def test_config_from_checkpoint_fills_the_schema_under_the_stored_values(name):
         assert cfg.max_a_len == 5 and cfg.k_test == 4 and cfg.loss_weight.mlm == 0
         assert cfg.text_decoder_config_dict.num_hidden_layers == 1
     # the filled defaults leave the architecture as stored: the checkpoint loads strictly
-    model = model_class(cfg, state)(cfg)
+    model = (SingularityQA if is_qa_state(state) else Singularity)(cfg)
     load_into(model, state, strict=True, source=name)
     assert model.has_mlm_head is (name == "singularity_tiny")
 

@@ -7,9 +7,10 @@
 import logging
 import os
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
-from ..errors import CheckpointError
+from ..config import config_from_checkpoint
+from ..errors import CheckpointError, ConfigError
 from .weights import (load_into, load_text_tower, load_vision_tower,
                           read_checkpoint)
 from .qa import SingularityQA
@@ -59,27 +60,36 @@ def build_model(config, model_class=Singularity, strict: bool = True) -> Singula
     return model
 
 
-def _apply_overrides(cfg: dict, overrides: dict) -> DictConfig:
-    cfg = OmegaConf.create(cfg)
+def _with_overrides(stored: dict, overrides: dict) -> dict:
+    cfg = OmegaConf.create(stored)
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=True)  # dotted keys reach nested values
-    return cfg
+    return OmegaConf.to_container(cfg)
+
+
+def is_qa_state(state: dict) -> bool:
+    """A checkpoint of the QA model: it has the answer decoder."""
+    return any(k.startswith("text_decoder.") for k in state)
 
 
 def load_model(path: str, strict: bool = True, qa: bool = None, **overrides) -> Singularity:
     """A model in eval mode from an original Singularity checkpoint (``.pth``), or a folder written by
-    :func:`singularity_ds.models.weights.export`. The architecture comes from the checkpoint's config;
-    ``overrides`` change config keys (nested as dicts, or dotted: ``**{"video_input.num_frames": 1}``).
-    ``qa``: the QA model (answer decoder; initialised from the text tower if the file has none); by
-    default QA exactly when the checkpoint has a decoder.
+    :func:`singularity_ds.models.weights.export`. The architecture comes from the checkpoint's config
+    (keys it lacks take the schema's defaults); ``overrides`` change config keys (nested as dicts, or
+    dotted: ``**{"video_input.num_frames": 1}``). ``qa``: the QA model (answer decoder; initialised from
+    the text tower if the file has none); by default QA exactly when the checkpoint has a decoder.
     """
-    state, cfg = read_checkpoint(path)
-    cfg = _apply_overrides(cfg, overrides)
-    if "video_input" not in cfg or "num_frames" not in cfg.video_input:
+    state, stored = read_checkpoint(path)
+    stored = _with_overrides(stored, overrides)
+    if "num_frames" not in stored.get("video_input", {}):  # the frames the temporal embeddings were made for
         n = state["temporal_embeddings"].shape[1] if "temporal_embeddings" in state else 1
-        OmegaConf.update(cfg, "video_input.num_frames", n, merge=True)
+        stored.setdefault("video_input", {})["num_frames"] = n
+    try:
+        cfg = config_from_checkpoint(stored)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its config: {e}") from None
     if qa is None:
-        qa = any(k.startswith("text_decoder.") for k in state)
+        qa = is_qa_state(state)
     model = (SingularityQA if qa else Singularity)(cfg)
     load_into(model, state, strict=strict, source=path)
     return model.eval()
