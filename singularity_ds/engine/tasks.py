@@ -10,7 +10,7 @@ import logging
 
 import torch
 
-from ..data import build_tokenizer, corpus_specs, per_media, train_loader
+from ..data import build_tokenizer, caption_train_loader, corpus_specs, per_media, qa_train_loader
 from ..eval.run import evaluate_qa_sets, evaluate_sets
 from ..models import build_model
 
@@ -30,7 +30,7 @@ class CaptionTask:
         return build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
 
     def train_loader(self, config, tokenizer, rank, world):
-        return train_loader(config, tokenizer, rank, world)
+        return caption_train_loader(config, tokenizer, rank, world)
 
     def micro_batch(self, config):
         """The largest per-rank batch among the media types actually trained on (DeepSpeed's micro-batch)."""
@@ -50,6 +50,9 @@ class CaptionTask:
 
 class QATask(CaptionTask):
     """Video QA / VQA: the model is :class:`~singularity_ds.models.SingularityQA` (``config.task``)."""
+
+    def train_loader(self, config, tokenizer, rank, world):
+        return qa_train_loader(config, tokenizer, rank, world)
 
     def losses(self, model, batch, dtype, device) -> dict:
         return dict(loss_qa=model(batch["media"].to(device, dtype), batch["question_ids"].to(device),
