@@ -10,10 +10,9 @@ from torchvision.transforms import functional as TF
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is installed by `make install`; absent here")
 
 from singularity_ds.data import MediaSource, build_transform  # noqa: E402
-from singularity_ds.data.dali import clip_pipeline  # noqa: E402
+from singularity_ds.data.readers import DecordReader, clip_pipeline, get_reader, read_frames  # noqa: E402
 from singularity_ds.data.synthetic import make_synthetic  # noqa: E402
 from singularity_ds.errors import MediaError  # noqa: E402
-from singularity_ds.data.video import DecordReader, get_reader, read_frames  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -96,14 +95,14 @@ def test_training_loader_decodes_whole_batches_in_dali(clips):
     colour conversion and cubic interpolation."""
     import os
     from singularity_ds.config import load_config
-    from singularity_ds.data import build_tokenizer, train_loader
+    from singularity_ds.data import build_tokenizer, caption_train_loader
     root = os.path.dirname(os.path.dirname(clips["mjpeg"][0]))
     tok = build_tokenizer()
     common = ["image_res=32", "batch_size.video=4", "num_workers=0", "video_input.num_frames=3"]
     batches = {}
     for name, extra in (("decord", []), ("dali", ["video_input.reader=dali", "video_input.dali_device=cpu"])):
         cfg = load_config(["ret_msrvtt", "tiny", os.path.join(root, "configs", "ret.yaml")], common + extra)
-        loader = train_loader(cfg, tok)
+        loader = caption_train_loader(cfg, tok)
         loader.set_epoch(0)
         batches[name] = next(iter(loader))[1]
     a, b = batches["dali"]["media"], batches["decord"]["media"]

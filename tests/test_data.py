@@ -2,21 +2,25 @@ import json
 import zlib
 import os
 import random
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
 
 from singularity_ds.config import load_config
-from singularity_ds.data import (AnnotationError, CaptionDataset, MCDataset, MediaError, MediaSource, QADataset,
-                                 RetrievalEvalDataset, build_tokenizer, build_transform, corpus_specs,
-                                 eval_datasets, get_frame_indices, load_corpus, make_loader, pre_text, read_frames,
-                                 tokenize, train_loader)
+from singularity_ds.data import (CaptionDataset, ClipPlanner, MCDataset, MediaSource, QADataset,
+                                 RetrievalEvalDataset, build_tokenizer, build_transform, caption_train_loader,
+                                 corpus_specs, eval_datasets, get_frame_indices, get_reader, load_corpus,
+                                 make_loader, pre_text, qa_train_loader, read_frames, tokenize)
 from singularity_ds.data.annotations import AnnotationStore, read_annotations
 from singularity_ds.data.loader import CaptionCollate
+from singularity_ds.data.readers import DecordReader, PyAVReader
 from singularity_ds.data.synthetic import make_synthetic, render
-from singularity_ds.data.video import DecordReader, PyAVReader
+from singularity_ds.errors import AnnotationError, ConfigError, MediaError
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +218,20 @@ def test_unreadable_files_raise_media_error(tmp_path):
             read_frames(str(junk), 2, "middle", reader)
 
 
+def test_reader_names_come_from_the_registry(monkeypatch, caplog):
+    assert isinstance(get_reader("decord"), DecordReader) and isinstance(get_reader("av"), PyAVReader)
+    with pytest.raises(ValueError, match=re.escape("unknown video reader 'x'; expected one of "
+                                                   "['av', 'decord', 'dali', 'auto']")):
+        get_reader("x")
+    import singularity_ds.data.readers.dali as dali  # without DALI installed:
+    monkeypatch.setattr(dali, "dali_missing", lambda: "nvidia-dali is not installed (test)")
+    with pytest.raises(ConfigError, match=r"^video_input.reader=dali: nvidia-dali is not installed \(test\)"):
+        get_reader("dali")
+    with caplog.at_level("WARNING"):
+        assert isinstance(get_reader("auto"), DecordReader)
+    assert "video_input.reader=auto: nvidia-dali is not installed (test); using decord" in caplog.text
+
+
 # ---------------------------------------------------------------------- transforms
 def test_train_transform_is_identical_across_frames_and_seeded(corpus):
     frame = torch.randint(0, 255, (1, 3, 80, 96), dtype=torch.uint8)
@@ -240,7 +258,7 @@ def _cfg(corpus, *extra):
 
 def test_mixed_loader_batches_and_determinism(corpus):
     tok = build_tokenizer()
-    loader = train_loader(_cfg(corpus), tok)
+    loader = caption_train_loader(_cfg(corpus), tok)
     loader.set_epoch(0)
     batches = list(loader)
     kinds = [k for k, _ in batches]
@@ -257,7 +275,7 @@ def test_mixed_loader_batches_and_determinism(corpus):
 def test_two_ranks_agree_on_media_type_and_split_the_data(corpus):
     tok = build_tokenizer()
     cfg = _cfg(corpus)
-    loaders = [train_loader(cfg, tok, rank=r, world=2) for r in (0, 1)]
+    loaders = [caption_train_loader(cfg, tok, rank=r, world=2) for r in (0, 1)]
     for l in loaders:
         l.set_epoch(3)
     kinds = [[k for k, _ in l] for l in loaders]
@@ -335,9 +353,45 @@ def test_motion_clips_share_their_middle_frame(corpus):
     assert all(np.abs(s - starts[0]).mean() > 1 for s in starts[1:])
 
 
+def test_qa_train_loader_batches_questions_and_weighted_answers(corpus):
+    cfg = load_config(["qa_msrvtt", "tiny", str(corpus / "configs" / "qa.yaml")],
+                      ["image_res=32", "batch_size.video=3", "num_workers=0", "max_q_len=16", "max_a_len=6"])
+    tok = build_tokenizer()
+    loader = qa_train_loader(cfg, tok)
+    loader.set_epoch(0)
+    media_type, batch = next(iter(loader))
+    assert media_type == "video" and batch["media"].shape == (3, cfg.video_input.num_frames, 3, 32, 32)
+    assert batch["question_ids"].shape == (3, 16)
+    assert batch["answer_ids"].shape[0] == sum(batch["num_answers"])
+    assert all(a.endswith(" [SEP]") for a in batch["answers"]) and batch["answer_ids"][0, 0] == 101
+    assert torch.allclose(batch["weights"].sum(), torch.tensor(3.0))  # each question's weights sum to 1
+
+
+def test_clip_plans_are_the_draws_of_the_media_source(corpus):
+    """video_input.dali_device: a ClipPlanner plans (frames, crop box, flip) exactly as MediaSource draws
+    them from the same seed; applying the plan to decord's frames gives MediaSource's pixels."""
+    transform = build_transform(32, "beit", train=True)
+    source, planner = MediaSource("video", transform, 3, "rand"), ClipPlanner(transform, 3, "rand")
+    path = str(corpus / "videos" / "clip_00002.mp4")
+    flips = set()
+    for seed in range(6):
+        plan = planner(path, seed)
+        _, indices, _ = read_frames(path, 3, "rand", "decord", random.Random(seed))
+        assert plan.path == path and plan.indices == indices
+        raw = DecordReader().decode(path, plan.indices)
+        x = TF.resized_crop(raw, *plan.box, [32, 32], interpolation=InterpolationMode.BICUBIC,
+                            antialias=False)
+        x = TF.hflip(x) if plan.flip else x
+        assert torch.equal(source(path, seed), (x.float() / 255 - 0.5) / 0.5)
+        flips.add(plan.flip)
+    assert flips == {True, False}
+    whole = ClipPlanner(build_transform(32, train=False), 3, "middle")(path, 0)
+    assert whole.box == (0, 0, 64, 64) and not whole.flip  # the evaluation transform resizes the whole frame
+
+
 def test_iterate_from_a_position_replays_the_rest_of_the_epoch(corpus):
     """Resume: starting at micro-batch k gives exactly batches k.. of the uninterrupted epoch."""
-    loader = train_loader(_cfg(corpus), build_tokenizer())
+    loader = caption_train_loader(_cfg(corpus), build_tokenizer())
     loader.set_epoch(2)
     full = [(k, b["captions"], b["media"]) for k, b in loader]
     part = [(k, b["captions"], b["media"]) for k, b in loader.iterate(5)]

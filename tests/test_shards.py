@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from conftest import tiny_config
 from singularity_ds.cli import main
-from singularity_ds.data import build_tokenizer, train_loader
+from singularity_ds.data import build_tokenizer, caption_train_loader
 from singularity_ds.errors import AnnotationError
 from singularity_ds.data.shards import ShardStream, make_shards, read_shard, shard_list
 from singularity_ds.data.synthetic import make_synthetic
@@ -158,7 +158,7 @@ def test_broken_sample_is_skipped_counted_and_its_slot_filled(corpus, tmp_path):
             tar.addfile(m, fileobj=__import__("io").BytesIO(data))
     cfg = tiny_config(image_res=32, num_workers=2, **{"batch_size.video": 4},
                       train_file=f"[[{tmp_path / 'sh'},null,video]]")
-    loader = train_loader(cfg, build_tokenizer(), 0, 1)
+    loader = caption_train_loader(cfg, build_tokenizer(), 0, 1)
     loader.set_epoch(0)
     batches = [b for _, b in loader]
     failures = [f for b in batches for f in b["failures"]]

@@ -51,8 +51,8 @@ class AnnotationStore:
         buffer, offsets, ids, block, n = bytearray(), array("q", [0]), array("H"), [], 0
         for entry in entries:
             if self._corpora:
-                cid, entry = entry
-                ids.append(cid)
+                corpus, entry = entry
+                ids.append(corpus)
             block.append(json.dumps(entry, separators=(",", ":")).encode())  # never a raw newline
             n += 1
             if len(block) == self.BLOCK:
@@ -222,5 +222,5 @@ def load_corpus(specs: Sequence[tuple], kind: str = "caption") -> AnnotationStor
     """The corpora's validated entries in one :class:`AnnotationStore`, parsed and stored one entry
     at a time (host memory ~ the compact store, not the files' Python objects)."""
     corpora = [(media_dir, media_type) for _, media_dir, media_type in specs]
-    return AnnotationStore(((cid, entry) for cid, (anno, _, media_type) in enumerate(specs)
+    return AnnotationStore(((corpus, entry) for corpus, (anno, _, media_type) in enumerate(specs)
                             for entry in iter_annotations(anno, media_type, kind)), corpora)

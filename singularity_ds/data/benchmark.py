@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, get_worker_info
 from .annotations import AnnotationStore
 from .synthetic import make_synthetic
 from .transforms import build_transform
-from .video import get_reader, read_frames
+from .readers import get_reader, read_frames
 
 
 def decode_benchmark(video_dir, frames_list=(1, 4), readers=("decord", "av"), res=224, limit=64):
@@ -57,8 +57,8 @@ def worker_memory(entries, workers=2):
     peak = {}
     loader = DataLoader(_Touch(entries), batch_size=4096, num_workers=workers, collate_fn=lambda b: b)
     for batch in loader:
-        for _, uss, wid in batch:
-            peak[wid] = max(peak.get(wid, 0), uss)
+        for _, uss, worker in batch:
+            peak[worker] = max(peak.get(worker, 0), uss)
     return [peak[w] / 2 ** 20 for w in sorted(peak)]
 
 

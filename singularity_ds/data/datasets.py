@@ -5,71 +5,26 @@ as ``(index, seed)``), so frame sampling, crops, flips and replacement draws dep
 (seed, epoch, position): a resumed run sees the same batches. Broken media are retried with another
 random item in training (each failure is returned with its path so the trainer counts and logs it);
 at evaluation a broken file is an error naming it unless ``skip_broken`` is set.
+
+An item's ``media`` is what its source makes of the path: pixels from a :class:`MediaSource`, or a clip
+plan from a :class:`ClipPlanner` (batched DALI decoding).
 """
 import logging
 import os
 import random
-from typing import NamedTuple
+from typing import Union
 
 import torch
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 from .annotations import AnnotationStore
+from .media import ClipPlanner, MediaSource
 from .text import pre_text
 from ..errors import MediaError
-from .video import frame_size, get_frame_indices, get_reader, load_image, read_frames
 
 logger = logging.getLogger(__name__)
 
-
-class ClipPlan(NamedTuple):
-    """What to decode and how to augment one clip, for a batched decoder (DALI) in the main process."""
-    path: str
-    indices: list
-    box: tuple   # (top, left, height, width) of the crop, the same for every frame
-    flip: bool
-
-
-class MediaSource:
-    """Reads + transforms one image or clip: -> float (T, C, H, W); images have T=1.
-
-    ``plan=True`` (videos; ``video_input.dali_device``): returns a :class:`ClipPlan` instead -- the
-    same frame indices, crop box and flip the transform would draw from this item's seed -- and the
-    pixels are made later, for the whole batch, by ``data.dali.clip_pipeline``."""
-
-    def __init__(self, media_type, transform, num_frames=1, sample_type="rand", reader="decord", max_num_frames=-1,
-                 plan=False, train=True):
-        self.media_type, self.transform = media_type, transform
-        self.num_frames, self.sample_type, self.max_num_frames = num_frames, sample_type, max_num_frames
-        self.reader = get_reader(reader) if media_type == "video" else None
-        self.plan, self.train = plan and media_type == "video", train
-
-    def _plan(self, path: str, seed: int) -> ClipPlan:
-        vlen, fps = self.reader.probe(path)
-        indices = get_frame_indices(self.num_frames, vlen, self.sample_type, fps, self.max_num_frames, random.Random(seed))
-        height, width = frame_size(path)
-        if not self.train:
-            return ClipPlan(path, indices, (0, 0, height, width), False)
-        steps = {type(t): t for t in self.transform.transforms}
-        crop, hflip = steps[transforms.RandomResizedCrop], steps[transforms.RandomHorizontalFlip]
-        with torch.random.fork_rng(devices=[]):  # the transform's own draws, in its order, from this seed
-            torch.manual_seed(seed)
-            box = crop.get_params(torch.empty(1, height, width), crop.scale, crop.ratio)
-            flip = bool(torch.rand(1) < hflip.p)
-        return ClipPlan(path, indices, tuple(box), flip)
-
-    def __call__(self, path: str, seed: int):
-        if self.plan:
-            return self._plan(path, seed)
-        if self.media_type == "image":
-            raw = load_image(path)
-        else:
-            raw, _, _ = read_frames(path, self.num_frames, self.sample_type, self.reader,
-                                    random.Random(seed), self.max_num_frames)
-        with torch.random.fork_rng(devices=[]):  # the transform's draws come from this item's seed
-            torch.manual_seed(seed)
-            return self.transform(raw)
+Source = Union[MediaSource, ClipPlanner]
 
 
 def _split(item):
@@ -79,7 +34,7 @@ def _split(item):
 class _MediaDataset(Dataset):
     """Shared loading with retries; subclasses define ``__len__``, ``path(i)`` and ``fields(i)``."""
 
-    def __init__(self, source: MediaSource, num_tries: int = 3, skip_broken: bool = False):
+    def __init__(self, source: Source, num_tries: int = 3, skip_broken: bool = False):
         self.source, self.num_tries, self.skip_broken = source, max(1, num_tries), skip_broken
 
     @property
@@ -110,7 +65,7 @@ class CaptionDataset(_MediaDataset):
     media (the original's ``match_ids``: media basename, or the caption when one text has several
     ground-truth videos, e.g. SSV2)."""
 
-    def __init__(self, store: AnnotationStore, source: MediaSource, num_tries=3, has_multi_vision_gt=False,
+    def __init__(self, store: AnnotationStore, source: Source, num_tries=3, has_multi_vision_gt=False,
                  is_paragraph_retrieval=False):
         super().__init__(source, num_tries)
         self.store, self.paragraph = store, is_paragraph_retrieval
@@ -193,7 +148,7 @@ class QADataset(_MediaDataset):
     """Train: (media, question, answers + [SEP], weights); eval: (media, question, question_id).
     Weights are each distinct answer's share of the annotators' answers (VQA), as the original."""
 
-    def __init__(self, store: AnnotationStore, source: MediaSource, train=True, eos="[SEP]", num_tries=3,
+    def __init__(self, store: AnnotationStore, source: Source, train=True, eos="[SEP]", num_tries=3,
                  skip_broken=False):
         super().__init__(source, num_tries, skip_broken)
         self.store, self.train, self.eos = store, train, eos

@@ -140,7 +140,7 @@ class MetaLoader:
         return order
 
     def __len__(self):
-        return sum(len(l) for l in self.loaders.values())
+        return sum(len(loader) for loader in self.loaders.values())
 
     def __iter__(self) -> Iterator:
         return self.iterate(0)

@@ -52,47 +52,47 @@ def compress_image(src: str, dst: str, size: int) -> None:
 def compress_video(src: str, dst: str, size: int, fps: Fraction, trim: Fraction = None) -> None:
     import av
     step = 1 / fps  # Fractions throughout: "timestamp <= k/fps" is compared exactly
-    with av.open(src) as inp, av.open(dst, "w", format="mp4") as out:
-        if not inp.streams.video:
+    with av.open(src) as source, av.open(dst, "w", format="mp4") as out:
+        if not source.streams.video:
             raise ValueError("no video stream")
-        vin = inp.streams.video[0]
-        vin.thread_type = "AUTO"
-        vout = None
+        stream_in = source.streams.video[0]
+        stream_in.thread_type = "AUTO"
+        stream_out = None
         latest = scaled = None  # the input frame currently shown, and its resized copy (made when needed)
         t0, end, k = None, Fraction(0), 0
-        rate = Fraction(vin.average_rate or vin.guessed_rate or 25)  # for frames without pts/duration
+        rate = Fraction(stream_in.average_rate or stream_in.guessed_rate or 25)  # frames without pts/duration
 
         def emit_until(t):  # output frames k with k/fps < t show `latest`
             nonlocal k, scaled
             while k * step < t:
                 if scaled is None:
-                    scaled = latest.reformat(width=vout.width, height=vout.height, format="yuv420p",
-                                             interpolation="BICUBIC")
+                    scaled = latest.reformat(width=stream_out.width, height=stream_out.height,
+                                             format="yuv420p", interpolation="BICUBIC")
                 scaled.pts, scaled.time_base = k, step
-                out.mux(vout.encode(scaled))
+                out.mux(stream_out.encode(scaled))
                 k += 1
 
-        for i, frame in enumerate(inp.decode(vin)):
+        for i, frame in enumerate(source.decode(stream_in)):
             t = frame.pts * frame.time_base if frame.pts is not None and frame.time_base else i / rate
             t0 = t if t0 is None else t0
             t -= t0  # outputs start at the first frame, whatever the container's start time
             if trim is not None and t >= trim:
                 end = trim  # the input goes on past it
                 break
-            if vout is None:
-                vout = out.add_stream("libx264", rate=fps)
-                vout.width, vout.height = scaled_size(frame.width, frame.height, size, even=True)
-                vout.pix_fmt = "yuv420p"
-                vout.options = {"crf": "23", "preset": "fast"}
+            if stream_out is None:
+                stream_out = out.add_stream("libx264", rate=fps)
+                stream_out.width, stream_out.height = scaled_size(frame.width, frame.height, size, even=True)
+                stream_out.pix_fmt = "yuv420p"
+                stream_out.options = {"crf": "23", "preset": "fast"}
             else:
                 emit_until(t)
             latest, scaled = frame, None
-            dur = frame.duration * frame.time_base if frame.duration and frame.time_base else 1 / rate
-            end = t + dur
+            duration = frame.duration * frame.time_base if frame.duration and frame.time_base else 1 / rate
+            end = t + duration
         if latest is None:
             raise ValueError("no decodable video frames")
         emit_until(min(end, trim) if trim is not None else end)
-        out.mux(vout.encode())  # flush the encoder
+        out.mux(stream_out.encode())  # flush the encoder
 
 
 def process(job) -> tuple:

@@ -39,10 +39,10 @@ from torch.utils.data import IterableDataset
 
 from ..errors import AnnotationError, MediaError
 from .annotations import load_corpus
-from .datasets import MediaSource
 from .loader import item_seed
+from .media import MediaSource
+from .readers import MemoryFile
 from .text import pre_text
-from .video import MemoryFile
 
 logger = logging.getLogger(__name__)
 

@@ -51,10 +51,11 @@ def time_loader(train_file, batches, workers, res):
     import psutil
 
     from ..config import load_config
-    from . import build_tokenizer, train_loader
+    from .builders import caption_train_loader
+    from .text import build_tokenizer
     cfg = load_config(["pretrain", "tiny"], [f"image_res={res}", "batch_size.video=32", f"num_workers={workers}",
                                              "video_input.num_frames=1", f"train_file={train_file}"])
-    loader = train_loader(cfg, build_tokenizer(), 0, 1)
+    loader = caption_train_loader(cfg, build_tokenizer(), 0, 1)
     loader.set_epoch(0)
     it = iter(loader)
     next(it)  # warm-up: workers started, first batches decoded

@@ -7,7 +7,7 @@
 """
 import torch
 
-from ..data import per_media, train_loader
+from ..data import caption_train_loader, per_media
 from ..eval.run import evaluate_sets
 from ..models import Singularity, build_model
 from ..models.flops import step_flops
@@ -19,7 +19,7 @@ class CaptionTask(Task):
         return build_model(config, Singularity)
 
     def train_loader(self, config, tokenizer, rank, world):
-        return train_loader(config, tokenizer, rank, world)
+        return caption_train_loader(config, tokenizer, rank, world)
 
     def losses(self, model, batch, dtype, device):
         return model(batch["media"].to(device, dtype), batch["input_ids"].to(device),

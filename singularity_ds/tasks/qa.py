@@ -2,7 +2,7 @@
 weighted answer likelihood in training, answer-list ranking evaluated at every epoch end."""
 import torch
 
-from ..data import per_media, train_loader
+from ..data import qa_train_loader
 from ..eval.run import evaluate_qa_sets
 from ..models import SingularityQA, build_model
 from ..models.flops import qa_step_flops
@@ -16,7 +16,7 @@ class QATask(Task):
         return build_model(config, SingularityQA)
 
     def train_loader(self, config, tokenizer, rank, world):
-        return train_loader(config, tokenizer, rank, world)
+        return qa_train_loader(config, tokenizer, rank, world)
 
     def losses(self, model, batch, dtype, device):
         return dict(loss_qa=model(batch["media"].to(device, dtype), batch["question_ids"].to(device),

@@ -1,7 +1,7 @@
 """NVIDIA DALI decoding (``video_input.reader=dali``; extra ``[dali]``: ``nvidia-dali-cuda130``).
 
 Frame indices are computed in Python with the same sampling and seeds as every other reader
-(:func:`~singularity_ds.data.video.get_frame_indices`) and fed to DALI's video decoder through an
+(:func:`~singularity_ds.data.readers.get_frame_indices`) and fed to DALI's video decoder through an
 external source, so DALI decodes exactly the frames decord would.
 
 - :class:`DaliReader` plugs into the reader interface (``probe`` / ``decode``): decoding runs in DALI's
@@ -11,14 +11,17 @@ external source, so DALI decodes exactly the frames decord would.
   clip with ITS box (the same for all its frames), resize to ``image_res`` (cubic), flip, normalise, and
   return (B, T, C, H, W) float -- the GPU path when ``device="gpu"``; ``device="cpu"`` runs the same
   graph for the parity tests.
+
+Registers ``dali`` and ``auto`` (DALI with decord's per-file fallback; decord when DALI is absent).
+DALI is an optional dependency: importing this module does not import it.
 """
 import logging
 
 import numpy as np
 import torch
 
-from ..errors import MediaError
-from .video import DecordReader, MemoryFile, PyAVReader, VideoReader
+from ...errors import ConfigError, MediaError
+from .base import MemoryFile, VideoReader, get_reader, register_reader
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,9 @@ def _pipeline(batch_size: int, backend: str, augment: dict = None):
         shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)     # (h, w) per clip
         mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
         video = fn.slice(video, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
-        res = augment["image_res"]
-        video = fn.resize(video, resize_x=res, resize_y=res, interp_type=types.INTERP_CUBIC, antialias=False)
+        image_res = augment["image_res"]
+        video = fn.resize(video, resize_x=image_res, resize_y=image_res, interp_type=types.INTERP_CUBIC,
+                          antialias=False)
         return fn.crop_mirror_normalize(video, mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
                                         mean=[255 * m for m in augment["mean"]], std=[255 * s for s in augment["std"]])
 
@@ -77,7 +81,6 @@ class DaliReader(VideoReader):
         self.fallback, self._warned = fallback, False
         missing = dali_missing()
         if missing:
-            from ..errors import ConfigError
             raise ConfigError(f"video_input.reader=dali: {missing}")
         # CPU by default: readers run in DataLoader workers, where CUDA (forked) is off limits; the GPU
         # ("mixed") decoder belongs in the main process, as clip_pipeline(device="gpu") runs it
@@ -86,9 +89,9 @@ class DaliReader(VideoReader):
 
     def probe(self, path):
         try:
-            return DecordReader().probe(path)
+            return get_reader("decord").probe(path)
         except MediaError:
-            return PyAVReader().probe(path)
+            return get_reader("av").probe(path)
 
     def decode(self, path, indices):
         if self._pipe is None:
@@ -105,7 +108,7 @@ class DaliReader(VideoReader):
                 if not self._warned:
                     self._warned = True
                     logger.warning("DALI cannot decode %s%s; reading such files with decord", path, hint)
-                return DecordReader().decode(path, indices)
+                return get_reader("decord").decode(path, indices)
             raise MediaError(path, f"DALI cannot decode it{hint}: {str(e).strip().splitlines()[0][:160]}") from None
         return _outputs(out)[0].permute(0, 3, 1, 2).contiguous()
 
@@ -126,3 +129,15 @@ def clip_pipeline(paths, indices, boxes, flips, image_res, mean, std, device="gp
     (out,) = pipe.run()
     return torch.stack(_outputs(out))
 
+
+def auto_reader() -> VideoReader:
+    """``video_input.reader=auto``: DALI with decord's per-file fallback, or decord when DALI is absent."""
+    missing = dali_missing()
+    if missing:
+        logger.warning("video_input.reader=auto: %s; using decord", missing)
+        return get_reader("decord")
+    return DaliReader(fallback=True)
+
+
+register_reader(DaliReader.name, DaliReader)
+register_reader("auto", auto_reader)
