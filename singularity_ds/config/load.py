@@ -96,15 +96,20 @@ def load_config(configs: Iterable[str], overrides: Sequence[str] = ()) -> DictCo
     return cfg
 
 
-def config_from_checkpoint(stored: dict) -> DictConfig:
-    """A checkpoint's stored config (an original ``.pth``'s, or an export folder's config.json) as a full
-    config: the schema's defaults under the stored values, checked and validated like a YAML file.
+def complete_config(stored) -> DictConfig:
+    """Any config as a full one: the schema's defaults under the given values, checked and validated
+    like a YAML file. For a checkpoint's stored config (an original ``.pth``'s, or an export folder's
+    config.json) and for models built from a partial mapping; a config from :func:`load_config` comes
+    back with the same values (a copy; interpolations kept).
 
     Keys the schema does not know are kept as stored (logged at debug level): the original stores its
     run's record (``rank``, ``world_size``, ``gpu``, ``dist_backend``, ...) and a newer singularity-ds may
     add keys; keeping them lets an export of the model write back everything it was given, and nothing
     reads them (the code reads schema keys only)."""
-    layer = _none_strings(OmegaConf.create(dict(stored or {})))
+    if isinstance(stored, DictConfig):  # copied as is: its ${...} may only resolve later (or never)
+        layer = _none_strings(OmegaConf.create(stored))
+    else:
+        layer = _none_strings(OmegaConf.create(dict(stored or {})))
     unknown = check_layer(layer, "checkpoint config", keep_unknown=True)
     if unknown:
         logger.debug("checkpoint config: keys unknown to the schema, kept as stored: %s", ", ".join(unknown))

@@ -38,6 +38,11 @@ CorpusSpec = list[Optional[str]]
 # fpsX: frames sampled at X per second (X > 0, e.g. fps0.5); data/video.py reads it.
 FPS = (r"fps(?=[0-9.]*[1-9])(\d+\.?\d*|\.\d+)", "fpsX")
 SAMPLE_TYPES = ("rand", "middle", "uniform")
+# Choices the code checks too (where a value can also arrive outside a config): defined once, here.
+READERS = ("decord", "av", "dali", "auto")
+PRECISIONS = ("auto", "bf16", "amp_bf16", "fp16", "fp32")
+ATTENTION_IMPLS = ("auto", "triton", "sdpa", "math")
+ENSEMBLES = ("concat", "mean", "max", "lse")
 
 
 def key(default, doc: str, *, ge=None, gt=None, le=None, choices: Tuple[str, ...] = None,
@@ -69,7 +74,7 @@ class VideoInput:
                           ge=1)
     reader: str = key("decord", "video decoder: decord, av (PyAV / FFmpeg), dali (NVIDIA DALI), auto (DALI "
                                 "when installed, decord for what it cannot decode)",
-                      choices=("decord", "av", "dali", "auto"))
+                      choices=READERS)
     sample_type: str = key("rand", "training frame sampling: rand (one random frame per segment), middle / "
                                    "uniform (segment centres), fpsX (X frames per second)",
                            choices=SAMPLE_TYPES, pattern=FPS)
@@ -211,7 +216,7 @@ class Config:
     embed_dim: int = key(256, "width of the contrastive (ITC) projections", ge=1)
     attention_impl: str = key("auto", "attention kernel: auto (Triton for forward-only attention on CUDA, "
                                       "else SDPA), triton, sdpa or math",
-                              choices=("auto", "triton", "sdpa", "math"))
+                              choices=ATTENTION_IMPLS)
     gradient_checkpointing: bool = key(False, "recompute each transformer layer's activations in backward "
                                               "(both towers)")
     # --- text and inputs
@@ -237,7 +242,7 @@ class Config:
     k_test: int = key(128, "retrieval: candidates per query re-ranked by ITM (QA: answers re-ranked)", ge=1)
     eval_frame_ensemble: str = key("concat", "scores with more test than training frames: concat (frames "
                                              "joined before the fusion layers) or mean / max / lse of "
-                                             "per-frame scores", choices=("concat", "mean", "max", "lse"))
+                                             "per-frame scores", choices=ENSEMBLES)
     eval_x_only: bool = key(False, "retrieval: ITM on every pair (k_test = all) instead of the ITC top k")
     eval_offload: bool = key(False, "retrieval: keep evaluation features off the accelerator "
                                     "(eval_feature_store=cpu)")
@@ -263,7 +268,7 @@ class Config:
     precision: str = key("auto", "auto (bf16 where the device computes it natively, else fp32; fp16 on a "
                                  "GPU without bf16 when fp16 is set), bf16, amp_bf16 (fp32 weights, bf16 "
                                  "autocast), fp16 or fp32",
-                         choices=("auto", "bf16", "amp_bf16", "fp16", "fp32"))
+                         choices=PRECISIONS)
     fp16: bool = key(True, "the original's mixed precision switch: read by precision=auto on GPUs without "
                            "bf16")
     compile: bool = key(False, "torch.compile the model (inductor, in place; the first steps compile)")

@@ -23,29 +23,29 @@ def per_media(value, media_type: str):
 
 def media_source(config, media_type: str, train: bool) -> MediaSource:
     """The pixels of a media type's items: the training or the evaluation transform and frame sampling."""
-    transform = build_transform(config.image_res, config.get("vit_type", "beit"), train)
+    transform = build_transform(config.image_res, config.vit_type, train)
     if media_type == "image":
         return MediaSource("image", transform)
     video_input = config.video_input
     return MediaSource("video", transform, video_input.num_frames if train else video_input.num_frames_test,
                        video_input.sample_type if train else video_input.sample_type_test,
-                       video_input.get("reader", "decord"))
+                       video_input.reader)
 
 
 def train_source(config, media_type: str):
     """What training items of a media type carry: clip plans with ``video_input.dali_device`` (videos
     decoded per batch by :func:`dali_finish`), else pixels."""
     video_input = config.video_input
-    if media_type != "video" or not video_input.get("dali_device"):
+    if media_type != "video" or not video_input.dali_device:
         return media_source(config, media_type, train=True)
-    return ClipPlanner(build_transform(config.image_res, config.get("vit_type", "beit"), train=True),
-                       video_input.num_frames, video_input.sample_type, video_input.get("reader", "decord"))
+    return ClipPlanner(build_transform(config.image_res, config.vit_type, train=True),
+                       video_input.num_frames, video_input.sample_type, video_input.reader)
 
 
 def dali_finish(config):
     """``video_input.dali_device=gpu|cpu``: the training loader's clip plans become pixels in one DALI
     graph per batch (decode, crop, resize, flip, normalise), in the main process, on that device."""
-    mean, std = normalization(config.get("vit_type", "beit"))
+    mean, std = normalization(config.vit_type)
     device = config.video_input.dali_device
 
     def finish(batch):
@@ -66,15 +66,15 @@ def dali_finish(config):
 
 def shard_stream(config, specs, media_type, rank, world) -> ShardStream:
     """The streaming dataset of a media type's shard corpora (their shards are read in one order)."""
-    if config.video_input.get("dali_device") and media_type == "video":
+    if config.video_input.dali_device and media_type == "video":
         raise AnnotationError("video_input.dali_device: DALI batch decoding reads files; shard corpora "
                               "decode per sample (video_input.reader)")
     return ShardStream([shard for spec in specs for shard in shard_list(spec[0], media_type)],
                        media_source(config, media_type, train=True),
-                       per_media(config.batch_size, media_type), rank, world, seed=config.get("seed", 42),
-                       buffer=config.get("shard_shuffle_buffer", 500),
-                       has_multi_vision_gt=config.get("has_multi_vision_gt", False),
-                       is_paragraph_retrieval=config.get("is_paragraph_retrieval", False))
+                       per_media(config.batch_size, media_type), rank, world, seed=config.seed,
+                       buffer=config.shard_shuffle_buffer,
+                       has_multi_vision_gt=config.has_multi_vision_gt,
+                       is_paragraph_retrieval=config.is_paragraph_retrieval)
 
 
 def caption_train_datasets(config, rank: int = 0, world: int = 1) -> dict:
@@ -93,9 +93,9 @@ def caption_train_datasets(config, rank: int = 0, world: int = 1) -> dict:
             continue
         store = load_corpus(of_type)
         out[media_type] = CaptionDataset(
-            store, train_source(config, media_type), num_tries=config.get("media_retries", 3),
-            has_multi_vision_gt=config.get("has_multi_vision_gt", False),
-            is_paragraph_retrieval=config.get("is_paragraph_retrieval", False))
+            store, train_source(config, media_type), num_tries=config.media_retries,
+            has_multi_vision_gt=config.has_multi_vision_gt,
+            is_paragraph_retrieval=config.is_paragraph_retrieval)
     return out
 
 
@@ -109,19 +109,19 @@ def qa_train_datasets(config) -> dict:
     for media_type in sorted({spec[2] for spec in specs}):
         store = load_corpus([spec for spec in specs if spec[2] == media_type], kind="qa_train")
         out[media_type] = QADataset(store, train_source(config, media_type), train=True,
-                                    eos=config.get("eos", "[SEP]"), num_tries=config.get("media_retries", 3))
+                                    eos=config.eos, num_tries=config.media_retries)
     return out
 
 
 def _train_loader(config, datasets: dict, collate_of, rank, world, num_workers) -> MetaLoader:
     """A MetaLoader over one shuffled loader per media type; ``collate_of(media_type)`` batches its items."""
-    workers = config.get("num_workers", 0) if num_workers is None else num_workers
+    workers = config.num_workers if num_workers is None else num_workers
     loaders = {media_type: make_loader(dataset, per_media(config.batch_size, media_type),
                                        collate_of(media_type), rank, world, shuffle=True,
-                                       seed=config.get("seed", 42), drop_last=True, num_workers=workers)
+                                       seed=config.seed, drop_last=True, num_workers=workers)
                for media_type, dataset in datasets.items()}
-    finish = dali_finish(config) if config.video_input.get("dali_device") else None
-    return MetaLoader(loaders, seed=config.get("seed", 42), finish=finish)
+    finish = dali_finish(config) if config.video_input.dali_device else None
+    return MetaLoader(loaders, seed=config.seed, finish=finish)
 
 
 def caption_train_loader(config, tokenizer, rank: int = 0, world: int = 1,
@@ -144,14 +144,14 @@ def eval_datasets(config, names=None, kind: str = "caption") -> dict:
     """Evaluation sets named in ``test_types`` (default: every ``test_file`` entry): retrieval sets,
     ``kind="mc"`` multiple-choice sets (entries with a list of option captions and ``answer``), or
     ``kind="qa"`` QA sets (entries may carry their answers, for the metrics)."""
-    names = list(names or config.get("test_types") or config.test_file.keys())
+    names = list(names or config.test_types or config.test_file.keys())
     out = {}
     for name in names:
         if name not in config.test_file:
             raise AnnotationError(f"config key 'test_types': {name!r} is not in test_file "
                                   f"({', '.join(config.test_file.keys())})")
         (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
-        skip = config.get("skip_broken_media_eval", False)
+        skip = config.skip_broken_media_eval
         if kind == "mc":
             out[name] = MCDataset(load_corpus([spec], kind="mc"), media_source(config, spec[2], train=False),
                                   skip_broken=skip)
@@ -162,7 +162,7 @@ def eval_datasets(config, names=None, kind: str = "caption") -> dict:
             continue
         out[name] = RetrievalEvalDataset(
             load_corpus([spec]), media_source(config, spec[2], train=False),
-            has_multi_vision_gt=config.get("has_multi_vision_gt", False),
-            is_paragraph_retrieval=config.get("is_paragraph_retrieval", False),
+            has_multi_vision_gt=config.has_multi_vision_gt,
+            is_paragraph_retrieval=config.is_paragraph_retrieval,
             skip_broken=skip)
     return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..config.schema import PRECISIONS
 from ..errors import ConfigError
 
 # singularity_ds/ds_configs (the repo's top-level ds_configs/ links to it)
@@ -32,7 +33,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-PRECISIONS = ("auto", "bf16", "amp_bf16", "fp16", "fp32")
 # weight (and input) dtype, and the dtype the matmuls run in (the MFU denominator)
 WEIGHT_DTYPE = {"bf16": torch.bfloat16, "amp_bf16": torch.float32, "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPE = dict(WEIGHT_DTYPE, amp_bf16=torch.bfloat16)
@@ -45,7 +45,7 @@ def resolve_precision(config) -> str:
     ``bf16``: DeepSpeed's bf16 mode (bf16 weights, fp32 master copy in the optimizer). ``amp_bf16``:
     fp32 weights and optimizer, matmuls in bf16 under ``torch.autocast`` (DeepSpeed's ``torch_autocast``);
     its optimizer step skips the master-copy round trip (faster on GPUs, docs/benchmarks.md)."""
-    p = config.get("precision", "auto")
+    p = config.precision
     if p not in PRECISIONS:
         raise ConfigError(f"config key 'precision': expected one of {', '.join(PRECISIONS)}, got {p!r}")
     if p != "auto":
@@ -55,16 +55,16 @@ def resolve_precision(config) -> str:
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return "bf16"
-        return "fp16" if config.get("fp16", False) else "fp32"
+        return "fp16" if config.fp16 else "fp32"
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
 def build_ds_config(config, micro_batch: int, precision: str) -> dict:
-    ds = load_ds_config(config.get("ds_config", "zero2"))
-    clip = float(config.optimizer.get("max_grad_norm", -1))
+    ds = load_ds_config(config.ds_config)
+    clip = float(config.optimizer.max_grad_norm)
     filled = {
         "train_micro_batch_size_per_gpu": int(micro_batch),
-        "gradient_accumulation_steps": int(config.get("gradient_accumulation_steps", 1)),
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
         "gradient_clipping": clip if clip > 0 else 0.0,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},

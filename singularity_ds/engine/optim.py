@@ -11,8 +11,8 @@ logger = logging.getLogger(__name__)
 
 
 def param_groups(model, opt_cfg) -> list:
-    diff = opt_cfg.get("different_lr", {})
-    diff_names = list(diff.get("module_names", [])) if diff.get("enable", False) else []
+    diff = opt_cfg.different_lr
+    diff_names = list(diff.module_names) if diff.enable else []
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -26,10 +26,10 @@ def param_groups(model, opt_cfg) -> list:
 
 
 def build_optimizer(model, opt_cfg, cpu_adam: bool = False):
-    if str(opt_cfg.get("opt", "adamW")).lower() != "adamw":
+    if opt_cfg.opt.lower() != "adamw":
         raise ValueError(f"config key 'optimizer.opt': only adamW is supported, got {opt_cfg.opt!r}")
     groups = param_groups(model, opt_cfg)
-    betas = tuple(opt_cfg.get("opt_betas", (0.9, 0.999)))
+    betas = tuple(opt_cfg.opt_betas)
     if cpu_adam:  # ZeRO-Offload steps the optimizer on the CPU with DeepSpeed's vectorised Adam
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         logger.info("building DeepSpeed's CPU Adam (JIT-compiled on first use: about a minute)")
@@ -48,8 +48,8 @@ def cosine_lambda(warmup_steps: int, total_steps: int, min_lr_multi: float = 0.0
 
 
 def build_scheduler(optimizer, sched_cfg, steps_per_epoch: int):
-    if sched_cfg.get("sched", "cosine") != "cosine":
+    if sched_cfg.sched != "cosine":
         raise ValueError(f"config key 'scheduler.sched': only cosine is supported, got {sched_cfg.sched!r}")
     total = int(sched_cfg.epochs * steps_per_epoch)
-    warmup = int(float(sched_cfg.get("warmup_epochs", 0)) * steps_per_epoch)
-    return LambdaLR(optimizer, cosine_lambda(warmup, total, float(sched_cfg.get("min_lr_multi", 0.0))))
+    warmup = int(float(sched_cfg.warmup_epochs) * steps_per_epoch)
+    return LambdaLR(optimizer, cosine_lambda(warmup, total, float(sched_cfg.min_lr_multi)))

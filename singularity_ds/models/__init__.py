@@ -9,7 +9,7 @@ import os
 
 from omegaconf import OmegaConf
 
-from ..config import config_from_checkpoint
+from ..config import complete_config
 from ..errors import CheckpointError, ConfigError
 from .weights import (load_into, load_text_tower, load_vision_tower,
                           read_checkpoint)
@@ -38,7 +38,7 @@ def init_towers(model: Singularity, config) -> None:
     """``tower_init=pretrained``: load both towers from local Hugging Face folders, as the original
     does from the hub. A name with no local copy is an error that says what to pass instead."""
     for key, loader in (("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)):
-        name = config.get(key)
+        name = config[key]
         folder = _local_folder(name)
         if folder is None:
             raise CheckpointError(
@@ -51,11 +51,11 @@ def init_towers(model: Singularity, config) -> None:
 def build_model(config, model_class=Singularity, strict: bool = True) -> Singularity:
     """A training-ready ``model_class`` (the task's): towers from ``pretrained_path`` or per ``tower_init``."""
     model = model_class(config)
-    path = config.get("pretrained_path")
+    path = config.pretrained_path
     if path:
         state, _ = read_checkpoint(path)
         load_into(model, state, strict=strict, source=path)
-    elif config.get("tower_init", "pretrained") == "pretrained":
+    elif config.tower_init == "pretrained":
         init_towers(model, config)
     return model
 
@@ -85,7 +85,7 @@ def load_model(path: str, strict: bool = True, qa: bool = None, **overrides) -> 
         n = state["temporal_embeddings"].shape[1] if "temporal_embeddings" in state else 1
         stored.setdefault("video_input", {})["num_frames"] = n
     try:
-        cfg = config_from_checkpoint(stored)
+        cfg = complete_config(stored)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config: {e}") from None
     if qa is None:

@@ -35,15 +35,10 @@ def _read_json(path: str, key: str) -> dict:
         raise ValueError(f"config key {key!r}: cannot read architecture file {path}: {e}") from None
 
 
-def _get(config, key, default=None):
-    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
-    return None if value in ("None", "none") else value
-
-
 def bert_config(config) -> BertConfig:
-    d = _get(config, "bert_config_dict")
+    d = config["bert_config_dict"]
     if d is None:
-        path, enc = _get(config, "bert_config"), _get(config, "text_encoder")
+        path, enc = config["bert_config"], config["text_encoder"]
         if path and os.path.isfile(path):
             d = _read_json(path, "bert_config")
         elif path and _packaged(path) is not None:
@@ -54,8 +49,8 @@ def bert_config(config) -> BertConfig:
             raise ValueError(f"config key 'bert_config': no architecture file {path!r} (not on disk, not "
                              f"shipped in {ARCH_DIR}), and text_encoder={enc!r} is not a local folder")
     d = dict(d)
-    if _get(config, "fusion_layer") is not None:
-        d["fusion_layer"] = int(_get(config, "fusion_layer"))
+    if config["fusion_layer"] is not None:
+        d["fusion_layer"] = int(config["fusion_layer"])
     d.setdefault("fusion_layer", d["num_hidden_layers"])
     if not 0 <= d["fusion_layer"] <= d["num_hidden_layers"]:
         raise ValueError(f"fusion_layer={d['fusion_layer']} is outside [0, {d['num_hidden_layers']}]")
@@ -63,10 +58,10 @@ def bert_config(config) -> BertConfig:
 
 
 def vision_config(config):
-    vit_type = _get(config, "vit_type", "beit")
-    d = _get(config, "beit_config_dict") if vit_type == "beit" else _get(config, "vit_config_dict")
+    vit_type = config["vit_type"]
+    d = config["beit_config_dict"] if vit_type == "beit" else config["vit_config_dict"]
     if d is None:
-        name = _get(config, "vit_name_or_pretrained_path")
+        name = config["vit_name_or_pretrained_path"]
         if name and os.path.isfile(os.path.join(name, "config.json")):
             d = _read_json(os.path.join(name, "config.json"), "vit_name_or_pretrained_path")
         elif name and _packaged(name) is not None:
@@ -75,7 +70,7 @@ def vision_config(config):
             raise ValueError(f"config key 'vit_name_or_pretrained_path': {name!r} is neither a local folder "
                              f"with config.json nor a shipped architecture in {ARCH_DIR}")
     d = dict(d)
-    d["image_size"] = int(_get(config, "image_res", d.get("image_size", 224)))
+    d["image_size"] = int(config["image_res"])
     if d["image_size"] % d["patch_size"]:
         raise ValueError(f"image_res={d['image_size']} is not a multiple of patch_size={d['patch_size']}")
     d.pop("model_type", None)
@@ -94,7 +89,7 @@ def decoder_config(bert: BertConfig, config=None) -> BertConfig:
     """The QA answer decoder: as many layers as the text tower's fusion layers, each with causal
     self-attention and cross-attention to the question states (the original hard-codes 3 = 12 - 9).
     An inline ``text_decoder_config_dict`` (as the reference fixture stores) wins."""
-    inline = _get(config, "text_decoder_config_dict") if config is not None else None
+    inline = config["text_decoder_config_dict"] if config is not None else None
     if inline is not None:
         d = dict(inline)
         d.setdefault("encoder_width", d["hidden_size"])

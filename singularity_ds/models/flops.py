@@ -38,9 +38,9 @@ def _vision(config, t):
     dv, fv, nv = vis.hidden_size, vis.intermediate_size, 1 + (vis.image_size // vis.patch_size) ** 2
     patch = 2 * (nv - 1) * 3 * vis.patch_size ** 2 * dv
     vision = t * (patch + vis.num_hidden_layers * layer(nv, dv, fv))
-    tve, temporal = config.get("temporal_vision_encoder", {}), 0
-    if t > 1 and tve.get("enable", False):
-        tcfg = temporal_config(txt, dv, tve.get("num_layers", 2))
+    temporal_encoder, temporal = config.temporal_vision_encoder, 0
+    if t > 1 and temporal_encoder.enable:
+        tcfg = temporal_config(txt, dv, temporal_encoder.num_layers)
         temporal = nv * tcfg.num_hidden_layers * layer(t, dv, tcfg.intermediate_size)
     return vision, temporal, nv
 
@@ -77,13 +77,12 @@ def step_flops(config, batch_size: int, num_frames: int = None, text_len: int = 
     text_only = fusion_at * layer(length, dt, ft)
     kv = (layers - fusion_at) * 4 * t * nv * dv * dt  # cross-attention keys/values: once per video
     fusion = (layers - fusion_at) * (layer(length, dt, ft) + cross(length, t * nv, dt, dv)) - kv
-    embed = config.get("embed_dim", 256)
+    embed = config.embed_dim
     out["itc"] = text_only + 2 * t * dv * embed + 2 * dt * embed + 2 * t * embed * batch_size
     out["itm"] = kv + 3 * (fusion + 2 * dt * 2)
-    weights = config.get("loss_weight", {})
     out["mlm"] = 0
-    if float(weights.get("mlm", 0) or 0) > 0:
-        masked = config.get("mlm_prob", 0.15) * length
+    if config.loss_weight.mlm > 0:
+        masked = config.mlm_prob * length
         out["mlm"] = text_only + fusion + masked * (2 * dt * dt + 2 * dt * vocab)
     out["forward"] = sum(out.values())
     out["train"] = 3 * out["forward"]

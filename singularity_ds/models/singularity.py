@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..config import complete_config
+
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
 from .attention import set_attention_impl
@@ -44,7 +46,7 @@ def interpolate_temporal_embed(temp_embed: torch.Tensor, num_frames: int) -> tor
 class Singularity(nn.Module):
     def __init__(self, config, mlm_head: bool = None, retrieval_heads: bool = True):
         super().__init__()
-        config = config if isinstance(config, DictConfig) else OmegaConf.create(config)
+        config = complete_config(config)  # keys the given config lacks take the schema's defaults
         self.config = config
         set_attention_impl(config.get("attention_impl", "auto"))
         vis_cfg = vision_config(config)
