@@ -47,15 +47,15 @@ def launch(name, args, run_dir, ranks=2):
 
 
 def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
-    """-> {"x": {split: metrics} (ITM re-ranked), "emb": {split: metrics} (ITC only)}."""
+    """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only)}."""
     model = load_model(os.path.join(export, "export"))
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg], TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
     tok = build_tokenizer()
-    out = {"x": {}, "emb": {}}
+    out = {"itm": {}, "itc": {}}
     for name, ds in eval_datasets(cfg, list(splits)).items():  # the offloaded (large-set) path
         res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", offload=True, num_frames_test=frames)
-        out["x"][name], out["emb"][name] = res["x"], res["emb"]
-    save_results({name: {"x": out["x"][name], "emb": out["emb"][name]} for name in out["x"]},
+        out["itm"][name], out["itc"][name] = res["itm"], res["itc"]
+    save_results({name: {"itm": out["itm"][name], "itc": out["itc"][name]} for name in out["itm"]},
                  os.path.join(export, "eval"), f"eval_{frames}frames")
     return out
 
@@ -112,8 +112,9 @@ def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=3
     for label, run in (("single-frame", ret1), ("temporal", ret4)):
         for frames in (1, 4):
             rows.append((label, frames, evaluate_model(run, ret_cfg, frames)))
-    text = ("ITM re-ranked (the original's reported metric):\n" + table([(m, f, r["x"]) for m, f, r in rows])
-            + "\n\nITC only (dual encoder):\n" + table([(m, f, r["emb"]) for m, f, r in rows]))
+    text = ("ITM re-ranked (the original's reported metric):\n"
+            + table([(m, f, r["itm"]) for m, f, r in rows])
+            + "\n\nITC only (dual encoder):\n" + table([(m, f, r["itc"]) for m, f, r in rows]))
     print("\nText-to-video (t2v) and video-to-text (v2t) recall on the synthetic test splits\n" + text)
     print(f"\nTensorBoard: tensorboard --logdir {run_dir}   checkpoints and exports: {run_dir}/<stage>/")
     print(f"total {time.time() - start:.0f} s")
@@ -139,7 +140,7 @@ def run_precision_check(run_dir="runs/precision", precisions=("fp32", "bf16", "a
                                          *extra], run_dir)
             res = evaluate_model(ret, ret_cfg, 1)
             results[name] = {kind: {split: {k: round(m[k], 1) for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
-                                    for split, m in res[kind].items()} for kind in ("x", "emb")}
+                                    for split, m in res[kind].items()} for kind in ("itm", "itc")}
             print(name, json.dumps(results[name]), flush=True)
     from .fileio import write_json
     write_json(results, os.path.join(run_dir, "precision_check.json"))

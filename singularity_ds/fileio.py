@@ -1,6 +1,7 @@
 """Files written whole or not at all: a temporary name, then an atomic rename."""
 import json
 import os
+from typing import Optional
 
 
 def atomic_write(path: str, text: str) -> str:
@@ -11,6 +12,7 @@ def atomic_write(path: str, text: str) -> str:
     return path
 
 
-def write_json(obj, path: str, indent: int = 1) -> str:
+def write_json(obj, path: str, indent: Optional[int] = 1) -> str:
+    """``indent=None``: one line (compact)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return atomic_write(path, json.dumps(obj, indent=indent))

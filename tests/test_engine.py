@@ -136,7 +136,7 @@ def test_train_ret_evaluates_each_epoch_under_zero3_with_sharded_offloaded_eval(
     run(deepspeed_cmd(*args))
     for name in ("eval_0.json", "eval_1.json", "eval_2.json", "eval_final.json"):
         res = json.load(open(out / name))["motion"]
-        assert 0 <= res["x"]["r_mean"] <= 100 and res["stats"]["pairs"] > 0, name
+        assert 0 <= res["itm"]["r_mean"] <= 100 and res["stats"]["pairs"] > 0, name
     history = json.load(open(out / "history.json"))
     per_epoch = max(r["step"] for r in history) // 3
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step"))

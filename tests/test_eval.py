@@ -55,7 +55,8 @@ def test_two_stage_scores_equal_all_pairs_itm_when_k_covers_everything(tmp_path,
 from singularity_ds.errors import ConfigError  # noqa: E402
 from singularity_ds.eval.features import extract  # noqa: E402
 from singularity_ds.eval.metrics import topk_eval  # noqa: E402
-from singularity_ds.eval.retrieval import itm_scores, itm_scores_cached, topk_blockwise  # noqa: E402
+from singularity_ds.eval.retrieval import (itm_scores, itm_scores_cached, topk_blockwise,  # noqa: E402
+                                           video_cross_kv)
 
 
 def test_topk_metrics_equal_dense_metrics_with_several_ground_truths():
@@ -116,8 +117,7 @@ def test_cached_itm_equals_uncached(synthetic_eval, ensemble):
             clips = model.encode_frames(media)[0]
         for v in range(3):
             plain = itm_scores(model, te, mask, clips[v:v + 1].expand(len(te), -1, -1, -1), ensemble)
-            kv = [model.text_encoder.cross_kv(clips[v, c:c + 1]) for c in range(clips.shape[1])]
-            cached = itm_scores_cached(model, te, mask, kv, ensemble)
+            cached = itm_scores_cached(model, te, mask, video_cross_kv(model, clips[v]), ensemble)
             assert torch.allclose(plain, cached, atol=1e-5), (plain - cached).abs().max()
 
 
@@ -129,7 +129,7 @@ def test_offloaded_path_equals_in_memory_path(synthetic_eval, tmp_path, store):
         dense = evaluate(model, ds, tok, 16, k_test=10)
         off = evaluate(model, ds, tok, 16, k_test=10, offload=True, feature_store=store,
                        feature_dir=str(tmp_path / name))
-        assert off["x"] == dense["x"] and off["emb"] == dense["emb"], name
+        assert off["itm"] == dense["itm"] and off["itc"] == dense["itc"], name
         both = ds.__len__() * min(10, len(ds.text)) + len(ds.text) * min(10, len(ds))
         assert off["stats"]["pairs_both_directions"] == both and off["stats"]["pairs"] < both  # shared pairs
     if store == "disk":
@@ -157,7 +157,7 @@ def _sharded_worker(rank, world, port, root, feature_dir, out):
     feats = extract(model, ds, tok, 16, store="disk", feature_dir=feature_dir)
     res = evaluate(model, ds, tok, 16, k_test=10, offload=True, feature_store="disk", feature_dir=feature_dir + "2")
     out[rank] = dict(text=feats.text_tokens.rows(range(len(ds.text))), video=feats.video_tokens.rows(range(len(ds))),
-                     text_feat=feats.text_feat, video_feat=feats.video_feat, x=res["x"], emb=res["emb"])
+                     text_feat=feats.text_feat, video_feat=feats.video_feat, itm=res["itm"], itc=res["itc"])
     dist.destroy_process_group()
 
 
@@ -179,7 +179,7 @@ def test_two_rank_sharded_extraction_equals_one_rank(synthetic_eval, tmp_path):
         assert torch.allclose(got["video"], one.video_tokens.rows(range(len(ds))), atol=1e-5)
         assert torch.allclose(got["text_feat"], one.text_feat, atol=1e-5)
         assert torch.allclose(got["video_feat"], one.video_feat, atol=1e-5)
-        assert got["x"] == ref["x"] and got["emb"] == ref["emb"]
+        assert got["itm"] == ref["itm"] and got["itc"] == ref["itc"]
 
 
 def _original_pth(model, cfg, path):
@@ -203,7 +203,7 @@ def test_eval_cli_zero_shot_from_pretraining_checkpoint(synthetic_eval, tmp_path
     got = json.loads((out / "eval.json").read_text())["motion"]
     ds = eval_datasets(cfg, ["motion"])["motion"]
     ref = evaluate(model, ds, build_tokenizer(), 16, k_test=10)  # the pretraining model itself
-    assert got["x"] == ref["x"] and got["emb"] == ref["emb"]
+    assert got["itm"] == ref["itm"] and got["itc"] == ref["itc"]
     assert Image.open(out / "eval.png").size[0] > 100
     assert "motion: ITM re-ranked" in capsys.readouterr().out
 
@@ -265,5 +265,5 @@ def test_eval_x_only_scores_every_pair_instead_of_crashing(synthetic_eval):
     got = evaluate_sets(model, cfg, tok)["motion"]
     ds = eval_datasets(cfg, ["motion"])["motion"]
     every = evaluate(model, ds, tok, 16, k_test=len(ds) + len(ds.text))
-    assert got["x"] == every["x"]
-    assert got["x"] != evaluate(model, ds, tok, 16, k_test=3)["x"]  # k_test=3 alone would differ
+    assert got["itm"] == every["itm"]
+    assert got["itm"] != evaluate(model, ds, tok, 16, k_test=3)["itm"]  # k_test=3 alone would differ

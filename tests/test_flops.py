@@ -6,7 +6,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from conftest import tiny_config
 from singularity_ds.models.flops import qa_step_flops, step_flops
 from singularity_ds.models import Singularity, SingularityQA
-from singularity_ds.models import attention as attn
 
 
 @pytest.mark.parametrize("frames,temporal", [(1, False), (4, True)])
@@ -16,17 +15,14 @@ def test_formula_equals_counted_matmul_flops(frames, temporal):
     b, length = 4, 20
     torch.manual_seed(0)
     model = Singularity(cfg).eval()
-    attn.set_attention_impl("math")  # attention as explicit matmuls, which the counter sees
-    try:
-        ids = torch.randint(1000, 2000, (b, length))
-        mask = torch.ones(b, length, dtype=torch.long)
-        labels = torch.full((b, length), -100)
-        masked = int(cfg.mlm_prob * length)  # the formula's expected count, exactly (pretrain: 0.5 x 20)
-        labels[:, 1:1 + masked] = ids[:, 1:1 + masked]
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.randn(b, frames, 3, 32, 32), ids, mask, torch.arange(b), mlm_inputs=(ids, labels))
-    finally:
-        attn.set_attention_impl("auto")
+    model.set_attention_impl("math")  # attention as explicit matmuls, which the counter sees
+    ids = torch.randint(1000, 2000, (b, length))
+    mask = torch.ones(b, length, dtype=torch.long)
+    labels = torch.full((b, length), -100)
+    masked = int(cfg.mlm_prob * length)  # the formula's expected count, exactly (pretrain: 0.5 x 20)
+    labels[:, 1:1 + masked] = ids[:, 1:1 + masked]
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(b, frames, 3, 32, 32), ids, mask, torch.arange(b), mlm_inputs=(ids, labels))
     formula = step_flops(cfg, b, frames, length)
     assert formula["forward"] * b == counter.get_total_flops()
     assert formula["train"] == 3 * formula["forward"] and (formula["temporal"] > 0) == temporal
@@ -59,13 +55,10 @@ def test_qa_formula_equals_counted_matmul_flops(frames):
     b, answers = 3, 2
     torch.manual_seed(0)
     model = SingularityQA(cfg).eval()
-    attn.set_attention_impl("math")
-    try:
-        q_ids, a_ids = torch.randint(1000, 2000, (b, 12)), torch.randint(1000, 2000, (b * answers, 5))
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.randn(b, frames, 3, 32, 32), q_ids, torch.ones_like(q_ids), a_ids, torch.ones_like(a_ids),
-                  torch.ones(b * answers), [answers] * b)
-    finally:
-        attn.set_attention_impl("auto")
+    model.set_attention_impl("math")
+    q_ids, a_ids = torch.randint(1000, 2000, (b, 12)), torch.randint(1000, 2000, (b * answers, 5))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(b, frames, 3, 32, 32), q_ids, torch.ones_like(q_ids), a_ids, torch.ones_like(a_ids),
+              torch.ones(b * answers), [answers] * b)
     formula = qa_step_flops(cfg, frames, 12, 5, answers)
     assert formula["forward"] * b == counter.get_total_flops() and formula["answer"] > 0

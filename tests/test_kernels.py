@@ -91,33 +91,27 @@ def test_half_precision_within_2e_2_relative(dtype):
 
 def test_dispatch_uses_the_kernel_only_where_it_can(monkeypatch, caplog):
     q = torch.randn(2, 2, 5, 32)
-    attn.set_attention_impl("triton")
-    try:
-        assert attn._triton_reason(q, q, q, None, 0.1) == "attention dropout is on"
-        assert "head dim 24" in attn._triton_reason(torch.randn(1, 1, 3, 24), *(torch.randn(1, 1, 3, 24),) * 2, None, 0.0)
-        assert attn._triton_reason(q, q, q, None, 0.0) == ""
-        monkeypatch.delenv("TRITON_INTERPRET")
-        with caplog.at_level("INFO"):
-            out = attn.attention(q, q, q)  # falls back to SDPA on CPU, says why once
-        assert "no CUDA device" in caplog.text
-        assert torch.allclose(out, reference(q, q, q, None).float(), atol=1e-5)
-    finally:
-        attn.set_attention_impl("auto")
+    assert attn._triton_reason(q, q, q, None, 0.1) == "attention dropout is on"
+    odd = torch.randn(1, 1, 3, 24)
+    assert "head dim 24" in attn._triton_reason(odd, odd, odd, None, 0.0)
+    assert attn._triton_reason(q, q, q, None, 0.0) == ""
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with caplog.at_level("INFO"):
+        out = attn.attention(q, q, q, impl="triton")  # falls back to SDPA on CPU, says why once
+    assert "no CUDA device" in caplog.text
+    assert torch.allclose(out, reference(q, q, q, None).float(), atol=1e-5)
     with pytest.raises(Exception, match="attention_impl='flash'"):
-        attn.set_attention_impl("flash")
+        attn.check_attention_impl("flash")
 
 
 def test_whole_model_unchanged_with_the_kernel(tiny_ref):
     from singularity_ds.models import load_model
     inp, exp = tiny_ref["inputs"], tiny_ref["expected"]
-    try:
-        model = load_model(str(tiny_ref["path"] / "checkpoint.pth"), attention_impl="triton")
-        with torch.no_grad():
-            image_embeds, _ = model.encode_image(inp["video"])
-            text_embeds, _ = model.encode_text(inp["input_ids"], inp["attention_mask"])
-            fused = model.fusion(text_embeds, inp["attention_mask"], image_embeds)
-    finally:
-        attn.set_attention_impl("auto")
+    model = load_model(str(tiny_ref["path"] / "checkpoint.pth"), attention_impl="triton")
+    with torch.no_grad():
+        image_embeds, _ = model.encode_image(inp["video"])
+        text_embeds, _ = model.encode_text(inp["input_ids"], inp["attention_mask"])
+        fused = model.fusion(text_embeds, inp["attention_mask"], image_embeds)
     assert torch.allclose(image_embeds, exp["image_embeds"], atol=1e-4)
     assert torch.allclose(text_embeds, exp["text_embeds"], atol=1e-4)
     sdpa = load_model(str(tiny_ref["path"] / "checkpoint.pth"))

@@ -28,6 +28,40 @@ def test_attention_matches_math_reference_with_bias_and_padding():
     assert torch.allclose(attention(q, k, v, bias), ref, atol=1e-6)
 
 
+def test_each_model_keeps_its_own_attention_impl(monkeypatch):
+    """attention_impl is a setting of each model: building another model does not change it."""
+    from singularity_ds.config import load_config
+    from singularity_ds.models import SingularityQA
+    from singularity_ds.models import attention as attn
+    torch.manual_seed(0)
+    by_math = Singularity(tiny_config(attention_impl="math")).eval()
+    by_sdpa = Singularity(tiny_config(attention_impl="sdpa")).eval()  # built last
+    by_sdpa.load_state_dict(by_math.state_dict())
+    calls = []
+    sdpa_fn = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(attn.F, "scaled_dot_product_attention",
+                        lambda *args, **kw: calls.append(1) or sdpa_fn(*args, **kw))
+    video, ids, mask, _ = batch(2, t=2)
+
+    def run(model):
+        calls.clear()
+        with torch.no_grad():
+            text, _ = model.encode_text(ids[:2], mask[:2])
+            return model.fusion(text, mask[:2], model.encode_image(video)[0]), len(calls)
+
+    (out_math, n_math), (out_sdpa, n_sdpa) = run(by_math), run(by_sdpa)
+    assert n_math == 0 and n_sdpa == 2 + 2 + 2  # 2 vision layers, 2 text-only, 1 fusion (self + cross)
+    assert torch.allclose(out_math, out_sdpa, atol=1e-5)  # the same numbers either way
+    qa = SingularityQA(load_config(["qa_msrvtt", "tiny"], ["attention_impl=math", "image_res=64"]))
+    def impls(module):
+        return {m.attention_impl for m in module.modules() if isinstance(m, attn.AttentionLayer)}
+
+    assert impls(qa) == impls(qa.text_decoder) == {"math"}  # the answer decoder, built after the towers, too
+    assert run(by_math)[1] == 0  # still its own
+    by_math.set_attention_impl("sdpa")
+    assert run(by_math)[1] == 6 and impls(qa) == {"math"} and impls(by_sdpa) == {"sdpa"}
+
+
 def test_temporal_embedding_interpolates_for_more_frames():
     cfg = tiny_config(**{"video_input.num_frames": 2, "add_temporal_embed": True})
     model = Singularity(cfg)

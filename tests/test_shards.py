@@ -67,7 +67,7 @@ def test_make_shards_round_trips_every_field(corpus, tmp_path):
     assert [n for _, n in shard_list(str(tmp_path / "sh" / "index.json"))] == [s["samples"] for s in index["shards"]]
     assert len(samples) == len(entries)
     for i, (entry, sample) in enumerate(zip(entries, samples)):
-        assert json.loads(sample["json"]) == dict(entry, idx=i)
+        assert json.loads(sample["json"]) == entry and sample["__key__"] == f"{i:09d}"  # keyed by position
         assert sample["mp4"] == (corpus / "videos" / entry["video"]).read_bytes()
     # the same shards found by a glob (counted from the tar headers)
     assert sum(n for _, n in shard_list(str(tmp_path / "sh" / "shard-*.tar"))) == len(entries)

@@ -82,7 +82,7 @@ class AnnotationStore:
         entry = json.loads(cached[1][j])
         if self._ids is not None:
             media_dir, media_type = self._corpora[self._ids[i]]
-            media = entry[_media_key(entry, media_type)]
+            media = entry[media_field(entry, media_type)]
             entry["media"] = ([os.path.join(media_dir, m) for m in media] if isinstance(media, list)
                               else os.path.join(media_dir, media))
         return entry
@@ -117,7 +117,9 @@ def corpus_specs(train_file, key: str = "train_file") -> List[tuple]:
     return specs
 
 
-def _media_key(entry: dict, media_type: str):
+def media_field(entry: dict, media_type: str):
+    """The key holding an entry's media path: ``video`` (video corpora that have it), else ``image``;
+    None if neither."""
     if media_type == "video" and "video" in entry:
         return "video"
     return "image" if "image" in entry else None
@@ -201,7 +203,7 @@ def iter_annotations(path: str, media_type: str, kind: str = "caption"):
     for i, entry in enumerate(_entries(path)):
         if not isinstance(entry, dict):
             raise AnnotationError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
-        key = _media_key(entry, media_type)
+        key = media_field(entry, media_type)
         if key is None:
             want = "'video' (or 'image')" if media_type == "video" else "'image'"
             raise AnnotationError(f"{path}: entry {i}: missing key {want}")

@@ -4,7 +4,7 @@ train_ret) and of QA, and the evaluation sets.
     loader = caption_train_loader(config, tokenizer, rank, world)   # MetaLoader over image/video corpora
     for media_type, batch in loader: ...
 
-Each task calls the loader it trains on (``engine.tasks``); nothing here reads the task's name.
+Each task calls the loader it trains on (:mod:`singularity_ds.tasks`); nothing here reads the task's name.
 """
 from ..errors import AnnotationError, MediaError
 from .annotations import corpus_specs, load_corpus

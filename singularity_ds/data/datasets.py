@@ -10,7 +10,6 @@ An item's ``media`` is what its source makes of the path: pixels from a :class:`
 plan from a :class:`ClipPlanner` (batched DALI decoding).
 """
 import logging
-import os
 import random
 from typing import Union
 
@@ -18,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .annotations import AnnotationStore
+from .captions import caption_and_idx
 from .media import ClipPlanner, MediaSource
 from .text import pre_text
 from ..errors import MediaError
@@ -61,23 +61,14 @@ class _MediaDataset(Dataset):
 
 
 class CaptionDataset(_MediaDataset):
-    """Pretraining / retrieval training: (media, caption, idx). ``idx`` groups captions of the same
-    media (the original's ``match_ids``: media basename, or the caption when one text has several
-    ground-truth videos, e.g. SSV2)."""
+    """Pretraining / retrieval training: (media, caption, idx); the caption and ``idx`` (ITC positives)
+    follow :mod:`.captions`, as for a shard corpus."""
 
     def __init__(self, store: AnnotationStore, source: Source, num_tries=3, has_multi_vision_gt=False,
                  is_paragraph_retrieval=False):
         super().__init__(source, num_tries)
         self.store, self.paragraph = store, is_paragraph_retrieval
         self.multi_vision_gt = has_multi_vision_gt
-        ids, keys = [], {}
-        for e in store:
-            key = self._caption(e) if has_multi_vision_gt else os.path.basename(self._media(e))
-            ids.append(keys.setdefault(key, len(keys)))
-        self.match_ids = torch.tensor(ids, dtype=torch.long)
-
-    def _caption(self, e):
-        return " ".join(e["caption"]) if isinstance(e["caption"], list) and self.paragraph else e["caption"]
 
     @staticmethod
     def _media(e):
@@ -93,10 +84,9 @@ class CaptionDataset(_MediaDataset):
         index, seed = _split(item)
         media, index, failures = self.load(index, seed, retry=True)
         entry = self.store[index]
-        caption = self._caption(entry)
-        if isinstance(caption, list):  # several captions per item: the original picks one at random
-            caption = random.Random(seed).choice(caption)
-        return dict(media=media, caption=pre_text(caption), idx=int(self.match_ids[index]), failures=failures)
+        caption, idx = caption_and_idx(entry["caption"], self._media(entry), seed, self.multi_vision_gt,
+                                       self.paragraph)
+        return dict(media=media, caption=caption, idx=idx, failures=failures)
 
 
 class RetrievalEvalDataset(_MediaDataset):

@@ -17,7 +17,16 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 from .text import tokenize
 
 
+# The seeds of the data order, derived from the config's ``seed``: every rank computes them alike, so all
+# agree without communicating, and a resumed run replays the same order. (The sampler's permutation uses
+# ``seed + epoch``, as torch's DistributedSampler.)
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of an epoch's order of batches (media type per step) and of shards."""
+    return seed * 1_000_003 + epoch
+
+
 def item_seed(seed: int, epoch: int, position: int) -> int:
+    """Seed of one item's draws (frames, crop, flip, caption), from its position in the epoch."""
     return (seed * 1_000_003 + epoch * 7_919 + position) % (2 ** 31)
 
 
@@ -136,7 +145,7 @@ class MetaLoader:
     def order(self):
         names = sorted(self.loaders)
         order = [name for name in names for _ in range(len(self.loaders[name]))]
-        random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+        random.Random(epoch_seed(self.seed, self.epoch)).shuffle(order)
         return order
 
     def __len__(self):

@@ -3,7 +3,7 @@ streams them for training.
 
 A sample is the media file's bytes (``<key>.mp4``, ``<key>.jpg`` ...) and ``<key>.json``. The JSON is
 the annotation entry as the source file has it (caption / question / answer, media path relative to
-MEDIA_DIR), plus ``idx``, the entry's position in that file. ``index.json`` beside the shards lists
+MEDIA_DIR); the key is the entry's position in that file. ``index.json`` beside the shards lists
 each shard with its sample count and size, the media type, and the SHA-256 of the source annotation
 file. A config names a shard corpus where it would name a JSON file:
 ``train_file: [[path/to/index.json, null, video]]``. The index's shard URLs are relative to it, or
@@ -19,7 +19,8 @@ Streaming (one epoch, ``world`` ranks x ``W`` workers each):
 - a rank's range is split into contiguous per-worker parts of whole batches, in the order the
   DataLoader takes batches from its workers (round robin);
 - each worker shuffles its samples in a buffer (``shard_shuffle_buffer``) before decoding. Frame
-  sampling and transforms use the file loader's code, seeded by the sample's position in the epoch;
+  sampling and transforms use the file loader's code, seeded by the sample's position in the epoch,
+  and the caption and ITC ``idx`` its rule (:mod:`.captions`);
 - a sample whose media does not decode (or a shard that ends early) is skipped and counted as a
   broken media. Its slot is filled with the next good sample, so the batch counts stay equal;
 - resume: the samples of the batches already trained on are read again but not decoded, so a resumed
@@ -38,11 +39,11 @@ import torch
 from torch.utils.data import IterableDataset
 
 from ..errors import AnnotationError, MediaError
-from .annotations import load_corpus
-from .loader import item_seed
+from .annotations import load_corpus, media_field
+from .captions import caption_and_idx
+from .loader import epoch_seed, item_seed
 from .media import MediaSource
 from .readers import MemoryFile
-from .text import pre_text
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
         ext = os.path.splitext(media)[1].lstrip(".").lower() or "bin"
         with open(media, "rb") as f:
             data = f.read()
-        writer.write({"__key__": f"{i:09d}", ext: data, "json": json.dumps(dict(entry, idx=i)).encode()})
+        writer.write({"__key__": f"{i:09d}", ext: data, "json": json.dumps(entry).encode()})
         current["samples"] += 1
         if writer.tarstream.fileobj.tell() >= limit:
             close()
@@ -197,11 +198,6 @@ def read_shard(url: str):
             logger.debug("shard %s: closing the stream after an early stop: %s", url, e)
 
 
-def match_id(key: str) -> int:
-    """ITC's ``idx`` from the media name (or caption): a stable 56-bit hash, no corpus-wide table."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "little")
-
-
 class ShardStream(IterableDataset):
     """Caption items (media, caption, idx, failures) streamed from tar shards; see the module doc."""
 
@@ -236,7 +232,7 @@ class ShardStream(IterableDataset):
     def _order(self):
         order = list(self.shards)
         if self.shuffle:
-            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(order)
+            random.Random(epoch_seed(self.seed, self.epoch)).shuffle(order)
         return order
 
     def _raw(self, start: int, stop: int):
@@ -290,13 +286,11 @@ class ShardStream(IterableDataset):
         seed = item_seed(self.seed, self.epoch, pos)
         meta = json.loads(sample["json"])
         ext = next(k for k in sample if k != "json" and not k.startswith("__"))
-        name = meta.get("video") or meta.get("image") or sample["__key__"]
+        field = media_field(meta, self.media_type)
+        name = str(meta[field]) if field else sample["__key__"]  # the annotation's media path, as in the file
         media = self.source(MemoryFile(f"{name} (shard sample {sample['__key__']})", sample[ext]), seed)
-        caption = meta["caption"]
-        if isinstance(caption, list):
-            caption = " ".join(caption) if self.paragraph else random.Random(seed).choice(caption)
-        key = caption if self.multi_vision_gt else os.path.basename(str(name))
-        return dict(media=media, caption=pre_text(caption), idx=match_id(key), failures=[])
+        caption, idx = caption_and_idx(meta["caption"], name, seed, self.multi_vision_gt, self.paragraph)
+        return dict(media=media, caption=caption, idx=idx, failures=[])
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from ..fileio import write_json
+
 
 def build_corpus(root, clips, distinct, res):
     from .shards import make_shards
@@ -40,8 +42,7 @@ def build_corpus(root, clips, distinct, res):
             shutil.copyfile(os.path.join(seed_dir, "videos", e["video"]), os.path.join(videos, name))
         out.append(dict(e, video=name))
     anno = os.path.join(root, "anno.json")
-    with open(anno, "w") as f:
-        json.dump(out, f)
+    write_json(out, anno, indent=None)
     if not os.path.isfile(os.path.join(root, "shards", "index.json")):
         make_shards(anno, videos, os.path.join(root, "shards"), "256MB", overwrite=True)
     return anno, videos, os.path.join(root, "shards")
@@ -132,6 +133,5 @@ def main(argv=None):
         res["annotations"] = annotation_memory(os.path.join(args.dir, f"anno_{args.entries}.json"), args.entries)
         print("annotation store:", res["annotations"], flush=True)
     if args.json:
-        from ..fileio import write_json
         write_json(res, args.json)
     return 0

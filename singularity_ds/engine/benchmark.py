@@ -19,6 +19,7 @@ import time
 import torch
 
 from ..data import per_media
+from ..fileio import write_json
 from .. import dist
 from .build import build_engine
 from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, resolve_precision
@@ -53,9 +54,7 @@ def matmul_peak(device, dtype, n: int = None) -> float:
     _sync(device)
     peak = 2 * n ** 3 * reps / (time.perf_counter() - start) / 1e12
     cache[key] = peak
-    os.makedirs(os.path.dirname(CACHE), exist_ok=True)
-    with open(CACHE, "w") as f:
-        json.dump(cache, f, indent=1)
+    write_json(cache, CACHE)
     return peak
 
 
@@ -125,6 +124,5 @@ def main(argv) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(res, indent=1))
         if args.json:
-            from ..fileio import write_json
             write_json(res, args.json)
     return 0

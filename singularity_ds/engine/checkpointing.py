@@ -4,13 +4,12 @@ Every rank writes its shards into ``checkpoints/.tmp/<tag>``; after a barrier ra
 complete, renames it to ``checkpoints/<tag>`` and only then rewrites ``checkpoints/latest``. A crash at
 any point leaves the previous checkpoint and ``latest`` intact; older tags beyond ``keep_last`` go.
 """
-import json
 import logging
 import os
 import re
 import shutil
 
-from ..fileio import atomic_write
+from ..fileio import atomic_write, write_json
 from ..dist import barrier
 
 logger = logging.getLogger(__name__)
@@ -43,8 +42,7 @@ class Checkpointer:
         barrier()
         if self.rank == 0:
             src, dst = os.path.join(self.tmp, tag), os.path.join(self.dir, tag)
-            with open(os.path.join(src, COMPLETE), "w") as f:
-                json.dump(client_state, f)
+            write_json(client_state, os.path.join(src, COMPLETE), indent=None)
             shutil.rmtree(dst, ignore_errors=True)
             os.replace(src, dst)
             atomic_write(os.path.join(self.dir, "latest"), tag)

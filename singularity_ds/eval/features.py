@@ -21,6 +21,7 @@ import torch
 
 from ..data.loader import collate_eval
 from ..dist import all_gather, barrier, rank_world
+from ..fileio import write_json
 from ..data.text import tokenize
 
 
@@ -76,8 +77,8 @@ class ShardWriter:
     def close(self):
         self.file.close()
         os.replace(self.path + ".part", self.path)
-        with open(self.path + ".json", "w") as f:
-            json.dump(dict(rows=self.rows, shape=self.shape, dtype=str(self.dtype).replace("torch.", "")), f)
+        write_json(dict(rows=self.rows, shape=self.shape, dtype=str(self.dtype).replace("torch.", "")),
+                   self.path + ".json", indent=None)
 
 
 def open_shards(folder: str, name: str, world: int) -> List[torch.Tensor]:

@@ -6,7 +6,7 @@ import torch
 from ..data.text import tokenize
 from ..dist import all_gather, rank_world
 from .features import shard_range
-from .retrieval import check_ensemble, itm_scores_cached
+from .retrieval import check_ensemble, itm_scores_cached, video_cross_kv
 
 
 @torch.no_grad()
@@ -26,7 +26,7 @@ def evaluate_mc(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "conc
             clips = model.encode_image(media)[0]             # (1, T*L, D)
         else:
             clips = model.encode_frames(media)[0][0]         # (T, L, D)
-        video_kv = [model.text_encoder.cross_kv(clips[c:c + 1]) for c in range(clips.shape[0])]
+        video_kv = video_cross_kv(model, clips)
         ids, mask = tokenize(tokenizer, item["captions"], max_txt_l)
         ids, mask = ids.to(param.device), mask.to(param.device)
         scores = itm_scores_cached(model, model.encode_text(ids, mask)[0], mask, video_kv, ensemble).float().cpu()

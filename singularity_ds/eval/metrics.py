@@ -66,10 +66,10 @@ def save_results(results: dict, folder: str, name: str = "eval") -> str:
     splits = list(results)
     fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.4), squeeze=False)
     for ax, split in zip(axes[0], splits):
-        for kind, offset in (("x", -0.2), ("emb", 0.2)):
+        for kind, offset, label in (("itm", -0.2, "ITM re-ranked"), ("itc", 0.2, "ITC only")):
             r = results[split][kind]
             values = [r[f"{d}_r{k}"] for d in ("img", "txt") for k in (1, 5, 10)]
-            ax.bar(np.arange(6) + offset, values, width=0.4, label="ITM re-ranked" if kind == "x" else "ITC only")
+            ax.bar(np.arange(6) + offset, values, width=0.4, label=label)
         ax.set_xticks(np.arange(6), [f"{d} R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)], fontsize=8)
         ax.set_ylim(0, 100)
         ax.set_title(split)

@@ -29,7 +29,8 @@ from .metrics import itm_eval, topk_eval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "itm_eval", "itm_scores", "itm_scores_cached", "topk_blockwise", "check_ensemble"]
+__all__ = ["evaluate", "itm_eval", "itm_scores", "itm_scores_cached", "video_cross_kv", "topk_blockwise",
+           "check_ensemble"]
 
 
 def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
@@ -63,9 +64,16 @@ def itm_scores(model, text_embeds, text_mask, vid_tokens, ensemble):
 
 
 @torch.no_grad()
+def video_cross_kv(model, clips):
+    """One video's cross-attention keys/values, per clip: ``clips`` (clips, Lv, D) -- one clip of all
+    frames' tokens (concat), or one per frame (late ensembles) -> [each fusion layer's (k, v)] per clip."""
+    return [model.text_encoder.cross_kv(clips[c:c + 1]) for c in range(clips.shape[0])]
+
+
+@torch.no_grad()
 def itm_scores_cached(model, text_embeds, text_mask, video_kv, ensemble):
     """Class-1 ITM logits of several texts against ONE video whose per-clip cross-attention keys/values
-    (``model.text_encoder.cross_kv``) are already computed."""
+    (:func:`video_cross_kv`) are already computed."""
     clip_scores = [model.itm_head(model.text_encoder.fusion(text_embeds, text_mask, kv=kv)[:, 0])[:, 1]
                    for kv in video_kv]
     if len(clip_scores) == 1:
@@ -140,8 +148,7 @@ def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=819
     out_keys, out_scores = [], []
     for j in mine:
         v, texts = int(videos[j]), keys[starts[j]:ends[j]] % n_txt
-        clips = feats.video_tokens.rows([v])[0]  # (clips, Lv, D)
-        video_kv = [model.text_encoder.cross_kv(clips[c:c + 1]) for c in range(clips.shape[0])]
+        video_kv = video_cross_kv(model, feats.video_tokens.rows([v])[0])
         for s in range(0, len(texts), text_batch):
             chunk = texts[s:s + text_batch]
             scores = itm_scores_cached(model, feats.text_tokens.rows(chunk), feats.text_mask[chunk],
@@ -159,28 +166,28 @@ def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=819
     def lookup(query_keys):
         return all_scores[np.searchsorted(all_keys, query_keys)]
 
-    x = dict(i2t=(i2t_cand, lookup(np.arange(n_vid)[:, None] * n_txt + i2t_cand)),
-             t2i=(t2i_cand, lookup(t2i_cand * n_txt + np.arange(n_txt)[:, None])))
-    emb = dict(i2t=(i2t_c.numpy(), i2t_v.numpy()), t2i=(t2i_c.numpy(), t2i_v.numpy()))
+    itm = dict(i2t=(i2t_cand, lookup(np.arange(n_vid)[:, None] * n_txt + i2t_cand)),
+               t2i=(t2i_cand, lookup(t2i_cand * n_txt + np.arange(n_txt)[:, None])))
+    itc = dict(i2t=(i2t_c.numpy(), i2t_v.numpy()), t2i=(t2i_c.numpy(), t2i_v.numpy()))
     stats = dict(pairs=int(len(keys)), pairs_both_directions=int(n_vid * k_i2t + n_txt * k_t2i),
                  videos_reranked=int(len(videos)))
-    return x, emb, stats
+    return itm, itc, stats
 
 
 @torch.no_grad()
 def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat", batch_size=32,
              offload=False, feature_store=None, feature_dir=None, num_frames_test=None):
-    """-> {"x": re-ranked metrics, "emb": ITC-only metrics} (+ "scores" dense matrices in memory, or
-    "stats" with the offloaded path). ``feature_store``: device / cpu / disk (default: device, or cpu
-    with ``offload``)."""
+    """-> {"itm": ITM re-ranked metrics, "itc": ITC-only metrics} (the original's ``x`` / ``emb``), plus
+    "scores" (the dense matrices: ITM ``i2t`` / ``t2i``, ITC ``i2t_itc``) in memory, or "stats" with the
+    offloaded path. ``feature_store``: device / cpu / disk (default: device, or cpu with ``offload``)."""
     check_ensemble(model, ensemble, num_frames_test or 1)
     store = feature_store or ("cpu" if offload else "device")
     feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir)
     if not offload:
         i2t, t2i, sim = _dense(model, feats, k_test, ensemble)
-        return dict(x=itm_eval(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt),
-                    emb=itm_eval(sim.numpy(), sim.T.numpy(), dataset.txt2img, dataset.img2txt),
-                    scores=dict(i2t=i2t, t2i=t2i, i2t_emb=sim))
-    x, emb, stats = _offload(model, feats, k_test, ensemble)
-    return dict(x=topk_eval(*x["i2t"], *x["t2i"], dataset.txt2img, dataset.img2txt),
-                emb=topk_eval(*emb["i2t"], *emb["t2i"], dataset.txt2img, dataset.img2txt), stats=stats)
+        return dict(itm=itm_eval(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt),
+                    itc=itm_eval(sim.numpy(), sim.T.numpy(), dataset.txt2img, dataset.img2txt),
+                    scores=dict(i2t=i2t, t2i=t2i, i2t_itc=sim))
+    itm, itc, stats = _offload(model, feats, k_test, ensemble)
+    return dict(itm=topk_eval(*itm["i2t"], *itm["t2i"], dataset.txt2img, dataset.img2txt),
+                itc=topk_eval(*itc["i2t"], *itc["t2i"], dataset.txt2img, dataset.img2txt), stats=stats)

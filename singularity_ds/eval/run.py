@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_sets(model, config, tokenizer, names=None) -> dict:
-    """Retrieval metrics per test set, {name: {"x": {...}, "emb": {...}}}, with the config's settings
-    (``eval_offload``, ``eval_x_only`` = ITM on every pair, ``k_test``, ``eval_frame_ensemble``)."""
+    """Retrieval metrics per test set, {name: {"itm": {...}, "itc": {...}}} (ITM re-ranked / ITC only),
+    with the config's settings (``eval_offload``, ``eval_x_only`` = ITM on every pair, ``k_test``,
+    ``eval_frame_ensemble``)."""
     if not config.get("test_file"):
         return {}
     results = {}
@@ -46,10 +47,10 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
                        feature_dir=config.get("eval_feature_dir") or os.path.join(config.get("output_dir") or ".",
                                                                                  "eval_features", name),
                        num_frames_test=config.video_input.get("num_frames_test", 1))
-        results[name] = {"x": res["x"], "emb": res["emb"]}
+        results[name] = {"itm": res["itm"], "itc": res["itc"]}
         if "stats" in res:
             results[name]["stats"] = res["stats"]
-        logger.info("eval %s: %s", name, res["x"])
+        logger.info("eval %s: %s", name, res["itm"])
     return results
 
 
@@ -117,7 +118,7 @@ def eval_main(kind: str, argv) -> dict:
         if rank == 0:
             save_results(results, out_dir)
             for name, res in results.items():
-                print(f"{name}: ITM re-ranked {res['x']}\n{name}: ITC only     {res['emb']}")
+                print(f"{name}: ITM re-ranked {res['itm']}\n{name}: ITC only     {res['itc']}")
             print(f"results: {out_dir}/eval.json, {out_dir}/eval.png")
         return results
     if kind == "mc":

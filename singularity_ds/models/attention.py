@@ -1,8 +1,11 @@
 """The one attention function every tower calls (self, cross and temporal attention).
 
 Keeping a single entry point means the fused kernel (``kernels/attention.py``) is switched in at one
-place (``attention_impl``). Masks are additive biases, as in the original BERT/BEiT code: a padding mask becomes
-``(1 - mask) * -10000`` so the numbers match the original exactly.
+place. Which implementation runs is a setting of each model (its config's ``attention_impl``), held by
+its :class:`AttentionLayer` modules, not of the process: two models in one process (a training model
+and a reference, a benchmark's variants) each keep their own. Masks are additive biases, as in the
+original BERT/BEiT code: a padding mask becomes ``(1 - mask) * -10000`` so the numbers match the
+original exactly.
 """
 import logging
 import math
@@ -11,6 +14,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 logger = logging.getLogger(__name__)
 
@@ -25,20 +29,28 @@ def padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
 
 
 IMPLS = ("auto", "triton", "sdpa", "math")
-_impl = "auto"
-_logged = set()
+_logged = set()  # fallback reasons already logged (logging once per process is enough)
 
 
-def set_attention_impl(impl: str) -> None:
+def check_attention_impl(impl: str) -> str:
     """``auto``: the Triton kernel for forward-only attention on CUDA where it supports the inputs, SDPA
     otherwise (training, and always on CPU);
     ``triton``: the kernel wherever it can run (CPU only under ``TRITON_INTERPRET=1``); ``sdpa``;
     ``math`` (explicit softmax, the reference)."""
-    global _impl
     if impl not in IMPLS:
         from ..errors import ConfigError
         raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(IMPLS)}")
-    _impl = impl
+    return impl
+
+
+class AttentionLayer(nn.Module):
+    """A module that calls :func:`attention`; ``attention_impl`` is set by its model
+    (``Singularity.set_attention_impl``)."""
+
+    attention_impl = "auto"
+
+    def attend(self, q, k, v, bias=None, dropout_p: float = 0.0) -> torch.Tensor:
+        return attention(q, k, v, bias, dropout_p, self.attention_impl)
 
 
 def _log_once(reason: str) -> None:
@@ -61,22 +73,22 @@ def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              bias: Optional[torch.Tensor] = None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Scaled dot-product attention.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor] = None,
+              dropout_p: float = 0.0, impl: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention with implementation ``impl`` (see :func:`check_attention_impl`).
 
     q: (B, H, Lq, d); k, v: (B, H, Lk, d); bias: additive, broadcastable to (B, H, Lq, Lk)
     (relative-position bias and/or padding bias). Returns (B, H, Lq, d).
     """
     # auto: the kernel for forward-only attention (evaluation, extraction), where it beat SDPA on H200;
     # training keeps SDPA, whose backward measured faster (docs/benchmarks.md)
-    if _impl == "triton" or (_impl == "auto" and q.is_cuda and not _needs_grad(q, k, v, bias)):
+    if impl == "triton" or (impl == "auto" and q.is_cuda and not _needs_grad(q, k, v, bias)):
         reason = _triton_reason(q, k, v, bias, dropout_p)
         if not reason:
             from ..kernels.attention import flash_attention
             return flash_attention(q, k, v, bias)
         _log_once(reason)
-    if _impl == "math":
+    if impl == "math":
         scores = q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
         if bias is not None:
             scores = scores + bias.float()

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from .attention import attention, merge_heads, padding_bias, split_heads
+from .attention import AttentionLayer, merge_heads, padding_bias, split_heads
 
 
 class BertEmbeddings(nn.Module):
@@ -35,7 +35,7 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
-class BertAttention(nn.Module):
+class BertAttention(AttentionLayer):
     """Self- or cross-attention + output projection, residual and LayerNorm (post-LN)."""
 
     def __init__(self, cfg, cross: bool = False):
@@ -62,7 +62,7 @@ class BertAttention(nn.Module):
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         if k.shape[0] != q.shape[0]:  # one cached video for a batch of texts: a stride-0 view, no copy
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
-        out = merge_heads(attention(q, k, v, bias, self.attn_dropout if self.training else 0.0))
+        out = merge_heads(self.attend(q, k, v, bias, self.attn_dropout if self.training else 0.0))
         return self.output.LayerNorm(self.dropout(self.output.dense(out)) + x)
 
 

@@ -15,7 +15,7 @@ from ..config import complete_config
 
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
-from .attention import set_attention_impl
+from .attention import AttentionLayer, check_attention_impl
 from .bert import BertEncoder, TextEncoder
 from .vit import VisionTransformer
 
@@ -48,7 +48,6 @@ class Singularity(nn.Module):
         super().__init__()
         config = complete_config(config)  # keys the given config lacks take the schema's defaults
         self.config = config
-        set_attention_impl(config.get("attention_impl", "auto"))
         vis_cfg = vision_config(config)
         txt_cfg = bert_config(config)
         txt_cfg.encoder_width = vis_cfg.hidden_size
@@ -81,13 +80,14 @@ class Singularity(nn.Module):
 
         num_frames = config.video_input.num_frames
         self.temporal_embeddings = nn.Parameter(torch.zeros(1, num_frames, 1, self.vision_width))
-        tve = config.get("temporal_vision_encoder", {})
+        temporal_cfg = config.get("temporal_vision_encoder", {})
         self.temporal_vision_encoder = None
-        if tve.get("enable", False):
+        if temporal_cfg.get("enable", False):
             self.temporal_vision_encoder = BertEncoder(
-                temporal_config(txt_cfg, self.vision_width, tve.get("num_layers", 2)))
+                temporal_config(txt_cfg, self.vision_width, temporal_cfg.get("num_layers", 2)))
             init_weights(self.temporal_vision_encoder, txt_cfg.initializer_range)
         self.set_gradient_checkpointing(bool(config.get("gradient_checkpointing", False)))
+        self.set_attention_impl(config.get("attention_impl", "auto"))
 
     # ------------------------------------------------------------------ set-up
     def set_gradient_checkpointing(self, enable: bool):
@@ -96,6 +96,13 @@ class Singularity(nn.Module):
         self.text_encoder.bert.encoder.gradient_checkpointing = enable
         if self.temporal_vision_encoder is not None:
             self.temporal_vision_encoder.gradient_checkpointing = enable
+
+    def set_attention_impl(self, impl: str):
+        """The attention implementation of every attention module of this model (and of no other)."""
+        check_attention_impl(impl)
+        for module in self.modules():
+            if isinstance(module, AttentionLayer):
+                module.attention_impl = impl
 
     @property
     def has_mlm_head(self) -> bool:

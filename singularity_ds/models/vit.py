@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from .attention import attention, merge_heads, split_heads
+from .attention import AttentionLayer, merge_heads, split_heads
 
 
 class DropPath(nn.Module):
@@ -58,7 +58,7 @@ class RelativePositionBias(nn.Module):
         return bias.view(n, n, -1).permute(2, 0, 1).contiguous()  # (H, L, L)
 
 
-class SelfAttention(nn.Module):
+class SelfAttention(AttentionLayer):
     def __init__(self, cfg, beit: bool, window):
         super().__init__()
         d = cfg.hidden_size
@@ -75,7 +75,7 @@ class SelfAttention(nn.Module):
         bias = self.relative_position_bias() if self.relative_position_bias is not None else shared_bias
         if bias is not None:
             bias = bias.unsqueeze(0)
-        out = attention(q, k, v, bias, self.dropout_p if self.training else 0.0)
+        out = self.attend(q, k, v, bias, self.dropout_p if self.training else 0.0)
         return merge_heads(out)
 
 

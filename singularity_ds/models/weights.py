@@ -23,6 +23,7 @@ from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, BytesNode, FloatNode, IntegerNode, PathNode, StringNode
 
 from ..errors import CheckpointError
+from ..fileio import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -291,8 +292,7 @@ def export(model, folder: str):
     tmp = os.path.join(folder, WEIGHTS_NAME + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "producer": "singularity-ds"})
     os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(plain_config(model.config), f, indent=2)
+    write_json(plain_config(model.config), os.path.join(folder, CONFIG_NAME), indent=2)
 
 
 # ---------------------------------------------------------------------- pretrained towers (HF folders)

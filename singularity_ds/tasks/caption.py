@@ -27,11 +27,11 @@ class CaptionTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, config, tokenizer):
-        """Retrieval metrics per test set: ``{name: {"x": ITM re-ranked, "emb": ITC only}}``."""
+        """Retrieval metrics per test set: ``{name: {"itm": ITM re-ranked, "itc": ITC only}}``."""
         return evaluate_sets(model, config, tokenizer) if config.test_file else {}
 
     def eval_scalars(self, results):
-        return {f"{name}/{k}": v for name, res in results.items() for k, v in res["x"].items()
+        return {f"{name}/{k}": v for name, res in results.items() for k, v in res["itm"].items()
                 if isinstance(v, (int, float))}
 
     def synthetic_batch(self, config, batch_size):
