@@ -41,14 +41,14 @@ def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
     above the trained one interpolates the temporal embeddings linearly (the original's behaviour)."""
     if ensemble not in ENSEMBLES:
         raise ConfigError(f"eval_frame_ensemble={ensemble!r}; expected one of {', '.join(ENSEMBLES)}")
-    temporal = model.temporal_vision_encoder is not None or model.config.get("add_temporal_embed", False)
+    temporal = model.temporal_vision_encoder is not None or model.config.add_temporal_embed
     if ensemble != "concat" and temporal:
         raise ConfigError(
             f"eval_frame_ensemble={ensemble} scores each frame on its own and would bypass this checkpoint's "
             f"temporal modelling (temporal embeddings / encoder, trained on {model.temporal_embeddings.shape[1]} "
             "frames); use eval_frame_ensemble=concat")
     trained = model.temporal_embeddings.shape[1]
-    if model.config.get("add_temporal_embed", False) and num_frames_test > trained:
+    if model.config.add_temporal_embed and num_frames_test > trained:
         logger.info("temporal embeddings: %d trained frames interpolated linearly to %d test frames",
                     trained, num_frames_test)
 

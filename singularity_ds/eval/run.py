@@ -32,21 +32,21 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
     """Retrieval metrics per test set, {name: {"itm": {...}, "itc": {...}}} (ITM re-ranked / ITC only),
     with the config's settings (``eval_offload``, ``eval_x_only`` = ITM on every pair, ``k_test``,
     ``eval_frame_ensemble``)."""
-    if not config.get("test_file"):
+    if not config.test_file:
         return {}
     results = {}
     for name, ds in eval_datasets(config, names).items():
-        k_test = config.get("k_test", 128)
-        if config.get("eval_x_only", False):  # the original crashes here (raw_n_image); we score all pairs
+        k_test = config.k_test
+        if config.eval_x_only:  # the original crashes here (raw_n_image); we score all pairs
             k_test = max(len(ds), len(ds.text))
         res = evaluate(model, ds, tokenizer, per_media(config.max_txt_l, ds.media_type), k_test=k_test,
-                       ensemble=config.get("eval_frame_ensemble", "concat"),
-                       batch_size=per_media(config.get("batch_size_test", 32), ds.media_type),
-                       offload=bool(config.get("eval_offload", False)),
-                       feature_store=config.get("eval_feature_store"),
-                       feature_dir=config.get("eval_feature_dir") or os.path.join(config.get("output_dir") or ".",
+                       ensemble=config.eval_frame_ensemble,
+                       batch_size=per_media(config.batch_size_test, ds.media_type),
+                       offload=config.eval_offload,
+                       feature_store=config.eval_feature_store,
+                       feature_dir=config.eval_feature_dir or os.path.join(config.output_dir or ".",
                                                                                  "eval_features", name),
-                       num_frames_test=config.video_input.get("num_frames_test", 1))
+                       num_frames_test=config.video_input.num_frames_test)
         results[name] = {"itm": res["itm"], "itc": res["itc"]}
         if "stats" in res:
             results[name]["stats"] = res["stats"]
@@ -57,7 +57,7 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
 def load_answer_list(config) -> list:
     import json
     from ..errors import AnnotationError
-    path = config.get("answer_list")
+    path = config.answer_list
     try:
         with open(path) as f:
             answers = json.load(f)
@@ -75,10 +75,10 @@ def evaluate_qa_sets(model, config, tokenizer, names=None) -> dict:
     results = {}
     for name, ds in eval_datasets(config, names, kind="qa").items():
         res = evaluate_qa(model, ds, answers, tokenizer, config.max_q_len, config.max_a_len,
-                          k_test=config.get("k_test", 128), ensemble=config.get("eval_frame_ensemble", "concat"),
-                          batch_size=per_media(config.get("batch_size_test", 16), ds.source.media_type),
-                          eos=config.get("eos", "[SEP]"))
-        if rank_world()[0] == 0 and config.get("output_dir"):
+                          k_test=config.k_test, ensemble=config.eval_frame_ensemble,
+                          batch_size=per_media(config.batch_size_test, ds.source.media_type),
+                          eos=config.eos)
+        if rank_world()[0] == 0 and config.output_dir:
             write_json(res["predictions"], os.path.join(config.output_dir, f"qa_{name}.json"))
         results[name] = {k: v for k, v in res.items() if k != "predictions"}
         logger.info("eval %s: %s %.2f (%d questions, %d with no answer in the list)", name, res["metric"],
@@ -101,7 +101,7 @@ def eval_main(kind: str, argv) -> dict:
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
     config = load_config(configs, overrides)
-    for name in config.get("test_types") or config.test_file:  # an unset ${oc.env:...} fails before loading
+    for name in config.test_types or config.test_file:  # an unset ${oc.env:...} fails before loading
         if name in config.test_file:
             OmegaConf.to_container(config.test_file[name], resolve=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
@@ -109,9 +109,9 @@ def eval_main(kind: str, argv) -> dict:
     # QA: the QA model (decoder initialised if the file has none); else as the checkpoint holds
     model = load_model(checkpoint, image_res=config.image_res, qa=True if kind == "qa" else None).to(device)
     config.vit_type = model.vit_type  # transforms (normalisation) follow the checkpoint's tower
-    out_dir = config.get("output_dir") or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
+    out_dir = config.output_dir or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir
-    tokenizer = build_tokenizer(config.get("text_encoder", "bert-base-uncased"))
+    tokenizer = build_tokenizer(config.text_encoder)
     rank = rank_world()[0]
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)
@@ -125,8 +125,7 @@ def eval_main(kind: str, argv) -> dict:
         results = {}
         for name, ds in eval_datasets(config, kind="mc").items():
             acc, predictions = evaluate_mc(model, ds, tokenizer, per_media(config.max_txt_l, "video"),
-                                           config.get("eval_frame_ensemble", "concat"),
-                                           config.video_input.get("num_frames_test", 1))
+                                           config.eval_frame_ensemble, config.video_input.num_frames_test)
             results[name] = acc
             if rank == 0:
                 write_json(dict(accuracy=acc, predictions=predictions), os.path.join(out_dir, f"mc_{name}.json"))

@@ -45,7 +45,7 @@ class SingularityQA(Singularity):
         super().__init__(config, mlm_head=False, retrieval_heads=False)
         self.text_decoder = TextEncoder(decoder_config(self.text_encoder.config, self.config), mlm_head=True)
         init_weights(self.text_decoder, self.text_decoder.config.initializer_range)
-        self.set_attention_impl(self.config.get("attention_impl", "auto"))  # the decoder's layers too
+        self.set_attention_impl(self.config.attention_impl)  # the decoder's layers too
 
     # ------------------------------------------------------------------ encoder side
     def encode_question(self, image_embeds, q_ids, q_mask):

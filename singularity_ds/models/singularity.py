@@ -51,10 +51,10 @@ class Singularity(nn.Module):
         vis_cfg = vision_config(config)
         txt_cfg = bert_config(config)
         txt_cfg.encoder_width = vis_cfg.hidden_size
-        self.vit_type = config.get("vit_type", "beit")
+        self.vit_type = config.vit_type
         self.vision_width, self.text_width = vis_cfg.hidden_size, txt_cfg.hidden_size
         if mlm_head is None:
-            mlm_head = float(config.get("loss_weight", {}).get("mlm", 0) or 0) > 0
+            mlm_head = config.loss_weight.mlm > 0
 
         self.vision_encoder = VisionTransformer(vis_cfg, self.vit_type)
         self.text_encoder = TextEncoder(txt_cfg, mlm_head)
@@ -68,26 +68,26 @@ class Singularity(nn.Module):
         self.vision_layernorm = nn.LayerNorm(self.vision_width, eps=1e-12) if self.vit_type == "beit" else None
 
         if retrieval_heads:  # the QA model has none of these (nor the BEiT pooler)
-            embed_dim = config.get("embed_dim", 256)
+            embed_dim = config.embed_dim
             self.vision_proj = nn.Linear(self.vision_width, embed_dim)
             self.text_proj = nn.Linear(self.text_width, embed_dim)
             # shape (1,), not the original's (): DeepSpeed cannot broadcast 0-dim parameters (the loader
             # converts the original's scalar); it broadcasts exactly like the scalar in every use
-            self.temp = nn.Parameter(torch.ones(1) * config.get("temp", 0.07))
+            self.temp = nn.Parameter(torch.ones(1) * config.temp)
             self.itm_head = nn.Linear(self.text_width, 2)
         else:
             self.vision_encoder.pooler = None
 
         num_frames = config.video_input.num_frames
         self.temporal_embeddings = nn.Parameter(torch.zeros(1, num_frames, 1, self.vision_width))
-        temporal_cfg = config.get("temporal_vision_encoder", {})
+        temporal_cfg = config.temporal_vision_encoder
         self.temporal_vision_encoder = None
-        if temporal_cfg.get("enable", False):
+        if temporal_cfg.enable:
             self.temporal_vision_encoder = BertEncoder(
-                temporal_config(txt_cfg, self.vision_width, temporal_cfg.get("num_layers", 2)))
+                temporal_config(txt_cfg, self.vision_width, temporal_cfg.num_layers))
             init_weights(self.temporal_vision_encoder, txt_cfg.initializer_range)
-        self.set_gradient_checkpointing(bool(config.get("gradient_checkpointing", False)))
-        self.set_attention_impl(config.get("attention_impl", "auto"))
+        self.set_gradient_checkpointing(config.gradient_checkpointing)
+        self.set_attention_impl(config.attention_impl)
 
     # ------------------------------------------------------------------ set-up
     def set_gradient_checkpointing(self, enable: bool):
@@ -131,7 +131,7 @@ class Singularity(nn.Module):
     _encode_image = encode_frames  # the original's name
 
     def temporal_embedding(self, num_frames: int):
-        if not self.config.get("add_temporal_embed", False):
+        if not self.config.add_temporal_embed:
             return 0.0
         if self.temporal_embeddings.shape[1] >= num_frames:
             return self.temporal_embeddings[:, :num_frames]
@@ -151,7 +151,7 @@ class Singularity(nn.Module):
         x = frame_embeds + self.temporal_embedding(t)
         if t > 1 and self.temporal_vision_encoder is not None:
             x = self.temporal_encode(x)
-            if self.config.temporal_vision_encoder.get("update_pooler_embed", False):
+            if self.config.temporal_vision_encoder.update_pooler_embed:
                 pooled = x[:, :, 0]
         return x.reshape(b, -1, self.vision_width), pooled
 
@@ -183,7 +183,7 @@ class Singularity(nn.Module):
         ``itc_gather=True``. Returns (loss, local sim_i2t, local sim_t2i)."""
         image_feat, text_feat = self.project(pooled_image_embeds, pooled_text_embeds)
         sim_i2t = losses.similarity(image_feat, text_feat, self.temp)
-        if not self.config.get("itc_gather", False):
+        if not self.config.itc_gather:
             return losses.itc_loss(sim_i2t, sim_i2t.T, idx), sim_i2t, sim_i2t.T
         image_all, text_all = losses.gather_features(image_feat, text_feat)
         idx_all = losses.gather_no_grad(idx)
@@ -223,7 +223,7 @@ class Singularity(nn.Module):
         once and gathered for the three pairings (the same logits, a quarter of that cost)."""
         if img_neg is None:
             img_neg, txt_neg = losses.sample_negatives(
-                sim_i2t, sim_t2i, idx, hard=self.config.get("itm_hard_neg", True))
+                sim_i2t, sim_t2i, idx, hard=self.config.itm_hard_neg)
         text_all = torch.cat([text_embeds, text_embeds, text_embeds[txt_neg]])
         mask_all = torch.cat([text_mask, text_mask, text_mask[txt_neg]])
         kv = kv if kv is not None else self.text_encoder.cross_kv(image_embeds)
@@ -242,7 +242,7 @@ class Singularity(nn.Module):
     def get_mlm_loss(self, input_ids, attention_mask, image_embeds, mlm_inputs=None, kv=None):
         if mlm_inputs is None:
             cfg = self.text_encoder.config
-            mlm_inputs = losses.mask_tokens(input_ids, cfg.vocab_size, self.config.get("mlm_prob", 0.15),
+            mlm_inputs = losses.mask_tokens(input_ids, cfg.vocab_size, self.config.mlm_prob,
                                             pad_id=cfg.pad_token_id)
         ids, labels = mlm_inputs
         # The vocabulary projection runs only where a token is masked: the original projects every
@@ -266,8 +266,8 @@ class Singularity(nn.Module):
         kv = self.text_encoder.cross_kv(image_embeds)  # once per video, for ITM's pairings and MLM
         loss_itm = self.get_itm_loss(sim_i2t, sim_t2i, text_embeds, attention_mask, image_embeds, idx,
                                      img_neg, txt_neg, kv)
-        w = self.config.get("loss_weight", {})
-        out = dict(loss_ita=loss_ita * w.get("itc", 1.0), loss_itm=loss_itm * w.get("itm", 1.0))
-        if self.has_mlm_head and w.get("mlm", 0) > 0:
+        w = self.config.loss_weight
+        out = dict(loss_ita=loss_ita * w.itc, loss_itm=loss_itm * w.itm)
+        if self.has_mlm_head and w.mlm > 0:
             out["loss_mlm"] = self.get_mlm_loss(input_ids, attention_mask, image_embeds, mlm_inputs, kv) * w["mlm"]
         return out
