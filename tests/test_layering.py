@@ -22,7 +22,7 @@ LAYERS = [
 
 
 def modules() -> dict:
-    """{"singularity_ds.data.video": path, ...}; a package's ``__init__`` is named after the package."""
+    """{"singularity_ds.data.readers.base": path, ...}; a package's ``__init__`` is named after the package."""
     out = {}
     for path in PACKAGE.rglob("*.py"):
         parts = ("singularity_ds",) + path.relative_to(PACKAGE).with_suffix("").parts
@@ -53,7 +53,7 @@ def import_graph() -> dict:
             else:
                 continue
             for t in targets:
-                while t and t not in mods:  # `import singularity_ds.data.video as v`, `from x.y import func`
+                while t and t not in mods:  # `import singularity_ds.data.readers as r`, `from x.y import func`
                     t = t.rpartition(".")[0]
                 if t and t != name and not name.startswith(t + "."):
                     deps.add(t)

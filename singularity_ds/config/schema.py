@@ -35,7 +35,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 # A corpus: [annotation JSON, media folder] (images), [anno, folder, video], [shard index.json, null, video].
 CorpusSpec = list[Optional[str]]
-# fpsX: frames sampled at X per second (X > 0, e.g. fps0.5); data/video.py reads it.
+# fpsX: frames sampled at X per second (X > 0, e.g. fps0.5); data/readers/sampling.py reads it.
 FPS = (r"fps(?=[0-9.]*[1-9])(\d+\.?\d*|\.\d+)", "fpsX")
 SAMPLE_TYPES = ("rand", "middle", "uniform")
 # Choices the code checks too (where a value can also arrive outside a config): defined once, here.
