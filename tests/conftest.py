@@ -12,8 +12,32 @@ REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("SINGULARITY_REFERENCE", REPO.parent / "shared" / "reference"))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-process DeepSpeed / SLURM runs (part of `make test`)")
+# The markers (slow, multiproc, gpu) are registered in pyproject.toml, with --strict-markers.
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are skipped without CUDA (the marker alone says what they need)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The synthetic corpus (videos, images, annotations, config overlays, tar shards), made once per
+    session; tests read it and write elsewhere. Tests that need other sizes or codecs make their own."""
+    from singularity_ds.data.synthetic import make_synthetic
+    out = tmp_path_factory.mktemp("corpus")
+    make_synthetic(str(out), num_clips=36, size=32, frames=8, num_images=8, seed=5)
+    return out
+
+
+@pytest.fixture
+def free_port():
+    """A free TCP port on 127.0.0.1 (one per test: a process group's master port)."""
+    from singularity_ds.dist import free_port
+    return free_port()
 
 
 def reference(name: str) -> Path:

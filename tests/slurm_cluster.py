@@ -9,17 +9,13 @@ import socket
 import subprocess
 import time
 
+from singularity_ds.dist import free_port
+
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
 
 
 def missing_binaries():
     return [b for b in BINARIES if shutil.which(b) is None]
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class SlurmCluster:
@@ -28,7 +24,7 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]
         os.makedirs(os.path.join(self.root, "state"), exist_ok=True)
         lines = [
-            "ClusterName=sdstest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={_port()}",
+            "ClusterName=sdstest", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={free_port()}",
             "AuthType=auth/none", "CredType=cred/none", "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none", "SwitchType=switch/none",
             "MpiDefault=none", "SlurmUser=root", "SlurmdUser=root", "ReturnToService=2",
@@ -39,9 +35,10 @@ class SlurmCluster:
             f"SlurmctldLogFile={self.root}/slurmctld.log", f"SlurmdLogFile={self.root}/slurmd-%n.log",
         ]
         for n in nodes:
-            lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={_port()} CPUs={cpus} "
-                         f"RealMemory=8000 State=UNKNOWN")
-        lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE")
+            lines.append(f"NodeName={n} NodeAddr=127.0.0.1 NodeHostname={host} Port={free_port()} "
+                         f"CPUs={cpus} RealMemory=8000 State=UNKNOWN")
+        lines.append(f"PartitionName=debug Nodes={','.join(nodes)} Default=YES MaxTime=INFINITE State=UP "
+                     "OverSubscribe=FORCE")
         self.conf = os.path.join(self.root, "slurm.conf")
         with open(self.conf, "w") as f:
             f.write("\n".join(lines) + "\n")
@@ -54,11 +51,12 @@ class SlurmCluster:
         time.sleep(1)
         for n in self.nodes:
             os.makedirs(os.path.join(self.root, f"spool-{n}"), exist_ok=True)
-            self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n], env=self.env, stdout=subprocess.DEVNULL,
-                                               stderr=subprocess.DEVNULL))
+            self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", n], env=self.env,
+                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.time() + timeout
         while time.time() < deadline:
-            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True).stdout
+            out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True,
+                                 text=True).stdout
             states = dict(line.split() for line in out.strip().splitlines() if line.strip())
             if len(states) == len(self.nodes) and all(s.startswith("idle") for s in states.values()):
                 return self
@@ -76,11 +74,13 @@ class SlurmCluster:
         """Poll squeue (faster than sbatch --wait), then return the job's final state."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=self.env, capture_output=True, text=True)
+            q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=self.env, capture_output=True,
+                               text=True)
             if not q.stdout.strip():
                 break
             time.sleep(0.5)
-        info = subprocess.run(["scontrol", "show", "job", job], env=self.env, capture_output=True, text=True).stdout
+        info = subprocess.run(["scontrol", "show", "job", job], env=self.env, capture_output=True,
+                              text=True).stdout
         for field in info.split():
             if field.startswith("JobState="):
                 return field.split("=", 1)[1]

@@ -1,12 +1,21 @@
 import json
 
+from conftest import tiny_config
 from singularity_ds.cli import main
+from singularity_ds.models import Singularity
 
 
 def test_summary_and_clear_config_errors(capsys):
-    assert main(["summary", "pretrain", "tiny", "video_input.num_frames=4", "temporal_vision_encoder.enable=True"]) == 0
+    assert main(["summary", "pretrain", "tiny", "video_input.num_frames=4",
+                 "temporal_vision_encoder.enable=True"]) == 0
     out = capsys.readouterr().out
-    assert "temporal: 4 embeddings, encoder 2 layers" in out and "total" in out
+    assert "temporal: 4 embeddings, encoder 2 layers" in out
+    # the parameter rows ("  name  1,234"): each top-level module's count, and the model's total
+    rows = {name: int(n.replace(",", "")) for name, n in
+            (line.split() for line in out.splitlines() if line.startswith("  "))}
+    model = Singularity(tiny_config(**{"video_input.num_frames": 4, "temporal_vision_encoder.enable": True}))
+    assert rows.pop("total") == sum(p.numel() for p in model.parameters())
+    assert rows == {name: sum(p.numel() for p in m.parameters()) for name, m in model.named_children()}
     assert main(["summary", "pretrain", "tiny", "video_input.num_frame=4"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == ("singularity-ds: error: command line: unknown config key 'video_input.num_frame'; "

@@ -43,7 +43,8 @@ def test_dali_decodes_the_same_frames_as_decord(clips, codec):
 
 def test_h264_on_the_cpu_decoder_is_a_clear_per_file_error(clips):
     path = clips["libx264"][0]
-    with pytest.raises(MediaError, match=r"clip_00000.mp4: DALI cannot decode it \(DALI's CPU decoder reads VP8/VP9/MJPEG"):
+    message = r"clip_00000.mp4: DALI cannot decode it \(DALI's CPU decoder reads VP8/VP9/MJPEG"
+    with pytest.raises(MediaError, match=message):
         read_frames(path, 2, "middle", get_reader("dali"), fallback=False)
 
 
@@ -72,10 +73,12 @@ def test_batched_augmentation_matches_the_torch_transform(clips):
         assert other > 3 * err, (other, err)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU decoding (mixed backend) needs CUDA")
+@pytest.mark.gpu  # GPU decoding (mixed backend)
 def test_gpu_pipeline_equals_cpu_pipeline(clips):
-    args = (clips["mjpeg"], [[1, 5, 9, 13]] * 3, [(0, 0, 64, 64)] * 3, [False] * 3, 32, (0.5,) * 3, (0.5,) * 3)
-    assert torch.allclose(clip_pipeline(*args, device="gpu").cpu(), clip_pipeline(*args, device="cpu"), atol=0.05)
+    args = (clips["mjpeg"], [[1, 5, 9, 13]] * 3, [(0, 0, 64, 64)] * 3, [False] * 3, 32, (0.5,) * 3,
+            (0.5,) * 3)
+    assert torch.allclose(clip_pipeline(*args, device="gpu").cpu(), clip_pipeline(*args, device="cpu"),
+                          atol=0.05)
 
 
 def test_auto_reader_falls_back_to_decord_per_file_and_says_so_once(clips, caplog):
@@ -94,6 +97,7 @@ def test_training_loader_decodes_whole_batches_in_dali(clips):
     decodes + augments the batch in one DALI graph; same batches as the decord loader up to DALI's
     colour conversion and cubic interpolation."""
     import os
+
     from singularity_ds.config import load_config
     from singularity_ds.data import build_tokenizer, caption_train_loader
     root = os.path.dirname(os.path.dirname(clips["mjpeg"][0]))
@@ -106,6 +110,7 @@ def test_training_loader_decodes_whole_batches_in_dali(clips):
         loader.set_epoch(0)
         batches[name] = next(iter(loader))[1]
     a, b = batches["dali"]["media"], batches["decord"]["media"]
-    assert a.shape == b.shape == (4, 3, 3, 32, 32) and batches["dali"]["captions"] == batches["decord"]["captions"]
+    assert a.shape == b.shape == (4, 3, 3, 32, 32)
+    assert batches["dali"]["captions"] == batches["decord"]["captions"]
     assert (a - b).abs().mean() < 0.05
     assert (a - b.flip(-1)).abs().mean() > (a - b).abs().mean()  # the flips agree clip by clip

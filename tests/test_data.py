@@ -1,9 +1,9 @@
 import json
-import zlib
 import os
 import random
 import re
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -24,7 +24,9 @@ from singularity_ds.errors import AnnotationError, ConfigError, MediaError
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+def corpus64(tmp_path_factory):
+    """This module's own corpus: the reader tests check 64 px frames of 12-frame clips, and one test
+    renames a clip for a while (the shared `corpus` stays untouched)."""
     out = tmp_path_factory.mktemp("synthetic")
     make_synthetic(str(out), num_clips=60, size=64, frames=12, num_images=8, seed=3)
     return out
@@ -37,7 +39,8 @@ def write(path, obj):
 
 # ---------------------------------------------------------------------- annotations
 def test_caption_formats_image_and_video_keys(tmp_path):
-    f = write(tmp_path / "a.json", [{"image": "x.mp4", "caption": "one"}, {"video": "y.mp4", "caption": "two"}])
+    f = write(tmp_path / "a.json",
+              [{"image": "x.mp4", "caption": "one"}, {"video": "y.mp4", "caption": "two"}])
     entries = read_annotations(f, "/media", "video")
     assert [e["media"] for e in entries] == ["/media/x.mp4", "/media/y.mp4"]
     with pytest.raises(AnnotationError, match=r"a.json: entry 1: missing key 'image'"):
@@ -65,7 +68,8 @@ def test_bad_annotation_files_name_file_entry_and_key(tmp_path):
 
 def test_corpus_declarations_like_the_original(tmp_path):
     assert corpus_specs(["a.json", "imgs"]) == [("a.json", "imgs", "image")]
-    assert corpus_specs([["a.json", "v", "video"], ["b.json", "i"]]) == [("a.json", "v", "video"), ("b.json", "i", "image")]
+    assert corpus_specs([["a.json", "v", "video"], ["b.json", "i"]]) == [("a.json", "v", "video"),
+                                                                        ("b.json", "i", "image")]
     cfg = load_config(["pretrain"], ["train_corpus=webvid_cc3m"])
     os.environ.setdefault("SL_DATA_DIR", "/sl")
     assert [s[2] for s in corpus_specs(cfg.train_file)] == ["video", "image"]
@@ -74,11 +78,13 @@ def test_corpus_declarations_like_the_original(tmp_path):
 def test_store_is_compact_and_round_trips():
     entries = [{"video": f"v{i}.mp4", "caption": f"caption {i} é", "n": [i, i + 1]} for i in range(1000)]
     store = AnnotationStore(entries)
-    assert len(store) == 1000 and store[17] == entries[17] and store[-1] == entries[-1] and list(store) == entries
+    assert len(store) == 1000 and store[17] == entries[17] and store[-1] == entries[-1]
+    assert list(store) == entries
     # one byte buffer (the entries' JSON, compressed per block of 64) + an int64 offset per block
     raw = sum(len(json.dumps(e, separators=(',', ':')).encode()) for e in entries)
     assert store._offsets.nbytes == 8 * (1 + 16) and store.nbytes < raw / 2
-    assert [store[i] for i in (999, 0, 64, 63, 500)] == [entries[i] for i in (999, 0, 64, 63, 500)]  # any order
+    order = (999, 0, 64, 63, 500)  # any order
+    assert [store[i] for i in order] == [entries[i] for i in order]
 
 
 def test_corpus_store_keeps_each_media_path_once(tmp_path):
@@ -96,38 +102,45 @@ def test_retrieval_eval_ground_truth_maps(tmp_path):
     ds = RetrievalEvalDataset(load_corpus([(multi_text, "/d", "video")]), src)
     assert ds.text == ["x one", "x two", "y"] and ds.media == ["/d/a.mp4", "/d/b.mp4"]
     assert ds.img2txt == {0: [0, 1], 1: [2]} and ds.txt2img == {0: 0, 1: 0, 2: 1}
-    ssv2 = write(tmp_path / "s.json", [{"video": ["a.mp4", "b.mp4"], "caption": "Pushing it"}, {"video": "c.mp4", "caption": "z"}])
+    ssv2 = write(tmp_path / "s.json", [{"video": ["a.mp4", "b.mp4"], "caption": "Pushing it"},
+                                       {"video": "c.mp4", "caption": "z"}])
     ds = RetrievalEvalDataset(load_corpus([(ssv2, "/d", "video")]), src, has_multi_vision_gt=True)
-    assert ds.txt2img == {0: [0, 1], 1: [2]} and ds.img2txt == {0: 0, 1: 0, 2: 1} and ds.text[0] == "pushing it"
+    assert ds.txt2img == {0: [0, 1], 1: [2]} and ds.img2txt == {0: 0, 1: 0, 2: 1}
+    assert ds.text[0] == "pushing it"
     para = write(tmp_path / "p.json", [{"video": "a.mp4", "caption": ["First.", "Second!"]}])
     ds = RetrievalEvalDataset(load_corpus([(para, "/d", "video")]), src, is_paragraph_retrieval=True)
     assert ds.text == ["first second"]
 
 
-def test_qa_and_mc_items(corpus):
-    meta = json.load(open(corpus / "synthetic.json"))
+def test_qa_and_mc_items(corpus64):
+    meta = json.load(open(corpus64 / "synthetic.json"))
     src = MediaSource("video", build_transform(32, train=False), 2, "middle")
     qa = QADataset(load_corpus([(meta["files"]["qa_train"], meta["videos"], "video")], kind="qa_train"), src)
     item = qa[0]
-    assert item["answers"][0].endswith(" [SEP]") and item["weights"] == [1.0]
+    entry = json.load(open(meta["files"]["qa_train"]))[0]
+    assert item["answers"] == [entry["answer"] + " [SEP]"] and item["weights"] == [1.0]
     assert qa.answers_with_weights(["yes", "yes", "no", "yes"]) == (["yes [SEP]", "no [SEP]"], [0.75, 0.25])
     mc = MCDataset(load_corpus([(meta["files"]["mc_test"], meta["videos"], "video")], kind="mc"), src)
     item = mc[0]
-    assert item["media"].shape == (2, 3, 32, 32) and 0 <= item["answer"] < len(item["captions"])
+    entry = json.load(open(meta["files"]["mc_test"]))[0]
+    assert item["media"].shape == (2, 3, 32, 32) and item["answer"] == entry["answer"]
+    assert item["captions"] == [pre_text(c) for c in entry["caption"]]
 
 
 # ---------------------------------------------------------------------- text
 def test_tokenizer_matches_the_original_special_tokens():
     tok = build_tokenizer("bert-base-uncased")
     ids, mask = tokenize(tok, [pre_text("A red square moves from left-to-right!")], 12)
-    assert ids[0].tolist() == [101, 1037, 2417, 2675, 5829, 2013, 2187, 2000, 2157, 0, 0, 0]  # no trailing [SEP]
+    # no trailing [SEP]
+    assert ids[0].tolist() == [101, 1037, 2417, 2675, 5829, 2013, 2187, 2000, 2157, 0, 0, 0]
     assert mask[0].tolist() == [1] * 9 + [0] * 3
     assert tok("red [SEP]").input_ids == [101, 2417, 102]  # QA answers end in [SEP] via the text
     assert tokenize(tok, ["a b c d e f g h"], 5)[0][0].tolist() == [101, 1037, 1038, 1039, 1040]
 
 
 def test_pre_text_is_the_originals():
-    assert pre_text("Hello, World! It's a <person>'s dog/cat -- ok?") == "hello world its a persons dog cat ok"
+    assert (pre_text("Hello, World! It's a <person>'s dog/cat -- ok?")
+            == "hello world its a persons dog cat ok")
     assert pre_text("one two three four", max_l=2) == "one two"
 
 
@@ -137,7 +150,8 @@ def test_rand_sampling_one_per_segment_excluding_segment_end():
     for _ in range(200):
         idx = get_frame_indices(4, 40, "rand", rng=rng)
         assert [i // 10 for i in idx] == [0, 1, 2, 3] and all(i % 10 != 9 for i in idx)
-    assert get_frame_indices(4, 40, "rand", rng=random.Random(5)) == get_frame_indices(4, 40, "rand", rng=random.Random(5))
+    assert (get_frame_indices(4, 40, "rand", rng=random.Random(5))
+            == get_frame_indices(4, 40, "rand", rng=random.Random(5)))
 
 
 def test_rand_fallback_middle_uniform_fps_and_padding():
@@ -168,20 +182,21 @@ def real_clips():
 
 
 @pytest.mark.parametrize("reader", ["decord", "av"])
-def test_readers_on_synthetic_clips(corpus, reader):
-    path = str(corpus / "videos" / "clip_00000.mp4")
+def test_readers_on_synthetic_clips(corpus64, reader):
+    path = str(corpus64 / "videos" / "clip_00000.mp4")
     frames, idx, duration = read_frames(path, 4, "middle", reader)
     assert frames.dtype == torch.uint8 and frames.shape == (4, 3, 64, 64) and duration == pytest.approx(1.5)
     assert idx == [1, 4, 7, 10]
 
 
-def test_decord_and_pyav_give_the_same_frames(corpus):
-    for path in [str(corpus / "videos" / "clip_00001.mp4")] + real_clips()[:2]:
+def test_decord_and_pyav_give_the_same_frames(corpus64):
+    for path in [str(corpus64 / "videos" / "clip_00001.mp4")] + real_clips()[:2]:
         n, _ = DecordReader().probe(path)
         idx = [0, n // 3, n - 1]
         a, b = DecordReader().decode(path, idx), PyAVReader().decode(path, idx)
         assert a.shape == b.shape
-        assert (a.float() - b.float()).abs().mean() < 1.0, path  # same decoder family; tiny colour-conversion noise
+        # same decoder family; tiny colour-conversion noise
+        assert (a.float() - b.float()).abs().mean() < 1.0, path
 
 
 UNDECODABLE = (".ogg", ".ogv")  # iscc-samples' Theora stream: FFmpeg stops after its first frame
@@ -213,8 +228,8 @@ def test_unreadable_files_raise_media_error(tmp_path):
             read_frames(str(empty), 2, "middle", reader)
         with pytest.raises(MediaError, match="missing.mp4: no such file"):
             read_frames(str(tmp_path / "missing.mp4"), 2, "middle", reader)
-        with pytest.raises(MediaError, match="junk.mp4: .*decord cannot open it.*PyAV cannot decode it" if reader == "decord"
-                           else "junk.mp4: PyAV cannot decode it"):
+        with pytest.raises(MediaError, match="junk.mp4: .*decord cannot open it.*PyAV cannot decode it"
+                           if reader == "decord" else "junk.mp4: PyAV cannot decode it"):
             read_frames(str(junk), 2, "middle", reader)
 
 
@@ -233,7 +248,7 @@ def test_reader_names_come_from_the_registry(monkeypatch, caplog):
 
 
 # ---------------------------------------------------------------------- transforms
-def test_train_transform_is_identical_across_frames_and_seeded(corpus):
+def test_train_transform_is_identical_across_frames_and_seeded(corpus64):
     frame = torch.randint(0, 255, (1, 3, 80, 96), dtype=torch.uint8)
     clip = frame.repeat(4, 1, 1, 1)
     src = MediaSource("image", build_transform(48, "beit", train=True))
@@ -242,7 +257,7 @@ def test_train_transform_is_identical_across_frames_and_seeded(corpus):
         torch.manual_seed(seed)
         out = t(clip)
         assert out.shape == (4, 3, 48, 48) and all(torch.equal(out[0], out[i]) for i in range(4))
-    path = str(corpus / "images" / "image_0000.jpg")
+    path = str(corpus64 / "images" / "image_0000.jpg")
     a, b, c = src(path, 7), src(path, 7), src(path, 8)
     assert torch.equal(a, b) and not torch.equal(a, c)
     test = build_transform(48, "deit", train=False)(clip)
@@ -250,46 +265,53 @@ def test_train_transform_is_identical_across_frames_and_seeded(corpus):
 
 
 # ---------------------------------------------------------------------- loaders
-def _cfg(corpus, *extra):
-    return load_config(["pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml")],
+def _cfg(corpus64, *extra):
+    return load_config(["pretrain", "tiny", str(corpus64 / "configs" / "pretrain.yaml")],
                        ["batch_size.video=4", "batch_size.image=2", "max_txt_l.video=16", "image_res=32",
                         "num_workers=0", *extra])
 
 
-def test_mixed_loader_batches_and_determinism(corpus):
+def test_mixed_loader_batches_and_determinism(corpus64):
     tok = build_tokenizer()
-    loader = caption_train_loader(_cfg(corpus), tok)
+    loader = caption_train_loader(_cfg(corpus64), tok)
     loader.set_epoch(0)
     batches = list(loader)
     kinds = [k for k, _ in batches]
     assert set(kinds) == {"image", "video"} and len(batches) == len(loader)
     for kind, b in batches:
         assert b["media"].shape[1:] == (1, 3, 32, 32)  # single frame in pretraining
-        assert b["input_ids"].shape[1] == (16 if kind == "video" else 32) and b["input_ids"][:, 0].eq(101).all()
+        assert b["input_ids"].shape[1] == (16 if kind == "video" else 32)
+        assert b["input_ids"][:, 0].eq(101).all()
     again = list(loader)
     assert all(torch.equal(a[1]["media"], b[1]["media"]) for a, b in zip(batches, again))
     loader.set_epoch(1)
-    assert [k for k, _ in loader] != kinds or not torch.equal(next(iter(loader))[1]["media"], batches[0][1]["media"])
+    assert ([k for k, _ in loader] != kinds
+            or not torch.equal(next(iter(loader))[1]["media"], batches[0][1]["media"]))
 
 
-def test_two_ranks_agree_on_media_type_and_split_the_data(corpus):
+def test_two_ranks_agree_on_media_type_and_split_the_data(corpus64):
     tok = build_tokenizer()
-    cfg = _cfg(corpus)
+    cfg = _cfg(corpus64)
     loaders = [caption_train_loader(cfg, tok, rank=r, world=2) for r in (0, 1)]
-    for l in loaders:
-        l.set_epoch(3)
-    kinds = [[k for k, _ in l] for l in loaders]
-    assert kinds[0] == kinds[1] and len(kinds[0]) > 0  # same media type at every step, same step count
-    for media_type in ("image", "video"):
-        parts = [[i for i, _ in l.loaders[media_type].sampler] for l in loaders]
-        n = len(l.loaders[media_type].dataset)
+    for loader in loaders:
+        loader.set_epoch(3)
+    kinds = [[k for k, _ in loader] for loader in loaders]
+    assert kinds[0] == kinds[1]  # same media type at every step, same step count
+    steps = 0
+    for media_type, batch_size in (("image", 2), ("video", 4)):
+        parts = [[i for i, _ in loader.loaders[media_type].sampler] for loader in loaders]
+        n = len(loaders[0].loaders[media_type].dataset)
         assert set(parts[0]) | set(parts[1]) == set(range(n))  # every item, split between the ranks
         assert len(set(parts[0]) & set(parts[1])) <= n % 2
+        assert kinds[0].count(media_type) == len(parts[0]) // batch_size  # each full batch once
+        steps += len(parts[0]) // batch_size
+    assert len(kinds[0]) == steps
 
 
-def test_broken_media_are_retried_and_counted(corpus, tmp_path):
-    """10% broken files (missing, empty, truncated, garbage): every batch still fills, failures are counted."""
-    meta = json.load(open(corpus / "synthetic.json"))
+def test_broken_media_are_retried_and_counted(corpus64, tmp_path):
+    """10% broken files (missing, empty, truncated, garbage): every batch still fills, failures are
+    counted."""
+    meta = json.load(open(corpus64 / "synthetic.json"))
     entries = json.load(open(meta["files"]["ret_train"]))[:40]
     vids = tmp_path / "videos"
     shutil.copytree(meta["videos"], vids)
@@ -300,7 +322,8 @@ def test_broken_media_are_retried_and_counted(corpus, tmp_path):
     (vids / broken[2]).write_bytes(data[: len(data) // 3])
     (vids / broken[3]).write_bytes(os.urandom(2000))
     anno = write(tmp_path / "train.json", entries)
-    ds = CaptionDataset(load_corpus([(anno, str(vids), "video")]), MediaSource("video", build_transform(32), 2), num_tries=5)
+    ds = CaptionDataset(load_corpus([(anno, str(vids), "video")]),
+                        MediaSource("video", build_transform(32), 2), num_tries=5)
     loader = make_loader(ds, 4, CaptionCollate(build_tokenizer(), 16), seed=1)
     n_broken_items = sum(e["video"] in broken for e in entries)
     failures = []
@@ -314,8 +337,8 @@ def test_broken_media_are_retried_and_counted(corpus, tmp_path):
     assert len(failures) >= n_broken_items - 1  # truncated clip may still decode its first frames
 
 
-def test_eval_broken_media_is_an_error_unless_skipped(corpus, tmp_path):
-    cfg = load_config(["ret_msrvtt", "tiny", str(corpus / "configs" / "ret.yaml")], ["image_res=32"])
+def test_eval_broken_media_is_an_error_unless_skipped(corpus64, tmp_path):
+    cfg = load_config(["ret_msrvtt", "tiny", str(corpus64 / "configs" / "ret.yaml")], ["image_res=32"])
     ds = eval_datasets(cfg, ["appearance"])["appearance"]
     assert ds[0]["media"].shape == (4, 3, 32, 32)
     victim = ds.media[0] + ".bak"
@@ -342,7 +365,7 @@ def test_synthetic_generation_is_reproducible(tmp_path):
     assert open(a["files"]["ret_train"]).read() != open(c["files"]["ret_train"]).read()
 
 
-def test_motion_clips_share_their_middle_frame(corpus):
+def test_motion_clips_share_their_middle_frame():
     """What makes the motion split need time: same appearance, 4 directions, the same middle frame."""
     from singularity_ds.data.synthetic import plan_clips
     group = [c for c in plan_clips(60, 3)[:6] if c["kind"] == "motion"]
@@ -353,8 +376,8 @@ def test_motion_clips_share_their_middle_frame(corpus):
     assert all(np.abs(s - starts[0]).mean() > 1 for s in starts[1:])
 
 
-def test_qa_train_loader_batches_questions_and_weighted_answers(corpus):
-    cfg = load_config(["qa_msrvtt", "tiny", str(corpus / "configs" / "qa.yaml")],
+def test_qa_train_loader_batches_questions_and_weighted_answers(corpus64):
+    cfg = load_config(["qa_msrvtt", "tiny", str(corpus64 / "configs" / "qa.yaml")],
                       ["image_res=32", "batch_size.video=3", "num_workers=0", "max_q_len=16", "max_a_len=6"])
     tok = build_tokenizer()
     loader = qa_train_loader(cfg, tok)
@@ -367,12 +390,12 @@ def test_qa_train_loader_batches_questions_and_weighted_answers(corpus):
     assert torch.allclose(batch["weights"].sum(), torch.tensor(3.0))  # each question's weights sum to 1
 
 
-def test_clip_plans_are_the_draws_of_the_media_source(corpus):
+def test_clip_plans_are_the_draws_of_the_media_source(corpus64):
     """video_input.dali_device: a ClipPlanner plans (frames, crop box, flip) exactly as MediaSource draws
     them from the same seed; applying the plan to decord's frames gives MediaSource's pixels."""
     transform = build_transform(32, "beit", train=True)
     source, planner = MediaSource("video", transform, 3, "rand"), ClipPlanner(transform, 3, "rand")
-    path = str(corpus / "videos" / "clip_00002.mp4")
+    path = str(corpus64 / "videos" / "clip_00002.mp4")
     flips = set()
     for seed in range(6):
         plan = planner(path, seed)
@@ -389,9 +412,9 @@ def test_clip_plans_are_the_draws_of_the_media_source(corpus):
     assert whole.box == (0, 0, 64, 64) and not whole.flip  # the evaluation transform resizes the whole frame
 
 
-def test_iterate_from_a_position_replays_the_rest_of_the_epoch(corpus):
+def test_iterate_from_a_position_replays_the_rest_of_the_epoch(corpus64):
     """Resume: starting at micro-batch k gives exactly batches k.. of the uninterrupted epoch."""
-    loader = caption_train_loader(_cfg(corpus), build_tokenizer())
+    loader = caption_train_loader(_cfg(corpus64), build_tokenizer())
     loader.set_epoch(2)
     full = [(k, b["captions"], b["media"]) for k, b in loader]
     part = [(k, b["captions"], b["media"]) for k, b in loader.iterate(5)]

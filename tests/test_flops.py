@@ -8,9 +8,16 @@ from singularity_ds.models.flops import qa_step_flops, step_flops
 from singularity_ds.models import Singularity, SingularityQA
 
 
+def counted(counter, *modules):
+    """FLOPs FlopCounterMode attributed to the named submodules (0 for one that never ran)."""
+    counts = counter.get_flop_counts()
+    return sum(sum(counts.get(m, {}).values()) for m in modules)
+
+
 @pytest.mark.parametrize("frames,temporal", [(1, False), (4, True)])
 def test_formula_equals_counted_matmul_flops(frames, temporal):
-    cfg = tiny_config(image_res=32, **{"video_input.num_frames": frames, "temporal_vision_encoder.enable": temporal,
+    cfg = tiny_config(image_res=32, **{"video_input.num_frames": frames,
+                                       "temporal_vision_encoder.enable": temporal,
                                        "add_temporal_embed": temporal, "max_txt_l.video": 20})
     b, length = 4, 20
     torch.manual_seed(0)
@@ -25,7 +32,11 @@ def test_formula_equals_counted_matmul_flops(frames, temporal):
         model(torch.randn(b, frames, 3, 32, 32), ids, mask, torch.arange(b), mlm_inputs=(ids, labels))
     formula = step_flops(cfg, b, frames, length)
     assert formula["forward"] * b == counter.get_total_flops()
-    assert formula["train"] == 3 * formula["forward"] and (formula["temporal"] > 0) == temporal
+    assert formula["train"] == 3 * formula["forward"]
+    # the towers' parts against what ran inside those modules
+    assert formula["vision"] * b == counted(counter, "Singularity.vision_encoder")
+    assert formula["temporal"] * b == counted(counter, "Singularity.temporal_vision_encoder")
+    assert (formula["temporal"] > 0) == temporal
 
 
 def test_formula_equals_hand_count():
@@ -61,4 +72,10 @@ def test_qa_formula_equals_counted_matmul_flops(frames):
         model(torch.randn(b, frames, 3, 32, 32), q_ids, torch.ones_like(q_ids), a_ids, torch.ones_like(a_ids),
               torch.ones(b * answers), [answers] * b)
     formula = qa_step_flops(cfg, frames, 12, 5, answers)
-    assert formula["forward"] * b == counter.get_total_flops() and formula["answer"] > 0
+    assert formula["forward"] * b == counter.get_total_flops()
+    # each part against what ran inside its modules: the question through the text encoder, the answers
+    # through the decoder layers and the vocabulary head
+    assert formula["vision"] * b == counted(counter, "SingularityQA.vision_encoder")
+    assert formula["question"] * b == counted(counter, "SingularityQA.text_encoder.bert.encoder")
+    assert formula["answer"] * b == counted(counter, "SingularityQA.text_decoder.bert.encoder",
+                                            "SingularityQA.text_decoder.cls")

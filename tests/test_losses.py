@@ -1,6 +1,5 @@
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -65,12 +64,6 @@ def test_frame_ensembles():
         losses.ensemble_frames(x, "median")
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_worker(rank, world, port, img, txt, idx, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -79,13 +72,15 @@ def _gather_worker(rank, world, port, img, txt, idx, out):
     i, t = img[sl].clone().requires_grad_(), txt[sl].clone().requires_grad_()
     i_all, t_all = losses.gather_features(i, t)
     idx_all = losses.gather_no_grad(idx[sl])
-    loss = losses.itc_loss(losses.similarity(i, t_all, 0.1), losses.similarity(i_all, t, 0.1).T, idx[sl], idx_all)
+    loss = losses.itc_loss(losses.similarity(i, t_all, 0.1), losses.similarity(i_all, t, 0.1).T, idx[sl],
+                           idx_all)
     loss.backward()
     out[rank] = (loss.detach(), i.grad, t.grad)
     dist.destroy_process_group()
 
 
-def test_itc_all_gather_with_gradient_equals_global_batch():
+@pytest.mark.multiproc
+def test_itc_all_gather_with_gradient_equals_global_batch(free_port):
     """2 ranks: the mean of rank losses is the global-batch loss, and each rank's features get the
     global loss's gradient (times world size, as DDP then averages)."""
     torch.manual_seed(0)
@@ -93,7 +88,8 @@ def test_itc_all_gather_with_gradient_equals_global_batch():
     txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
     idx = torch.tensor([0, 1, 2, 0, 3, 4])  # a positive pair across ranks (0 and 3)
     out = mp.Manager().dict()
-    mp.start_processes(_gather_worker, args=(2, _free_port(), img, txt, idx, out), nprocs=2, start_method="spawn")
+    mp.start_processes(_gather_worker, args=(2, free_port, img, txt, idx, out), nprocs=2,
+                       start_method="spawn")
     gi, gt = img.clone().requires_grad_(), txt.clone().requires_grad_()
     sim = losses.similarity(gi, gt, 0.1)
     ref = losses.itc_loss(sim, sim.T, idx)

@@ -1,11 +1,10 @@
 import pytest
 import torch
 
+from conftest import tiny_config
 from singularity_ds.models import Singularity
 from singularity_ds.models.attention import attention, padding_bias
 from singularity_ds.models.singularity import interpolate_temporal_embed
-
-from conftest import tiny_config
 
 
 def batch(b=4, t=1, res=64, L=9, seed=0):
@@ -138,7 +137,8 @@ def test_tiny_model_learns_a_fixed_batch():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     video, ids, mask, idx = batch(4)
     fixed = dict(img_neg=torch.tensor([1, 2, 3, 0]), txt_neg=torch.tensor([3, 0, 1, 2]),
-                 mlm_inputs=(ids.masked_fill(torch.arange(9) == 3, 103), ids.masked_fill(torch.arange(9) != 3, -100)))
+                 mlm_inputs=(ids.masked_fill(torch.arange(9) == 3, 103),
+                             ids.masked_fill(torch.arange(9) != 3, -100)))
     history = []
     for _ in range(10):
         out = model(video, ids, mask, idx, **fixed)
@@ -149,4 +149,10 @@ def test_tiny_model_learns_a_fixed_batch():
         history.append(loss.item())
     assert set(out) == {"loss_ita", "loss_itm", "loss_mlm"}
     assert all(torch.isfinite(torch.tensor(history))) and history[-1] < history[0] - 1.5, history
-    assert 0.001 <= model.temp.item() <= 0.5
+    assert model.temp.item() != torch.tensor(0.07).item()  # the temperature is learned
+    # ... and clamped into the original's [0.001, 0.5] at the start of every step
+    with torch.no_grad():
+        for start, clamped in ((1.0, 0.5), (1e-5, 0.001)):
+            model.temp.fill_(start)
+            model(video, ids, mask, idx, **fixed)
+            assert model.temp.item() == torch.tensor(clamped).item()

@@ -15,9 +15,16 @@ def qa_ref():
                 expected=torch.load(path / "expected.pt", weights_only=True))
 
 
+def qa_inputs(x):
+    """Question ids and mask, answer ids and mask of the fixture's inputs."""
+    return (x["question_input_ids"], x["question_attention_mask"], x["answer_input_ids"],
+            x["answer_attention_mask"])
+
+
 def close(a, b, name):
     assert a.shape == b.shape, (name, a.shape, b.shape)
-    assert torch.allclose(a.float(), b.float(), atol=TOL, rtol=TOL), (name, (a.float() - b.float()).abs().max())
+    assert torch.allclose(a.float(), b.float(), atol=TOL, rtol=TOL), \
+        (name, (a.float() - b.float()).abs().max())
 
 
 def by_id(ids, values):
@@ -27,9 +34,10 @@ def by_id(ids, values):
 
 def test_qa_checkpoint_reproduces_the_original(qa_ref):
     model = load_model(str(qa_ref["path"] / "checkpoint.pth"))
-    assert isinstance(model, SingularityQA) and not hasattr(model, "itm_head") and model.vision_encoder.pooler is None
+    assert isinstance(model, SingularityQA) and not hasattr(model, "itm_head")
+    assert model.vision_encoder.pooler is None
     x, e = qa_ref["inputs"], qa_ref["expected"]
-    q_ids, q_am, a_ids, a_am = x["question_input_ids"], x["question_attention_mask"], x["answer_input_ids"], x["answer_attention_mask"]
+    q_ids, q_am, a_ids, a_am = qa_inputs(x)
     b, a = q_ids.shape[0], a_ids.shape[0]
     with torch.no_grad():
         close(model.encode_frames(x["video"])[0], e["frame_embeds"], "frame_embeds")
@@ -38,11 +46,13 @@ def test_qa_checkpoint_reproduces_the_original(qa_ref):
         states = model.encode_question(image_embeds, q_ids, q_am)
         close(states, e["question_states"], "question_states")
         close(model.text_encoder.text(q_ids, q_am), e["question_text_states"], "question_text_states")
-        start = model.decoder_logits(torch.full((b, 1), 101), torch.ones(b, 1, dtype=torch.long), states, q_am)[:, 0]
+        start = model.decoder_logits(torch.full((b, 1), 101), torch.ones(b, 1, dtype=torch.long), states,
+                                     q_am)[:, 0]
         close(start, e["start_logits"], "start_logits")
         first = model.first_token_probs(states, q_am, 101).index_select(1, a_ids[:, 1])
         close(first, e["answer_first_token_probs"], "answer_first_token_probs")
-        seq = torch.stack([model.answer_nll(a_ids, a_am, states[i:i + 1].expand(a, -1, -1), q_am[i:i + 1].expand(a, -1))
+        seq = torch.stack([model.answer_nll(a_ids, a_am, states[i:i + 1].expand(a, -1, -1),
+                                            q_am[i:i + 1].expand(a, -1))
                            for i in range(b)])
         close(seq, e["all_answer_seq_loss"], "all_answer_seq_loss")
         close(first.log() - seq, e["all_answer_log_prob_sum"], "all_answer_log_prob_sum")
@@ -53,8 +63,8 @@ def test_qa_checkpoint_reproduces_the_original(qa_ref):
         ids, probs = model.predict(x["video"], q_ids, q_am, a_ids, a_am, int(x["k_test"]))
         assert torch.equal(ids, e["topk_ids"]) and torch.allclose(probs, e["topk_probs"], atol=TOL)
         # training loss: several weighted answers per question
-        loss = model.qa_loss(x["video"], q_ids, q_am, x["train_answer_input_ids"], x["train_answer_attention_mask"],
-                             x["train_weights"], x["train_k"])
+        loss = model.qa_loss(x["video"], q_ids, q_am, x["train_answer_input_ids"],
+                             x["train_answer_attention_mask"], x["train_weights"], x["train_k"])
         assert loss.item() == pytest.approx(e["train_loss"].item(), abs=TOL)
         rep = torch.as_tensor(x["train_k"])
         logits = model.decoder_logits(x["train_answer_input_ids"], x["train_answer_attention_mask"],
@@ -66,7 +76,7 @@ def test_qa_checkpoint_reproduces_the_original(qa_ref):
 def test_qa_late_frame_ensembles_reproduce_the_original(qa_ref, how):
     model = load_model(str(qa_ref["path"] / "checkpoint.pth"), **{"video_input.num_frames": 1})
     x, e = qa_ref["inputs"], qa_ref["expected"]
-    q_ids, q_am, a_ids, a_am = x["question_input_ids"], x["question_attention_mask"], x["answer_input_ids"], x["answer_attention_mask"]
+    q_ids, q_am, a_ids, a_am = qa_inputs(x)
     with torch.no_grad():
         late = model.question_states(x["video"], q_ids, q_am, ensemble=how)
         close(late, e["late_question_states"], "late_question_states")
@@ -78,18 +88,20 @@ def test_qa_late_frame_ensembles_reproduce_the_original(qa_ref, how):
 def test_batched_ranking_equals_one_answer_at_a_time(qa_ref):
     model = load_model(str(qa_ref["path"] / "checkpoint.pth"))
     x = qa_ref["inputs"]
-    q_ids, q_am, a_ids, a_am = x["question_input_ids"], x["question_attention_mask"], x["answer_input_ids"], x["answer_attention_mask"]
+    q_ids, q_am, a_ids, a_am = qa_inputs(x)
     with torch.no_grad():
         states = model.question_states(x["video"], q_ids, q_am)
         ids, probs = model.rank_answer(states, q_am, a_ids, a_am, 4)
         for i in range(q_ids.shape[0]):
             scores = {}
             for j in ids[i].tolist():  # each candidate decoded alone, first-token softmax from its own pass
-                logits = model.decoder_logits(a_ids[j:j + 1], a_am[j:j + 1], states[i:i + 1], q_am[i:i + 1])[0]
+                logits = model.decoder_logits(a_ids[j:j + 1], a_am[j:j + 1], states[i:i + 1],
+                                              q_am[i:i + 1])[0]
                 logp = torch.log_softmax(logits.float(), -1)
                 n = int(a_am[j].sum())
                 tokens = sum(logp[t, a_ids[j, t + 1]] for t in range(n - 1))
-                scores[j] = (logp[0, a_ids[j, 1]] + tokens).item()  # first token counted twice, as the original
+                # the first token counted twice, as the original
+                scores[j] = (logp[0, a_ids[j, 1]] + tokens).item()
             ref = torch.softmax(torch.tensor([scores[j] for j in ids[i].tolist()]), 0)
             assert torch.allclose(probs[i], ref, atol=1e-5)
 
@@ -107,7 +119,8 @@ def test_qa_model_from_pretraining_checkpoint_maps_fusion_layers_into_the_decode
         for name in ("attention.self.query.weight", "crossattention.self.key.weight", "output.dense.weight"):
             src = pre[f"text_encoder.bert.encoder.layer.{layer}.{name}"].float()
             assert torch.equal(own[f"text_decoder.bert.encoder.layer.{layer - fusion}.{name}"], src)
-            assert torch.equal(own[f"text_encoder.bert.encoder.layer.{layer}.{name}"], src)  # encoder keeps all
+            # the encoder keeps all
+            assert torch.equal(own[f"text_encoder.bert.encoder.layer.{layer}.{name}"], src)
     for name in ("embeddings.word_embeddings.weight", "embeddings.LayerNorm.bias"):
         assert torch.equal(own[f"text_decoder.bert.{name}"], pre[f"text_encoder.bert.{name}"].float())
     assert torch.equal(own["text_decoder.cls.predictions.transform.dense.weight"],
@@ -120,7 +133,8 @@ def test_decoder_with_the_wrong_number_of_layers_is_a_clear_error(qa_ref, tmp_pa
     extra = {k.replace("encoder.layer.0.", "encoder.layer.1."): v for k, v in ckpt["model"].items()
              if k.startswith("text_decoder.bert.encoder.layer.0.")}
     torch.save({"model": {**ckpt["model"], **extra}, "config": ckpt["config"]}, tmp_path / "bad.pth")
-    with pytest.raises(CheckpointError, match="text_decoder: the checkpoint has 2 decoder layers, this model 1"):
+    with pytest.raises(CheckpointError,
+                       match="text_decoder: the checkpoint has 2 decoder layers, this model 1"):
         load_model(str(tmp_path / "bad.pth"))
 
 
@@ -170,14 +184,13 @@ def test_late_ensemble_needs_a_single_frame_qa_model(qa_ref):
         evaluate_qa(model, None, ["yes"], None, 12, 5, ensemble="max")
 
 
-def test_eval_qa_cli_on_the_synthetic_corpus(tmp_path):
+def test_eval_qa_cli_on_the_synthetic_corpus(corpus, tmp_path):
     import json
-    from singularity_ds.models.weights import plain_config
+
     from singularity_ds.cli import main
     from singularity_ds.config import load_config
-    from singularity_ds.data.synthetic import make_synthetic
-    make_synthetic(str(tmp_path / "syn"), num_clips=24, size=32, frames=6, num_images=2, seed=2)
-    qa_yaml = str(tmp_path / "syn" / "configs" / "qa.yaml")
+    from singularity_ds.models.weights import plain_config
+    qa_yaml = str(corpus / "configs" / "qa.yaml")
     cfg = load_config(["qa_msrvtt", "tiny", qa_yaml], ["image_res=32", "max_q_len=16", "max_a_len=6"])
     cfg.task = "train_qa"
     torch.manual_seed(0)
@@ -188,6 +201,15 @@ def test_eval_qa_cli_on_the_synthetic_corpus(tmp_path):
                  "max_a_len=6", "k_test=4", "video_input.num_frames_test=2", f"output_dir={out}"]) == 0
     res = json.loads((out / "eval_qa.json").read_text())["test"]
     predictions = json.loads((out / "qa_test.json").read_text())
-    answers = set(json.loads((tmp_path / "syn" / "anno" / "qa_answers.json").read_text()))
-    assert len(predictions) == res["questions"] > 0 and all(p["answer"] in answers for p in predictions)
-    assert set(res["per_type"]) == {"appearance", "motion"} and res["missing_answers"] == 0
+    answers = set(json.loads((corpus / "anno" / "qa_answers.json").read_text()))
+    test = {e["question_id"]: e for e in json.loads((corpus / "anno" / "qa_test.json").read_text())}
+    assert sorted(p["question_id"] for p in predictions) == sorted(test) and res["questions"] == len(test)
+    assert all(p["answer"] in answers for p in predictions) and res["missing_answers"] == 0
+    # exact match, overall and per question type, recomputed from the predictions
+    right = {p["question_id"]: p["answer"] == test[p["question_id"]]["answer"] for p in predictions}
+    assert res["accuracy"] == round(100 * sum(right.values()) / len(right), 2)
+    per_type = {}
+    for qid, ok in right.items():
+        per_type.setdefault(test[qid]["question_type"], []).append(ok)
+    assert set(per_type) == {"appearance", "motion"}
+    assert res["per_type"] == {t: round(100 * sum(oks) / len(oks), 2) for t, oks in per_type.items()}

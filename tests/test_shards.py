@@ -16,14 +16,7 @@ from singularity_ds.cli import main
 from singularity_ds.data import build_tokenizer, caption_train_loader
 from singularity_ds.errors import AnnotationError
 from singularity_ds.data.shards import ShardStream, make_shards, read_shard, shard_list
-from singularity_ds.data.synthetic import make_synthetic
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    make_synthetic(str(out), num_clips=36, size=32, frames=8, num_images=8, seed=3)
-    return out
+from singularity_ds.errors import AnnotationError
 
 
 class KeyStream(ShardStream):
@@ -59,12 +52,14 @@ def keys_of(stream, workers):
 def test_make_shards_round_trips_every_field(corpus, tmp_path):
     anno = corpus / "anno" / "pretrain_video.json"
     entries = json.load(open(anno))
-    assert main(["make-shards", str(anno), str(corpus / "videos"), str(tmp_path / "sh"), "--shard-size", "40KB"]) == 0
+    assert main(["make-shards", str(anno), str(corpus / "videos"), str(tmp_path / "sh"),
+                 "--shard-size", "40KB"]) == 0
     index = json.load(open(tmp_path / "sh" / "index.json"))
     assert index["annotation_sha256"] == hashlib.sha256(anno.read_bytes()).hexdigest()
     assert index["samples"] == len(entries) and len(index["shards"]) > 2 and not index["skipped"]
     samples = [s for url, n in shard_list(str(tmp_path / "sh")) for s in read_shard(url)]
-    assert [n for _, n in shard_list(str(tmp_path / "sh" / "index.json"))] == [s["samples"] for s in index["shards"]]
+    assert ([n for _, n in shard_list(str(tmp_path / "sh" / "index.json"))]
+            == [s["samples"] for s in index["shards"]])
     assert len(samples) == len(entries)
     for i, (entry, sample) in enumerate(zip(entries, samples)):
         assert json.loads(sample["json"]) == entry and sample["__key__"] == f"{i:09d}"  # keyed by position
@@ -79,7 +74,8 @@ def test_make_shards_lists_missing_media_and_refuses_bad_entries(corpus, tmp_pat
     entries = json.load(open(corpus / "anno" / "pretrain_video.json"))[:5]
     entries[2] = dict(entries[2], video="gone.mp4")
     (tmp_path / "a.json").write_text(json.dumps(entries))
-    index = make_shards(str(tmp_path / "a.json"), str(corpus / "videos"), str(tmp_path / "sh"), progress=False)
+    index = make_shards(str(tmp_path / "a.json"), str(corpus / "videos"), str(tmp_path / "sh"),
+                        progress=False)
     assert index["samples"] == 4 and [s["idx"] for s in index["skipped"]] == [2]
     del entries[3]["caption"]
     (tmp_path / "b.json").write_text(json.dumps(entries))
@@ -124,7 +120,8 @@ def test_a_shard_longer_than_its_index_count_keeps_the_split_equal(tmp_path):
 def test_shard_sources_are_recognised_and_media_types_checked(tmp_path):
     from singularity_ds.data.shards import is_shard_source
     write_uneven_shards(tmp_path, [2])
-    assert is_shard_source(str(tmp_path)) and is_shard_source("a/shard-{000..009}.tar") and is_shard_source("x/*.tar")
+    assert is_shard_source(str(tmp_path)) and is_shard_source("a/shard-{000..009}.tar")
+    assert is_shard_source("x/*.tar")
     assert not is_shard_source("anno/foo.targets.json") and not is_shard_source(str(tmp_path / "s0.tar.json"))
     index = json.load(open(tmp_path / "index.json"))
     (tmp_path / "index.json").write_text(json.dumps(dict(index, media_type="image")))
@@ -178,18 +175,20 @@ def test_pipe_urls_stream_through_a_command(tmp_path):
         shard_list("pipe:cat x.tar")
 
 
-def test_pretraining_streams_the_synthetic_shards_with_one_config_switch(corpus, tmp_path):
+@pytest.mark.slow  # two training runs in a subprocess
+def test_pretraining_streams_the_synthetic_shards_with_one_config_switch(corpus, tmp_path, free_port):
     """`train_corpus=synthetic_shards`: video and image shards, a media type per step, 2 epochs."""
     out = tmp_path / "run"
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(29400 + os.getpid() % 500), PYTHONUNBUFFERED="1")
+               MASTER_PORT=str(free_port), PYTHONUNBUFFERED="1")
     proc = subprocess.run([sys.executable, "-m", "singularity_ds", "train", "pretrain", "tiny",
                            str(corpus / "configs" / "pretrain.yaml"), "train_corpus=synthetic_shards",
                            "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=2",
                            "scheduler.epochs=2", "log_freq=1", f"output_dir={out}"],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    samples = {m: json.load(open(corpus / "shards" / m / "index.json"))["samples"] for m in ("video", "image")}
+    samples = {m: json.load(open(corpus / "shards" / m / "index.json"))["samples"]
+               for m in ("video", "image")}
     history = json.load(open(out / "history.json"))
     assert len(history) == 2 * sum(n // 4 for n in samples.values())
     assert torch.isfinite(torch.tensor(history[-1]["loss"]))
@@ -200,4 +199,5 @@ def test_pretraining_streams_the_synthetic_shards_with_one_config_switch(corpus,
                            "image_res=32", "batch_size.video=4", "batch_size.image=4", "num_workers=1",
                            "scheduler.epochs=3", "resume=auto", f"output_dir={out}"],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and "resume with the same ranks and num_workers" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "resume with the same ranks and num_workers" in proc.stderr, proc.stderr[-2000:]
