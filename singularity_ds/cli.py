@@ -73,6 +73,11 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    from .doctor import main as doctor
+    return doctor(args.rest)
+
+
 def cmd_eval(args) -> int:
     from .eval.run import eval_main
     eval_main(args.kind, args.rest)
@@ -146,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` for several ranks.")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
+    dr = sub.add_parser("doctor", help="validate a run before it starts: TASK [CONFIG ...] [key=value ...]",
+                        description="Config, annotation files, a sample of the media, the checkpoint; a summary "
+                                    "table. `doctor --help` after the task for its options.")
+    dr.add_argument("rest", nargs=argparse.REMAINDER)
+    dr.set_defaults(func=cmd_doctor)
     e = sub.add_parser("eval", help="evaluate: ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
                        description="Retrieval (two-stage ITC + ITM), multiple-choice or QA evaluation of a checkpoint.")
     e.add_argument("kind", choices=["ret", "mc", "qa"])

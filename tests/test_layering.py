@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"engine"},
-    {"demo"},
+    {"demo", "doctor"},
     {"cli", "__main__"},
 ]
 

@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from .. import dist
 from ..config import load_config
 from ..config.args import split_run_args
+from ..data import corpus_specs
+from ..data.checks import preflight
 from ..data.loader import item_seed
 from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
@@ -69,6 +71,16 @@ def _memory_mb(device) -> float:
     return psutil.Process().memory_info().rss / 2 ** 20
 
 
+def preflight_data(config, task):
+    """The cheap part of ``singularity-ds doctor``, before anything is written: media folders exist and the
+    first media of each corpus too, for training and (when evaluated during training) the test sets."""
+    preflight(corpus_specs(config.train_file), "train_file", task.train_annotations)
+    if task.evaluate_each_epoch:
+        for name in config.test_types or config.test_file:
+            preflight(corpus_specs(config.test_file[name], key=f"test_file.{name}"), f"test_file.{name}",
+                      task.eval_annotations)
+
+
 class Trainer:
     def __init__(self, config, task):
         self.config, self.task = config, task
@@ -76,6 +88,7 @@ class Trainer:
         self.run_dir = prepare_run_dir(config)
         self.precision = resolve_precision(config)
         self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
+        preflight_data(config, task)
         self.info = dist.setup()
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
         if self.rank == 0:

@@ -12,6 +12,8 @@ class Task:
     name: str = ""
     default_config: str = ""          # the packaged config ``train NAME`` starts from
     evaluate_each_epoch: bool = False  # also evaluated once more after training if the last epoch was cut
+    train_annotations: str = "caption"  # the annotation schema of train_file / test_file entries
+    eval_annotations: str = "caption"   # (data.annotations.SCHEMAS)
 
     # ---------------------------------------------------------------- building
     def build_model(self, config) -> torch.nn.Module:

@@ -11,6 +11,7 @@ from .base import Task, random_ids, random_media
 
 class QATask(Task):
     name, default_config, evaluate_each_epoch = "train_qa", "qa_msrvtt", True
+    train_annotations, eval_annotations = "qa_train", "qa_eval"
 
     def build_model(self, config):
         return build_model(config, SingularityQA)

@@ -1,0 +1,85 @@
+"""``singularity-ds doctor TASK [CONFIG ...] [key=value ...] [--media-fraction F] [--workers N] [--world N]``.
+
+Validates a run before it starts, with the arguments ``train`` would take: the config (keys, types,
+ranges), every annotation file (``train_file``, and ``test_file`` for the tasks evaluated during training:
+schema, entry counts), a sample of
+each corpus's media read exactly as training reads them (``--media-fraction`` of the entries, in
+``--workers`` processes, with a progress bar), and the checkpoint ``pretrained_path`` names (read and
+loaded into the task's model). Prints one table: entries, media sampled, missing and broken media
+found, and the optimizer steps per epoch for ``--world`` ranks. Exit code 0 when nothing was found, 1
+when media are missing or broken, 2 (one line) for an error that stops a run.
+"""
+import argparse
+import os
+
+from .data import corpus_specs, media_source, per_media
+from .data.checks import check_corpus
+from .engine.trainer import parse_train_args
+from .errors import AnnotationError
+
+
+def _steps_per_epoch(config, reports, world: int) -> int:
+    """Micro-batches of every media type trained on (drop_last, split over ranks) / accumulation."""
+    micro = 0
+    for r in reports:
+        if r.name.startswith("train_file"):
+            batch = per_media(config.batch_size, r.media_type)
+            micro += (r.entries // world) // batch
+    return micro // config.gradient_accumulation_steps
+
+
+def main(argv) -> int:
+    p = argparse.ArgumentParser(prog="singularity-ds doctor", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--media-fraction", type=float, default=0.05, help="share of each corpus's media to read")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="ranks of the run")
+    p.add_argument("--seed", type=int, default=0, help="which media are sampled")
+    args, rest = p.parse_known_args(argv)
+    if not 0 < args.media_fraction <= 1:
+        raise AnnotationError(f"--media-fraction {args.media_fraction}: expected a number in (0, 1]")
+    task, config = parse_train_args(rest)
+    print(f"config: {task.name} ({', '.join(a for a in rest if '=' not in a)}) is valid")
+    corpora = [(f"train_file[{i}]", spec, task.train_annotations, True)
+               for i, spec in enumerate(corpus_specs(config.train_file))]
+    for name in (config.test_types or config.test_file) if task.evaluate_each_epoch else ():
+        (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
+        corpora.append((f"test_file.{name}", spec, task.eval_annotations, False))
+    reports = []
+    for name, spec, kind, train in corpora:
+        source = media_source(config, spec[2], train=train)
+        reports.append(check_corpus(name, spec, source, kind, args.media_fraction, args.workers, args.seed))
+    checkpoint = "none (pretrained_path not set)"
+    if config.pretrained_path:
+        task.build_model(config)  # reads the file and loads it strictly into the task's model
+        checkpoint = f"{config.pretrained_path}: loads into the {task.name} model"
+    problems = _print_table(reports, checkpoint, _steps_per_epoch(config, reports, args.world), args.world)
+    return 1 if problems else 0
+
+
+def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
+    head = f"{'corpus':<22} {'type':<6} {'entries':>9} {'sampled':>8} {'missing':>8} {'broken':>7}  annotation file"
+    print(head)
+    print("-" * len(head))
+    problems = 0
+    for r in reports:
+        print(f"{r.name:<22} {r.media_type:<6} {r.entries:>9,d} {r.sampled:>8,d} {len(r.missing):>8,d} "
+              f"{len(r.broken):>7,d}  {r.anno}{'  (' + r.note + ')' if r.note else ''}")
+        problems += len(r.missing) + len(r.broken)
+    print(f"checkpoint: {checkpoint}")
+    print(f"steps per epoch: {steps:,d} optimizer steps with {world} rank(s)")
+    if steps == 0:
+        print("no training step: every media type has fewer entries per rank than its batch size (batch_size)")
+        problems += 1
+    for r in reports:
+        for path in r.missing[:5]:
+            print(f"missing  {r.name}: {path}")
+        for line in r.broken[:5]:
+            print(f"broken   {r.name}: {line}")
+        extra = len(r.missing) + len(r.broken) - min(5, len(r.missing)) - min(5, len(r.broken))
+        if extra > 0:
+            print(f"... and {extra} more in {r.name}")
+    if problems:
+        print(f"{problems} media of the sample are missing or broken: training replaces them (media_retries); "
+              f"evaluation needs skip_broken_media_eval=True")
+    return problems
