@@ -157,7 +157,7 @@ def _sharded_worker(rank, world, port, root, feature_dir, out):
                    feature_dir=feature_dir + "2")
     out[rank] = dict(text=feats.text_tokens.rows(range(len(ds.text))),
                      video=feats.video_tokens.rows(range(len(ds))),
-                     text_feat=feats.text_feat, video_feat=feats.video_feat, x=res["itm"], emb=res["itc"])
+                     text_feat=feats.text_feat, video_feat=feats.video_feat, itm=res["itm"], itc=res["itc"])
     dist.destroy_process_group()
 
 
