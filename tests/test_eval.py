@@ -157,7 +157,7 @@ def _sharded_worker(rank, world, port, root, feature_dir, out):
                    feature_dir=feature_dir + "2")
     out[rank] = dict(text=feats.text_tokens.rows(range(len(ds.text))),
                      video=feats.video_tokens.rows(range(len(ds))),
-                     text_feat=feats.text_feat, video_feat=feats.video_feat, x=res["itm"], emb=res["itc"])
+                     text_feat=feats.text_feat, video_feat=feats.video_feat, itm=res["itm"], itc=res["itc"])
     dist.destroy_process_group()
 
 
@@ -243,7 +243,7 @@ def test_eval_cli_multiple_choice(corpus, tmp_path):
             assert np.allclose(saved["predictions"][i]["scores"], logits.numpy(), atol=1e-4)
     acc = 100 * np.mean([p["pred"] == p["answer"] for p in saved["predictions"]])
     assert saved["accuracy"] == round(acc, 2)
-    assert evaluate_mc(model, ds, tok, 16, num_frames_test=3)[0] == saved["accuracy"]
+    assert evaluate_mc(model, ds, tok, 16, num_frames_test=3)["accuracy"] == saved["accuracy"]
 
 
 def test_eval_cli_bad_input_is_one_clear_line(corpus, tmp_path, capsys, monkeypatch):
