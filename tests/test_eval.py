@@ -243,7 +243,7 @@ def test_eval_cli_multiple_choice(corpus, tmp_path):
             assert np.allclose(saved["predictions"][i]["scores"], logits.numpy(), atol=1e-4)
     acc = 100 * np.mean([p["pred"] == p["answer"] for p in saved["predictions"]])
     assert saved["accuracy"] == round(acc, 2)
-    assert evaluate_mc(model, ds, tok, 16, num_frames_test=3)[0] == saved["accuracy"]
+    assert evaluate_mc(model, ds, tok, 16, num_frames_test=3)["accuracy"] == saved["accuracy"]
 
 
 def test_eval_cli_bad_input_is_one_clear_line(corpus, tmp_path, capsys, monkeypatch):

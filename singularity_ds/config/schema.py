@@ -172,8 +172,9 @@ class Config:
                                          "(memory: x sample size)", ge=1)
     media_retries: int = key(3, "training: a broken clip is replaced by another random item, up to this "
                                 "many tries", ge=0)
-    skip_broken_media_eval: bool = key(False, "evaluation: skip (and count) broken media instead of "
-                                              "stopping with its path")
+    skip_broken_media_eval: bool = key(False, "evaluation: leave broken media out (with the texts / "
+                                              "questions left without one), counted and listed in the "
+                                              "results, instead of stopping with their paths")
     num_workers: int = key(12, "data loader worker processes per rank (0: load in the main process)", ge=0)
     # --- model
     task: Optional[str] = key(None, "set by `singularity-ds train TASK` (pretrain, train_ret, train_qa); a "

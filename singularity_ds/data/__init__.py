@@ -12,7 +12,7 @@ from .annotations import AnnotationStore, corpus_specs, load_corpus, read_annota
 from .builders import (caption_train_datasets, caption_train_loader, dali_finish, eval_datasets, media_source,
                        per_media, qa_train_datasets, qa_train_loader, shard_stream, train_source)
 from .datasets import CaptionDataset, MCDataset, QADataset, RetrievalEvalDataset
-from .loader import CaptionCollate, MetaLoader, QACollate, SeededSampler, collate_eval, collate_qa, make_loader
+from .loader import CaptionCollate, MetaLoader, QACollate, SeededSampler, collate_qa, make_loader
 from .media import ClipPlan, ClipPlanner, MediaSource
 from .readers import get_frame_indices, get_reader, load_image, read_frames
 from .shards import ShardStream, is_shard_source, make_shards, shard_list
@@ -24,7 +24,7 @@ __all__ = [
     "caption_train_datasets", "caption_train_loader", "dali_finish", "eval_datasets", "media_source",
     "per_media", "qa_train_datasets", "qa_train_loader", "shard_stream", "train_source",
     "CaptionDataset", "MCDataset", "QADataset", "RetrievalEvalDataset",
-    "CaptionCollate", "MetaLoader", "QACollate", "SeededSampler", "collate_eval", "collate_qa", "make_loader",
+    "CaptionCollate", "MetaLoader", "QACollate", "SeededSampler", "collate_qa", "make_loader",
     "ClipPlan", "ClipPlanner", "MediaSource",
     "get_frame_indices", "get_reader", "load_image", "read_frames",
     "ShardStream", "is_shard_source", "make_shards", "shard_list",

@@ -76,13 +76,6 @@ class CaptionCollate:
                     failures=_failures(batch))
 
 
-def collate_eval(batch):
-    """Media of an evaluation set (broken items skipped at eval come back as None)."""
-    keep = [b for b in batch if b["media"] is not None]
-    return dict(media=torch.stack([b["media"] for b in keep]) if keep else None,
-                index=torch.tensor([b["index"] for b in keep], dtype=torch.long), failures=_failures(batch))
-
-
 class QACollate:
     """``collate_qa`` + tokenised questions (max_q_len) and answers "answer [SEP]" (max_a_len)."""
 

@@ -13,16 +13,16 @@ Rows come back through :meth:`TokenStore.rows`, on the device, whatever the back
 """
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import numpy as np
 import torch
 
-from ..data.loader import collate_eval
+from ..data.text import tokenize
 from ..dist import all_gather, barrier, rank_world
 from ..fileio import write_json
-from ..data.text import tokenize
+from .broken import Reading, check_not_empty, texts_with_media
 
 
 def shard_range(n: int, rank: int, world: int) -> range:
@@ -133,43 +133,37 @@ class Features:
     text_feat: torch.Tensor    # (N_text, d) normalised text projections, on the device
     video_tokens: TokenStore   # (N_media, clips, Lv, D): clips = 1 (concat) or T (late ensembles)
     video_feat: torch.Tensor   # (N_media, T, d) normalised per-frame projections, on the device
+    # which of the dataset's texts / media the rows are (all, unless broken media were skipped)
+    text_index: np.ndarray = None
+    media_index: np.ndarray = None
+    skipped_media: list = field(default_factory=list)  # paths of the broken media left out
 
 
 @torch.no_grad()
 def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat", batch_size: int = 32,
-            store: str = "device", feature_dir: str = None, text_batch: int = 256) -> Features:
-    """Encode ``dataset`` (texts and media), this rank's shard of each, and gather the results."""
+            store: str = "device", feature_dir: str = None, text_batch: int = 256,
+            name: str = "evaluation set") -> Features:
+    """Encode ``dataset``'s media, then its texts, this rank's shard of each, and gather the results.
+
+    The media come first: which of them are readable decides which texts are evaluated (broken media
+    follow :mod:`.broken`; ``name`` labels the set in its errors). The readable media are encoded in
+    batches of ``batch_size`` as they come, so the batches are those of the set without the broken ones."""
     if store not in ("device", "cpu", "disk"):
         raise ValueError(f"feature store {store!r}: expected device, cpu or disk")
     if store == "disk" and not feature_dir:
         raise ValueError("the disk feature store needs a feature_dir")
+    check_not_empty(dataset, name)
     model.eval()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     rank, world = rank_world()
 
-    text_sink = _Sink(store, feature_dir, "text_tokens", rank)
-    masks, text_feats = [], []
-    mine = shard_range(len(dataset.text), rank, world)
-    for i in range(mine.start, mine.stop, text_batch):
-        ids, mask = tokenize(tokenizer, dataset.text[i:min(i + text_batch, mine.stop)], max_txt_l)
-        ids, mask = ids.to(device), mask.to(device)
-        embeds, pooled = model.encode_text(ids, mask)
-        text_sink.add(embeds)
-        masks.append(mask.cpu())
-        text_feats.append(model.project_text(pooled).float().cpu())
-
     video_sink = _Sink(store, feature_dir, "video_tokens", rank)
-    video_feats, order = [], []
-    mine = shard_range(len(dataset), rank, world)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=batch_size,
-                                         collate_fn=collate_eval)
-    failures = 0
-    for batch in loader:
-        failures += len(batch["failures"])
-        if batch["media"] is None:
-            continue
-        media = batch["media"].to(device, dtype)
+    video_feats, readable = [], []
+    reading = Reading(dataset, shard_range(len(dataset), rank, world), batch_size)
+    for batch in reading:
+        readable += [i for i, _ in batch]
+        media = torch.stack([item["media"] for _, item in batch]).to(device, dtype)
         if ensemble == "concat":
             tokens, pooled = model.encode_image(media)
             tokens = tokens.unsqueeze(1)
@@ -177,11 +171,21 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
             tokens, pooled = model.encode_frames(media)
         video_sink.add(tokens)
         video_feats.append(model.project_image(pooled).float().cpu())
-        order.append(batch["index"])
-    read = sum(len(o) for o in order)
-    missing = sum(all_gather(len(mine) - read))
-    if missing:
-        raise RuntimeError(f"{missing} evaluation media could not be read; evaluation needs every item")
+    skipped = reading.settle(name)
+    readable = np.concatenate(all_gather(np.asarray(readable, dtype=np.int64)))  # ranks hold ascending runs
+    texts = texts_with_media(dataset.txt2img, readable) if skipped else np.arange(len(dataset.text))
+
+    text_sink = _Sink(store, feature_dir, "text_tokens", rank)
+    masks, text_feats = [], []
+    mine = shard_range(len(texts), rank, world)
+    for i in range(mine.start, mine.stop, text_batch):
+        chunk = [dataset.text[t] for t in texts[i:min(i + text_batch, mine.stop)]]
+        ids, mask = tokenize(tokenizer, chunk, max_txt_l)
+        ids, mask = ids.to(device), mask.to(device)
+        embeds, pooled = model.encode_text(ids, mask)
+        text_sink.add(embeds)
+        masks.append(mask.cpu())
+        text_feats.append(model.project_text(pooled).float().cpu())
 
     def gathered(parts):
         local = torch.cat(parts) if parts else None
@@ -189,4 +193,5 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
 
     return Features(text_tokens=text_sink.finish(device, world), text_mask=gathered(masks),
                     text_feat=gathered(text_feats), video_tokens=video_sink.finish(device, world),
-                    video_feat=gathered(video_feats))
+                    video_feat=gathered(video_feats), text_index=texts, media_index=readable,
+                    skipped_media=skipped)

@@ -10,7 +10,7 @@ import numpy as np
 from ..fileio import write_json
 
 
-def _as_list(g):
+def as_list(g):
     return list(g) if isinstance(g, (list, tuple)) else [g]
 
 
@@ -32,7 +32,7 @@ def itm_eval(scores_i2t: np.ndarray, scores_t2i: np.ndarray, txt2img: dict, img2
         out = np.zeros(scores.shape[0])
         for i, row in enumerate(scores):
             order = np.argsort(row)[::-1]
-            out[i] = min(np.where(order == g)[0][0] for g in _as_list(gts[i]))
+            out[i] = min(np.where(order == g)[0][0] for g in as_list(gts[i]))
         return out
 
     return _summary(ranks(scores_i2t, img2txt), ranks(scores_t2i, txt2img))
@@ -45,7 +45,7 @@ def topk_ranks(candidates: np.ndarray, scores: np.ndarray, gts: dict) -> np.ndar
     order = np.argsort(-scores, axis=1, kind="stable")
     ranked = np.take_along_axis(candidates, order, axis=1)
     for i, row in enumerate(ranked):
-        hit = np.flatnonzero(np.isin(row, _as_list(gts[i])))
+        hit = np.flatnonzero(np.isin(row, as_list(gts[i])))
         if hit.size:
             out[i] = hit[0]
     return out

@@ -14,6 +14,7 @@ import torch
 
 from ..data.text import tokenize
 from ..dist import all_gather, rank_world
+from .broken import Reading, check_not_empty
 from .features import shard_range
 
 # ---------------------------------------------------------------------- the VQA evaluator's normalisation
@@ -73,28 +74,35 @@ def vqa_accuracy(pred: str, human_answers) -> float:
 # ---------------------------------------------------------------------- evaluation loop
 @torch.no_grad()
 def evaluate_qa(model, dataset, answer_list, tokenizer, max_q_len: int, max_a_len: int, k_test: int = 128,
-                ensemble: str = "concat", batch_size: int = 16, eos: str = "[SEP]") -> dict:
-    """-> {"accuracy", "metric", "per_type", "missing_answers", "questions", "predictions"}."""
+                ensemble: str = "concat", batch_size: int = 16, eos: str = "[SEP]",
+                name: str = "evaluation set") -> dict:
+    """-> {"accuracy", "metric", "per_type", "missing_answers", "questions" (evaluated), "skipped_questions",
+    "skipped_media", "predictions"}. A broken video follows :mod:`.broken`: an error, or
+    (``skip_broken_media_eval``) every question about it is dropped (counted in ``skipped_questions``) and
+    its path listed in ``skipped_media``; the readable questions are batched as if the annotation file
+    listed no others. ``name`` labels the set in errors."""
     if ensemble != "concat" and model.config.video_input.num_frames != 1:
         from ..errors import ConfigError
         raise ConfigError(f"eval_frame_ensemble={ensemble} needs a single-frame QA model (the original asserts "
                           f"video_input.num_frames == 1; this one has {model.config.video_input.num_frames})")
+    check_not_empty(dataset, name)
     model.eval()
     param = next(model.parameters())
     a_ids, a_mask = tokenize(tokenizer, [f"{a} {eos}" for a in answer_list], max_a_len)
     a_ids, a_mask = a_ids.to(param.device), a_mask.to(param.device)
     rank, world = rank_world()
-    mine = list(shard_range(len(dataset), rank, world))
     local = []
-    for start in range(0, len(mine), batch_size):
-        items = [dataset[i] for i in mine[start:start + batch_size]]
-        media = torch.stack([it["media"] for it in items]).to(param.device, param.dtype)
-        q_ids, q_mask = tokenize(tokenizer, [it["question"] for it in items], max_q_len)
-        ids, _ = model.predict(media, q_ids.to(param.device), q_mask.to(param.device), a_ids, a_mask, k_test, ensemble)
-        for j, i in enumerate(mine[start:start + batch_size]):
-            local.append((i, answer_list[int(ids[j, 0])]))
+    reading = Reading(dataset, shard_range(len(dataset), rank, world), batch_size)
+    for batch in reading:
+        media = torch.stack([item["media"] for _, item in batch]).to(param.device, param.dtype)
+        q_ids, q_mask = tokenize(tokenizer, [item["question"] for _, item in batch], max_q_len)
+        ids, _ = model.predict(media, q_ids.to(param.device), q_mask.to(param.device), a_ids, a_mask, k_test,
+                               ensemble)
+        local.extend((i, answer_list[int(ids[j, 0])]) for j, (i, _) in enumerate(batch))
+    skipped = reading.settle(name, items="questions")
     preds = dict(p for part in all_gather(local) for p in part)
-    return score(dataset, preds, answer_list)
+    return dict(score(dataset, preds, answer_list), skipped_questions=len(dataset) - len(preds),
+                skipped_media=skipped)
 
 
 def score(dataset, preds: dict, answer_list) -> dict:

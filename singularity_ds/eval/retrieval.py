@@ -15,6 +15,9 @@ Two paths, the same metrics:
   (pairs in both directions' top-k are shared), grouped by video so that each fusion layer's
   cross-attention keys/values of a video are computed once and reused for all its texts; videos are
   split across ranks.
+
+With broken media skipped (``skip_broken_media_eval``) both paths score the same readable subset
+(:mod:`.broken`), so they still give the same metrics.
 """
 import logging
 
@@ -24,6 +27,7 @@ import torch
 from ..errors import ConfigError
 from ..models.losses import ENSEMBLES, ensemble_frames, similarity
 from ..dist import all_gather, rank_world
+from .broken import surviving_ground_truth
 from .features import Features, extract
 from .metrics import itm_eval, topk_eval
 
@@ -176,18 +180,29 @@ def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=819
 
 @torch.no_grad()
 def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat", batch_size=32,
-             offload=False, feature_store=None, feature_dir=None, num_frames_test=None):
-    """-> {"itm": ITM re-ranked metrics, "itc": ITC-only metrics} (the original's ``x`` / ``emb``), plus
-    "scores" (the dense matrices: ITM ``i2t`` / ``t2i``, ITC ``i2t_itc``) in memory, or "stats" with the
-    offloaded path. ``feature_store``: device / cpu / disk (default: device, or cpu with ``offload``)."""
+             offload=False, feature_store=None, feature_dir=None, num_frames_test=None,
+             name="evaluation set"):
+    """-> {"itm": ITM re-ranked metrics, "itc": ITC-only metrics} (the original's ``x`` / ``emb``), the
+    counts evaluated ("media", "texts") and left out ("skipped_media": the broken paths,
+    "skipped_texts": texts with no readable ground truth), plus "scores" (the dense matrices over the
+    evaluated media and texts: ITM ``i2t`` / ``t2i``, ITC ``i2t_itc``) in memory, or "stats" with the
+    offloaded path. ``feature_store``: device / cpu / disk (default: device, or cpu with ``offload``).
+
+    Broken media (``dataset.skip_broken``, from ``skip_broken_media_eval``) follow :mod:`.broken`: both
+    paths give the metrics of the set whose annotation file lists none of them. ``name`` labels the set
+    in errors (an empty set, broken media)."""
     check_ensemble(model, ensemble, num_frames_test or 1)
     store = feature_store or ("cpu" if offload else "device")
-    feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir)
+    feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir, name=name)
+    txt2img, img2txt = surviving_ground_truth(dataset.txt2img, dataset.img2txt, feats.text_index,
+                                              feats.media_index)
+    counts = dict(media=len(feats.media_index), texts=len(feats.text_index),
+                  skipped_media=feats.skipped_media, skipped_texts=len(dataset.text) - len(feats.text_index))
     if not offload:
         i2t, t2i, sim = _dense(model, feats, k_test, ensemble)
-        return dict(itm=itm_eval(i2t.numpy(), t2i.numpy(), dataset.txt2img, dataset.img2txt),
-                    itc=itm_eval(sim.numpy(), sim.T.numpy(), dataset.txt2img, dataset.img2txt),
+        return dict(itm=itm_eval(i2t.numpy(), t2i.numpy(), txt2img, img2txt),
+                    itc=itm_eval(sim.numpy(), sim.T.numpy(), txt2img, img2txt), **counts,
                     scores=dict(i2t=i2t, t2i=t2i, i2t_itc=sim))
     itm, itc, stats = _offload(model, feats, k_test, ensemble)
-    return dict(itm=topk_eval(*itm["i2t"], *itm["t2i"], dataset.txt2img, dataset.img2txt),
-                itc=topk_eval(*itc["i2t"], *itc["t2i"], dataset.txt2img, dataset.img2txt), stats=stats)
+    return dict(itm=topk_eval(*itm["i2t"], *itm["t2i"], txt2img, img2txt),
+                itc=topk_eval(*itc["i2t"], *itc["t2i"], txt2img, img2txt), **counts, stats=stats)

@@ -19,8 +19,9 @@ from ..config import load_config
 from ..config.args import split_run_args
 from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
-from ..data import build_tokenizer, eval_datasets, per_media
+from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
+from .broken import check_not_empty
 from .mc import evaluate_mc
 from .metrics import save_results
 from .retrieval import evaluate
@@ -28,14 +29,28 @@ from .retrieval import evaluate
 logger = logging.getLogger(__name__)
 
 
+def set_label(config, name: str) -> str:
+    """How errors name an evaluation set: its config key and annotation file."""
+    return f"test_file.{name} ({corpus_specs(config.test_file[name], key=f'test_file.{name}')[0][0]})"
+
+
+def checked_datasets(config, names=None, kind: str = "caption") -> dict:
+    """``eval_datasets``, every set refused at once if empty, before the first one is evaluated."""
+    sets = eval_datasets(config, names, kind=kind)
+    for name, ds in sets.items():
+        check_not_empty(ds, set_label(config, name))
+    return sets
+
+
 def evaluate_sets(model, config, tokenizer, names=None) -> dict:
-    """Retrieval metrics per test set, {name: {"itm": {...}, "itc": {...}}} (ITM re-ranked / ITC only),
-    with the config's settings (``eval_offload``, ``eval_x_only`` = ITM on every pair, ``k_test``,
-    ``eval_frame_ensemble``)."""
+    """Retrieval metrics per test set, {name: {"itm": {...}, "itc": {...}, "media", "texts", "skipped_media",
+    "skipped_texts"[, "stats"]}} (ITM re-ranked / ITC only, the counts evaluated and left out:
+    :func:`~.retrieval.evaluate`), with the config's settings (``eval_offload``, ``eval_x_only`` = ITM on
+    every pair, ``k_test``, ``eval_frame_ensemble``, ``skip_broken_media_eval``)."""
     if not config.test_file:
         return {}
     results = {}
-    for name, ds in eval_datasets(config, names).items():
+    for name, ds in checked_datasets(config, names).items():
         k_test = config.k_test
         if config.eval_x_only:  # the original crashes here (raw_n_image); we score all pairs
             k_test = max(len(ds), len(ds.text))
@@ -46,10 +61,8 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
                        feature_store=config.eval_feature_store,
                        feature_dir=config.eval_feature_dir or os.path.join(config.output_dir or ".",
                                                                                  "eval_features", name),
-                       num_frames_test=config.video_input.num_frames_test)
-        results[name] = {"itm": res["itm"], "itc": res["itc"]}
-        if "stats" in res:
-            results[name]["stats"] = res["stats"]
+                       num_frames_test=config.video_input.num_frames_test, name=set_label(config, name))
+        results[name] = {k: v for k, v in res.items() if k != "scores"}
         logger.info("eval %s: %s", name, res["itm"])
     return results
 
@@ -73,17 +86,26 @@ def evaluate_qa_sets(model, config, tokenizer, names=None) -> dict:
     from .qa import evaluate_qa
     answers = load_answer_list(config)
     results = {}
-    for name, ds in eval_datasets(config, names, kind="qa").items():
+    for name, ds in checked_datasets(config, names, kind="qa").items():
         res = evaluate_qa(model, ds, answers, tokenizer, config.max_q_len, config.max_a_len,
                           k_test=config.k_test, ensemble=config.eval_frame_ensemble,
                           batch_size=per_media(config.batch_size_test, ds.source.media_type),
-                          eos=config.eos)
+                          eos=config.eos, name=set_label(config, name))
         if rank_world()[0] == 0 and config.output_dir:
             write_json(res["predictions"], os.path.join(config.output_dir, f"qa_{name}.json"))
         results[name] = {k: v for k, v in res.items() if k != "predictions"}
         logger.info("eval %s: %s %.2f (%d questions, %d with no answer in the list)", name, res["metric"],
                     res["accuracy"], res["questions"], res["missing_answers"])
     return results
+
+
+def _skipped(res: dict) -> str:
+    """`` (left out: N broken media, ...)`` for the printed summary, or nothing."""
+    if not res.get("skipped_media"):
+        return ""
+    extra = {"skipped_texts": "texts", "skipped_questions": "questions"}
+    more = "".join(f", {res[k]} {noun}" for k, noun in extra.items() if k in res)
+    return f" (left out: {len(res['skipped_media'])} broken media{more})"
 
 
 def _split_args(argv):
@@ -118,18 +140,20 @@ def eval_main(kind: str, argv) -> dict:
         if rank == 0:
             save_results(results, out_dir)
             for name, res in results.items():
-                print(f"{name}: ITM re-ranked {res['itm']}\n{name}: ITC only     {res['itc']}")
+                print(f"{name}: ITM re-ranked {res['itm']}\n{name}: ITC only     {res['itc']}{_skipped(res)}")
             print(f"results: {out_dir}/eval.json, {out_dir}/eval.png")
         return results
     if kind == "mc":
         results = {}
-        for name, ds in eval_datasets(config, kind="mc").items():
-            acc, predictions = evaluate_mc(model, ds, tokenizer, per_media(config.max_txt_l, "video"),
-                                           config.eval_frame_ensemble, config.video_input.num_frames_test)
-            results[name] = acc
+        for name, ds in checked_datasets(config, kind="mc").items():
+            res = evaluate_mc(model, ds, tokenizer, per_media(config.max_txt_l, "video"),
+                              config.eval_frame_ensemble, config.video_input.num_frames_test,
+                              name=set_label(config, name))
+            results[name] = {k: v for k, v in res.items() if k != "predictions"}
             if rank == 0:
-                write_json(dict(accuracy=acc, predictions=predictions), os.path.join(out_dir, f"mc_{name}.json"))
-                print(f"{name}: MC accuracy {acc:.2f}% over {len(predictions)} videos -> {out_dir}/mc_{name}.json")
+                write_json(res, os.path.join(out_dir, f"mc_{name}.json"))
+                print(f"{name}: MC accuracy {res['accuracy']:.2f}% over {res['videos']} videos"
+                      f"{_skipped(res)} -> {out_dir}/mc_{name}.json")
         return results
     if kind == "qa":
         results = evaluate_qa_sets(model, config, tokenizer)
@@ -137,6 +161,7 @@ def eval_main(kind: str, argv) -> dict:
             write_json(results, os.path.join(out_dir, "eval_qa.json"))
             for name, res in results.items():
                 print(f"{name}: {res['metric']} {res['accuracy']:.2f}% over {res['questions']} questions "
-                      f"({res['missing_answers']} with no answer in the list) -> {out_dir}/qa_{name}.json")
+                      f"({res['missing_answers']} with no answer in the list){_skipped(res)} "
+                      f"-> {out_dir}/qa_{name}.json")
         return results
     raise ConfigError(f"unknown evaluation {kind!r}; expected ret, mc or qa")

@@ -27,7 +27,8 @@ class CaptionTask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, config, tokenizer):
-        """Retrieval metrics per test set: ``{name: {"itm": ITM re-ranked, "itc": ITC only}}``."""
+        """Retrieval metrics per test set: ``{name: {"itm": ITM re-ranked, "itc": ITC only, counts and the
+        skipped broken media}}`` (:func:`~singularity_ds.eval.run.evaluate_sets`)."""
         return evaluate_sets(model, config, tokenizer) if config.test_file else {}
 
     def eval_scalars(self, results):

@@ -26,7 +26,8 @@ class QATask(Task):
 
     @torch.no_grad()
     def evaluate(self, model, config, tokenizer):
-        """``{name: {"accuracy", "metric", "per_type", "missing_answers", "questions"}}``."""
+        """``{name: {"accuracy", "metric", "per_type", "missing_answers", "questions", "skipped_questions",
+        "skipped_media"}}``."""
         return evaluate_qa_sets(model, config, tokenizer) if config.test_file else {}
 
     def eval_scalars(self, results):
