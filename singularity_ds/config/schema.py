@@ -260,6 +260,10 @@ class Config:
     output_dir: Optional[str] = key(None, "run folder (checkpoints, logs, results); null: runs/<task>")
     resume: bool | str = key(False, "continue a run in output_dir: True / auto (latest checkpoint) or a "
                                     "checkpoint tag")
+    resume_allow_data_change: bool = key(False, "resume although a training annotation file changed since "
+                                                "the checkpoint (entries added or removed): the "
+                                                "interrupted epoch continues at its position in the new "
+                                                "data's order")
     pretrained_path: Optional[str] = key(None, "start from this checkpoint (an original .pth or an export "
                                                "folder)")
     overwrite: bool = key(False, "replace an existing output_dir (else it must be new, or resumed)")

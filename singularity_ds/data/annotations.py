@@ -90,6 +90,12 @@ class AnnotationStore:
     def __iter__(self) -> Iterator[dict]:
         return (self[i] for i in range(len(self)))
 
+    def corpus_lengths(self) -> List[int]:
+        """Entries per corpus, in the order of ``corpora``."""
+        if self._ids is None:
+            return [len(self)]
+        return np.bincount(self._ids, minlength=len(self._corpora)).tolist()
+
     @property
     def nbytes(self) -> int:
         return self._buffer.nbytes + self._offsets.nbytes + (self._ids.nbytes if self._ids is not None else 0)

@@ -1,24 +1,103 @@
 """What a run shows and keeps of its steps: TensorBoard scalars, the progress bar, ``train.log`` lines
-every ``log_freq`` steps, and the per-step history returned by ``Trainer.train``. Rank 0 only."""
+every ``log_freq`` steps, and the per-step history. Rank 0 only.
+
+Nothing of a run is lost when it is killed and resumed: every step's record is appended to
+``history.jsonl`` as it happens (``history.json``, written at the end, is all of them); a resumed run
+first drops the records past the step it resumes from (the replayed steps are recorded again), and its
+TensorBoard writer purges the events past that step, so each step appears once in both. The error that
+stops a run (even at start-up) is written to ``train.log`` too.
+"""
+import contextlib
+import json
 import logging
 import os
 import sys
 
+from ..errors import SingularityError
+from ..fileio import atomic_write
+
 logger = logging.getLogger("singularity_ds.train")
 
 STEP_SCALARS = ("loss", "lr", "grad_norm", "samples_per_s", "data_wait", "memory_mb")
+HISTORY = "history.jsonl"
+
+
+def setup_logging(run_dir: str, rank: int):
+    """Log to stderr (every rank; warnings only but on rank 0) and, on rank 0, to ``train.log`` (appended:
+    the lines of an earlier attempt in this folder stay). Returns that file's handler (None on other
+    ranks); the handler of an earlier run in this process is replaced, so runs never share a log."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    for h in [h for h in root.handlers if getattr(h, "singularity_run_log", False)]:
+        root.removeHandler(h)
+        h.close()
+    if rank != 0:
+        return None
+    fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    fh.setFormatter(fmt)
+    fh.singularity_run_log = True
+    root.addHandler(fh)
+    return fh
+
+
+@contextlib.contextmanager
+def failures_logged(handler):
+    """Write the exception that leaves this block to ``train.log`` (``handler``) only: stderr shows it
+    already (``cli.main`` prints user errors as one line; Python prints the rest). A user error is one
+    line, anything else its traceback."""
+    try:
+        yield
+    except BaseException as e:
+        if handler is not None and not isinstance(e, (KeyboardInterrupt, SystemExit)):
+            if isinstance(e, SingularityError):
+                record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (e,), None)
+            else:
+                record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "run failed: %s: %s",
+                                           (type(e).__name__, e), sys.exc_info())
+            handler.handle(record)
+        raise
+
+
+def _read_history(path: str) -> list:
+    """The records of ``history.jsonl``; a line cut short by a kill (the last one) is dropped."""
+    records = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue
+    except OSError:
+        pass
+    return records
 
 
 class RunLog:
     def __init__(self, run_dir: str, rank: int, total_steps: int, first_step: int, desc: str, log_freq: int,
                  force_progress_bar: bool):
+        """``first_step``: the optimizer step the run starts after (the resumed checkpoint's; 0 when fresh).
+        ``history`` holds every step of the run on rank 0 (those before a resume too), this process's
+        steps on the others."""
         self.rank, self.log_freq, self.history = rank, max(1, log_freq), []
-        self.writer = self.progress = None
+        self.writer = self.progress = self._file = None
         if rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"))
+        path = os.path.join(run_dir, HISTORY)
+        # steps past first_step were done by a run that stopped before saving them: they are replayed
+        self.history = [r for r in _read_history(path) if r.get("step", 0) <= first_step]
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.history))
+        self._file = open(path, "a")
+        # purge_step: TensorBoard drops the events of this folder at steps >= it (an earlier attempt's)
+        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=first_step + 1)
         self.progress = tqdm(total=total_steps, initial=first_step, desc=desc, dynamic_ncols=True,
                              disable=not sys.stderr.isatty() and not force_progress_bar)
 
@@ -27,6 +106,8 @@ class RunLog:
         self.history.append(record)
         if self.rank != 0:
             return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
         step = record["step"]
         for k in list(loss_names) + list(STEP_SCALARS):
             self.writer.add_scalar(f"train/{k}", record[k], step)
@@ -47,3 +128,5 @@ class RunLog:
             self.progress.close()
         if self.writer is not None:
             self.writer.close()
+        if self._file is not None:
+            self._file.close()

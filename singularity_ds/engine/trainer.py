@@ -4,6 +4,7 @@
     deepspeed --num_accelerators 2 -m singularity_ds train pretrain tiny output_dir=runs/pt
 
 Run folder (``output_dir``): ``config.yaml`` (resolved), ``ds_config.json``, ``train.log``,
+``history.jsonl`` (a line per step, as it happens) and ``history.json`` (every step, at the end),
 ``tb/`` (TensorBoard), ``checkpoints/`` and ``export/`` (consolidated fp32 weights, loadable with
 ``singularity_ds.models.load_model``). Randomness is a function of (seed, epoch, step, rank): the data
 order and every item's frames/crops come from the loaders' seeds, and the model's RNG (dropout, ITM
@@ -16,7 +17,6 @@ to save, the task whether to evaluate, the run log when to print.
 import logging
 import os
 import shutil
-import sys
 import time
 
 import torch
@@ -34,34 +34,12 @@ from ..models.weights import export as export_model, plain_config
 from ..tasks import TASKS
 from .build import build_engine
 from .checkpointing import Checkpointer
+from .data_record import check_data_unchanged, data_record
 from .ds_config import WEIGHT_DTYPE, build_ds_config, resolve_precision
-from .run_log import RunLog
+from .run_dir import prepare_run_dir
+from .run_log import RunLog, failures_logged, setup_logging
 
 logger = logging.getLogger("singularity_ds.train")
-
-
-def prepare_run_dir(config) -> str:
-    """``output_dir`` must be new unless ``resume`` or ``overwrite`` (checked before anything is written)."""
-    run_dir = config.output_dir or os.path.join("runs", config.task)
-    exists = os.path.isdir(run_dir) and any(n != ".tmp" for n in os.listdir(run_dir))
-    if exists and not (config.resume or config.overwrite):
-        raise ConfigError(f"output_dir {run_dir} exists and is not empty; pass resume=auto to continue it or "
-                          f"overwrite=True to replace it")
-    return run_dir
-
-
-def _setup_logging(run_dir: str, rank: int):
-    root = logging.getLogger()
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    fmt = logging.Formatter(f"%(asctime)s [rank{rank}] %(levelname)s %(name)s: %(message)s")
-    if not any(isinstance(h, logging.StreamHandler) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(fmt)
-        root.addHandler(h)
-    if rank == 0:
-        fh = logging.FileHandler(os.path.join(run_dir, "train.log"))
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
 
 
 def _memory_mb(device) -> float:
@@ -96,7 +74,7 @@ class Trainer:
                 shutil.rmtree(self.run_dir)
             os.makedirs(self.run_dir, exist_ok=True)
         dist.barrier()
-        _setup_logging(self.run_dir, self.rank)
+        self.log_file = setup_logging(self.run_dir, self.rank)
         self.dtype = WEIGHT_DTYPE[self.precision]
         self.seed = config.seed
         self.accumulation = config.gradient_accumulation_steps
@@ -108,6 +86,7 @@ class Trainer:
         model = task.build_model(config)
         self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
         self.steps_per_epoch = max(1, len(self.loader) // self.accumulation)
+        self.data = data_record(config, self.loader)  # in every checkpoint: a resume must read the same files
         self.engine, self.scheduler = build_engine(model, config, self.ds_cfg, self.steps_per_epoch)
         self.checkpointer = Checkpointer(self.run_dir, self.rank, config.keep_last_checkpoints,
                                          config.save_every_steps, config.save_every_epochs)
@@ -122,10 +101,12 @@ class Trainer:
         fresh = dict(epoch=0, micro_step=0, global_step=0)
         if not self.config.resume:
             return fresh
-        tag = self.checkpointer.latest() if self.config.resume in (True, "auto") else str(self.config.resume)
+        tag = self.checkpointer.resume_tag(self.config.resume)  # verified against its manifest
         if tag is None:
             logger.info("resume=%s: no complete checkpoint in %s, starting fresh", self.config.resume, self.run_dir)
             return fresh
+        check_data_unchanged(self.checkpointer.client_state(tag).get("data"), self.data, tag,
+                             self.config.resume_allow_data_change)
         state = self.checkpointer.load(self.engine, tag)
         saved, current = state.get("stream_layout"), self._stream_layout()
         if saved and current and saved != current:
@@ -143,7 +124,8 @@ class Trainer:
         return dict(world=self.world, num_workers=streams[0].num_workers) if streams else None
 
     def _save(self, epoch, micro_step, global_step):
-        state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step, stream_layout=self._stream_layout())
+        state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step,
+                     stream_layout=self._stream_layout(), data=self.data)
         self.checkpointer.save(self.engine, f"step{global_step:08d}", state)
 
     def train_step(self, batches, epoch: int, micro: int) -> dict:
@@ -267,6 +249,8 @@ def parse_train_args(argv):
 
 def train_main(argv) -> dict:
     task, config = parse_train_args(argv)
-    results = Trainer(config, task).train()
+    trainer = Trainer(config, task)
+    with failures_logged(trainer.log_file):  # the error that stops the run, at start-up too, in train.log
+        results = trainer.train()
     dist.release_cpu_shm()
     return results

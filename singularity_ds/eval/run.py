@@ -1,9 +1,11 @@
 """``singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]``.
 
 The architecture comes from the checkpoint (an original ``.pth`` -- pretraining or fine-tuned layout,
-so zero-shot evaluation of a pretraining checkpoint loads its text weights -- or an exported folder);
-the data and evaluation settings (``test_file``, ``test_types``, ``image_res``,
-``video_input.num_frames_test``, ``k_test``, ``eval_frame_ensemble``, ...) come from the config.
+so zero-shot evaluation of a pretraining checkpoint loads its text weights -- or an exported folder),
+and so does the resolution: frames are resized to the checkpoint's ``image_res`` unless ``image_res=N``
+is given on the command line (then the position tables are interpolated to N, as the original does).
+The data and evaluation settings (``test_file``, ``test_types``, ``video_input.num_frames_test``,
+``k_test``, ``eval_frame_ensemble``, ...) come from the config.
 Results go to ``output_dir`` (default ``runs/eval/<config>``): ``eval_<split>.json`` per split,
 ``eval.json`` + ``eval.png`` (recall@K), ``mc_<split>.json`` with every prediction, or for QA
 ``eval_qa.json`` + ``qa_<split>.json`` (predictions in the VQA submission format).
@@ -128,9 +130,16 @@ def eval_main(kind: str, argv) -> dict:
             OmegaConf.to_container(config.test_file[name], resolve=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
     device = setup()["device"] if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the resolution the checkpoint was trained at, unless asked for another one on the command line: a
+    # config file's image_res (the packaged ones say 224) would resize a 32 px model's tables for nothing
+    given = any(o.split("=", 1)[0].strip() == "image_res" for o in overrides)
+    asked = {"image_res": config.image_res} if given else {}
     # QA: the QA model (decoder initialised if the file has none); else as the checkpoint holds
-    model = load_model(checkpoint, image_res=config.image_res, qa=True if kind == "qa" else None).to(device)
-    config.vit_type = model.vit_type  # transforms (normalisation) follow the checkpoint's tower
+    model = load_model(checkpoint, qa=True if kind == "qa" else None, **asked).to(device)
+    if model.config.image_res != config.image_res and not asked:
+        logger.info("image_res=%d from %s (the config says %d; pass image_res=%d to evaluate at that "
+                    "resolution)", model.config.image_res, checkpoint, config.image_res, config.image_res)
+    config.vit_type, config.image_res = model.vit_type, model.config.image_res  # transforms follow the model
     out_dir = config.output_dir or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir
     tokenizer = build_tokenizer(config.text_encoder)

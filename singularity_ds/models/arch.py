@@ -12,6 +12,7 @@ import json
 import os
 from importlib import resources
 
+from omegaconf import OmegaConf
 from transformers import BeitConfig, BertConfig, ViTConfig
 
 ARCH_DIR = resources.files("singularity_ds") / "configs" / "arch"
@@ -25,6 +26,12 @@ def _packaged(name: str):
         if path.is_file():
             return json.loads(path.read_text())
     return None
+
+
+def _plain(d) -> dict:
+    """An inline architecture as plain Python values (transformers validates lists as ``list``, not an
+    OmegaConf ListConfig)."""
+    return OmegaConf.to_container(d, resolve=True) if OmegaConf.is_config(d) else dict(d)
 
 
 def _read_json(path: str, key: str) -> dict:
@@ -48,7 +55,7 @@ def bert_config(config) -> BertConfig:
         else:
             raise ValueError(f"config key 'bert_config': no architecture file {path!r} (not on disk, not "
                              f"shipped in {ARCH_DIR}), and text_encoder={enc!r} is not a local folder")
-    d = dict(d)
+    d = _plain(d)
     if config["fusion_layer"] is not None:
         d["fusion_layer"] = int(config["fusion_layer"])
     d.setdefault("fusion_layer", d["num_hidden_layers"])
@@ -69,7 +76,7 @@ def vision_config(config):
         else:
             raise ValueError(f"config key 'vit_name_or_pretrained_path': {name!r} is neither a local folder "
                              f"with config.json nor a shipped architecture in {ARCH_DIR}")
-    d = dict(d)
+    d = _plain(d)
     d["image_size"] = int(config["image_res"])
     if d["image_size"] % d["patch_size"]:
         raise ValueError(f"image_res={d['image_size']} is not a multiple of patch_size={d['patch_size']}")

@@ -213,7 +213,21 @@ def decoder_from_text_tower(state: dict, fusion_layer: int) -> dict:
     return out
 
 
-def adapt_shapes(state: dict, model) -> dict:
+def _resized_rel_pos_bias(table: torch.Tensor, dst_num: int, vision_cfg, source: str, key: str):
+    """:func:`interpolate_rel_pos_bias`; a table too small to resize is refused naming the file, the
+    tensor and the config key (``image_res``) with the resolution the table was trained at."""
+    try:
+        return interpolate_rel_pos_bias(table, dst_num)
+    except CheckpointError as e:
+        patches = (int((table.shape[0] - 3) ** 0.5) + 1) // 2
+        trained = patches * vision_cfg.patch_size
+        raise CheckpointError(
+            f"{source}: {key}: {e}, so it cannot follow image_res={vision_cfg.image_size}; it was trained at "
+            f"image_res={trained} ({patches}x{patches} patches of {vision_cfg.patch_size} px): load it with "
+            f"image_res={trained}") from None
+
+
+def adapt_shapes(state: dict, model, source: str = "checkpoint") -> dict:
     """Convert the shape changes the original converts; everything else is left for the report."""
     own = model.state_dict()
     for k, v in list(state.items()):
@@ -226,7 +240,7 @@ def adapt_shapes(state: dict, model) -> dict:
             state[k] = resize_temporal_embed(v, own[k].shape[1])
         elif k.endswith("relative_position_bias_table") and v.shape[1] == own[k].shape[1]:
             logger.info("%s: interpolated %s -> %s", k, tuple(v.shape), tuple(own[k].shape))
-            state[k] = interpolate_rel_pos_bias(v, own[k].shape[0])
+            state[k] = _resized_rel_pos_bias(v, own[k].shape[0], model.vision_encoder.config, source, k)
         elif k.endswith("embeddings.position_embeddings") and k.startswith("vision_encoder."):
             state[k] = interpolate_pos_embed(v, own[k].shape[1])
     return state
@@ -240,7 +254,7 @@ def load_into(model, state: dict, strict: bool = True, source: str = "checkpoint
     encoder in second-stage pretraining from a single-frame checkpoint): they keep their fresh init
     and are logged. Anything else that does not match raises :class:`CheckpointError` when ``strict``.
     """
-    state = adapt_shapes(normalise_keys(state, model), model)
+    state = adapt_shapes(normalise_keys(state, model), model, source)
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -266,16 +280,49 @@ def load_into(model, state: dict, strict: bool = True, source: str = "checkpoint
 
 
 # ---------------------------------------------------------------------- whole-model files
+def read_safetensors(path: str, remedy: str) -> dict:
+    """A safetensors file's tensors; an empty, cut-short or foreign file is one :class:`CheckpointError`
+    naming it and saying what to do (``remedy``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as e:
+        size = os.path.getsize(path) if os.path.isfile(path) else 0
+        raise CheckpointError(f"{path}: not a readable safetensors file ({size} bytes; "
+                              f"{str(e).strip()[:160]}); {remedy}") from None
+
+
+def read_config_json(path: str, remedy: str) -> dict:
+    """A model folder's ``config.json`` as a dict; invalid JSON is one :class:`CheckpointError` naming the
+    file, the position and what to do (``remedy``)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                              f"{remedy}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e}); {remedy}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object of config keys, got {type(cfg).__name__}; "
+                              f"{remedy}")
+    return cfg
+
+
+EXPORT_REMEDY = ("the export is damaged (an interrupted copy?): copy it again, or export it again from the "
+                 "run's checkpoints (a training run writes export/ from its latest checkpoint)")
+
+
 def read_checkpoint(path: str):
     """-> (state_dict, plain config dict) from an original ``.pth`` or one of our export folders."""
     if os.path.isdir(path):
-        from safetensors.torch import load_file
-
         weights, cfg_path = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
         if not (os.path.isfile(weights) and os.path.isfile(cfg_path)):
             raise CheckpointError(f"{path}: a model folder needs {WEIGHTS_NAME} and {CONFIG_NAME}")
-        with open(cfg_path) as f:
-            return load_file(weights), json.load(f)
+        cfg = read_config_json(cfg_path, EXPORT_REMEDY)
+        return read_safetensors(weights, EXPORT_REMEDY), cfg
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (the original's format); "
@@ -284,7 +331,12 @@ def read_checkpoint(path: str):
 
 
 def export(model, folder: str):
-    """Write ``model.safetensors`` (fp32 unless the model is in another dtype) + ``config.json``."""
+    """Write ``model.safetensors`` (fp32 unless the model is in another dtype) + ``config.json``.
+
+    The config is self-contained: besides ``image_res``, the frames and every other key, it inlines both
+    towers' architectures (``bert_config_dict``, ``beit_config_dict`` / ``vit_config_dict``), so the
+    folder loads wherever it is copied, without the architecture files or Hugging Face folders the
+    training config named."""
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
@@ -292,15 +344,32 @@ def export(model, folder: str):
     tmp = os.path.join(folder, WEIGHTS_NAME + ".tmp")
     save_file(state, tmp, metadata={"format": "pt", "producer": "singularity-ds"})
     os.replace(tmp, os.path.join(folder, WEIGHTS_NAME))
-    write_json(plain_config(model.config), os.path.join(folder, CONFIG_NAME), indent=2)
+    write_json(self_contained_config(model.config), os.path.join(folder, CONFIG_NAME), indent=2)
+
+
+ARCH_META_KEYS = ("transformers_version", "architectures", "model_type", "_name_or_path", "torch_dtype",
+                  "dtype")
+
+
+def self_contained_config(config) -> dict:
+    """``config`` as a plain dict with both towers' architectures inlined (see :func:`export`)."""
+    from .arch import bert_config, vision_config
+
+    cfg = plain_config(config)
+    text = bert_config(config).to_dict()
+    vision = vision_config(config).to_dict()
+    vision.pop("image_size", None)  # follows image_res
+    cfg["bert_config_dict"] = {k: v for k, v in text.items() if k not in ARCH_META_KEYS}
+    cfg["beit_config_dict" if cfg["vit_type"] == "beit" else "vit_config_dict"] = {
+        k: v for k, v in vision.items() if k not in ARCH_META_KEYS}
+    return cfg
 
 
 # ---------------------------------------------------------------------- pretrained towers (HF folders)
 def _hf_state(folder: str) -> dict:
     st, binf = os.path.join(folder, "model.safetensors"), os.path.join(folder, "pytorch_model.bin")
     if os.path.isfile(st):
-        from safetensors.torch import load_file
-        return load_file(st)
+        return read_safetensors(st, "download or copy the Hugging Face folder again")
     if os.path.isfile(binf):
         return safe_load(binf)
     raise CheckpointError(f"{folder}: no model.safetensors or pytorch_model.bin")
@@ -374,7 +443,7 @@ def load_vision_tower(model, folder: str) -> dict:
     for k, v in list(state.items()):
         if k in own and own[k].shape != v.shape:
             if k.endswith("relative_position_bias_table"):
-                state[k] = interpolate_rel_pos_bias(v, own[k].shape[0])
+                state[k] = _resized_rel_pos_bias(v, own[k].shape[0], tower.config, folder, k)
             elif k == "embeddings.position_embeddings":
                 state[k] = interpolate_pos_embed(v, own[k].shape[1])
     problems = [k for k in state if k not in own or own[k].shape != state[k].shape]
