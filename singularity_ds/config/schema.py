@@ -174,6 +174,9 @@ class Config:
                                 "many tries", ge=0)
     skip_broken_media_eval: bool = key(False, "evaluation: skip (and count) broken media instead of "
                                               "stopping with its path")
+    media_outside_dir: bool = key(False, "accept annotation media paths that are absolute or leave the "
+                                         "corpus's media folder with '..' (read as written); off: such a "
+                                         "path is refused at start-up, naming the file and entry")
     num_workers: int = key(12, "data loader worker processes per rank (0: load in the main process)", ge=0)
     # --- model
     task: Optional[str] = key(None, "set by `singularity-ds train TASK` (pretrain, train_ret, train_qa); a "

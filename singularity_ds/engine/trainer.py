@@ -26,7 +26,7 @@ from .. import dist
 from ..config import load_config
 from ..config.args import split_run_args
 from ..data.loader import item_seed
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, SingularityError
 from ..fileio import write_json
 from ..models.weights import export as export_model, plain_config
 from ..tasks import TASKS
@@ -87,13 +87,15 @@ class Trainer:
         self.dtype = WEIGHT_DTYPE[self.precision]
         self.seed = config.seed
         self.accumulation = config.gradient_accumulation_steps
+        self.replaced = []  # the paths of the broken media replaced in training (this rank's)
 
     def build(self):
         config, task = self.config, self.task
-        torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
+        task.check_evaluation_data(config)  # bad data stops the run now, not after an epoch or a model build
         self.tokenizer = task.tokenizer(config)
-        model = task.build_model(config)
         self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
+        torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
+        model = task.build_model(config)
         self.steps_per_epoch = max(1, len(self.loader) // self.accumulation)
         self.engine, self.scheduler = build_engine(model, config, self.ds_cfg, self.steps_per_epoch)
         self.checkpointer = Checkpointer(self.run_dir, self.rank, config.keep_last_checkpoints,
@@ -147,6 +149,7 @@ class Trainer:
             self.engine.backward(sum(losses.values()))
             self.engine.step()
             broken += len(batch.get("failures", []))
+            self.replaced += [path for path, _ in batch.get("failures", [])]
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / self.accumulation
         names = list(sums)
@@ -199,7 +202,9 @@ class Trainer:
         if self.rank == 0:
             write_json(log.history, os.path.join(self.run_dir, "history.json"))
         if failures:
-            logger.warning("%d broken media were replaced during training (paths in train.log)", failures)
+            paths = list(dict.fromkeys(self.replaced))
+            logger.warning("%d broken media were replaced during training (%d files): %s", failures,
+                           len(paths), ", ".join(paths))
         return dict(history=log.history, eval=results, run_dir=self.run_dir, failures=failures)
 
     def _evaluate(self, log, epoch, step) -> dict:
@@ -237,6 +242,15 @@ class Trainer:
         dist.barrier()
 
 
+def _to_train_log(run_dir: str, error: Exception):
+    """``error`` as an ERROR line of this run's ``train.log`` only (not on stderr a second time)."""
+    path = os.path.abspath(os.path.join(run_dir, "train.log"))
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (error,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == path:
+            handler.handle(record)
+
+
 def parse_train_args(argv):
     """``TASK [--config BASE] [CONFIG ...] [key=value ...]`` -> (task, config). BASE defaults to the
     task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml, ...)."""
@@ -254,6 +268,11 @@ def parse_train_args(argv):
 
 def train_main(argv) -> dict:
     task, config = parse_train_args(argv)
-    results = Trainer(config, task).train()
+    trainer = Trainer(config, task)
+    try:
+        results = trainer.train()
+    except SingularityError as e:  # the run's record says why it stopped (cli.main prints the line on stderr)
+        _to_train_log(trainer.run_dir, e)
+        raise
     dist.release_cpu_shm()
     return results
