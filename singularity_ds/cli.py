@@ -88,7 +88,7 @@ def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     try:
         index = make_shards(args.anno, args.media_dir, args.out_dir, args.shard_size, args.media_type, args.kind,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, media_outside_dir=args.media_outside_dir)
     except ValueError as e:  # a bad --shard-size
         raise ConfigError(str(e)) from None
     print(f"wrote {index['samples']} samples in {len(index['shards'])} shard(s) to {args.out_dir}; "
@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--media-type", default="video", choices=["video", "image"])
     sh.add_argument("--kind", default="caption", choices=["caption", "qa_train"], help="annotation schema to validate")
     sh.add_argument("--overwrite", action="store_true", help="replace a shard corpus already in OUT_DIR")
+    sh.add_argument("--media-outside-dir", action="store_true",
+                    help="accept media paths outside MEDIA_DIR (absolute, or with ..), as the config key")
     sh.set_defaults(func=cmd_make_shards)
     pp = sub.add_parser("preprocess", help="re-encode videos (fps, size, no audio) or resize images, in parallel",
                         description="preprocess videos|images SRC DST [--fps 2] [--size 224] [--workers N] "

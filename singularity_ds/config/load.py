@@ -17,7 +17,9 @@ import os
 from importlib import resources
 from typing import Iterable, List, Sequence
 
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
 from .check import check_layer, validate
@@ -46,10 +48,56 @@ def _load_yaml(name: str) -> DictConfig:
     try:
         cfg = OmegaConf.load(path)
     except Exception as e:
-        raise ConfigError(f"config file {path}: invalid YAML: {e}") from None
+        raise ConfigError(f"config file {path}: invalid YAML{_yaml_error(path, e)}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path}: top level must be a mapping")
     return cfg
+
+
+def _at(mark) -> str:
+    return f"line {mark.line + 1} column {mark.column + 1}"
+
+
+def _yaml_error(path: str, error: Exception) -> str:
+    """``error`` (from loading the YAML file ``path``) as ``" at line L column C: what"``, on one line.
+
+    PyYAML's errors are several lines with the position in the middle; a bad byte gives a byte offset;
+    OmegaConf's interpolation grammar errors give the key only, so its value is found in the file."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        where, context = _at(error.problem_mark), ""
+        if error.context and error.context_mark is not None and _at(error.context_mark) != where:
+            context = f" ({error.context} at {_at(error.context_mark)})"
+        return f" at {where}: {error.problem}{context}"
+    if isinstance(error, UnicodeDecodeError):
+        with open(path, "rb") as f:
+            before = f.read(error.start)
+        line, column = before.count(b"\n") + 1, error.start - before.rfind(b"\n")
+        return f" at line {line} column {column}: not UTF-8 ({error.reason})"
+    key = getattr(error, "full_key", None)
+    if isinstance(error, OmegaConfBaseException) and key:
+        message = str(getattr(error, "msg", None) or error).strip().splitlines()[0]
+        where = _key_position(path, key)
+        return f" at {where}: key {key}: {message}" if where else f": key {key}: {message}"
+    return f": {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"
+
+
+def _key_position(path: str, full_key: str):
+    """``line L column C`` of the value of a dotted key (``a.b``, ``a[0]``) in a YAML file, or None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            node = yaml.compose(f)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    for part in filter(None, str(full_key).replace("[", ".").replace("]", "").split(".")):
+        if isinstance(node, yaml.MappingNode):
+            node = next((v for k, v in node.value if getattr(k, "value", None) == part), None)
+        elif isinstance(node, yaml.SequenceNode) and part.isdigit() and int(part) < len(node.value):
+            node = node.value[int(part)]
+        else:
+            return None
+        if node is None:
+            return None
+    return _at(node.start_mark)
 
 
 def _none_strings(node):

@@ -175,6 +175,9 @@ class Config:
     skip_broken_media_eval: bool = key(False, "evaluation: leave broken media out (with the texts / "
                                               "questions left without one), counted and listed in the "
                                               "results, instead of stopping with their paths")
+    media_outside_dir: bool = key(False, "accept annotation media paths that are absolute or leave the "
+                                         "corpus's media folder with '..' (read as written); off: such a "
+                                         "path is refused at start-up, naming the file and entry")
     num_workers: int = key(12, "data loader worker processes per rank (0: load in the main process)", ge=0)
     # --- model
     task: Optional[str] = key(None, "set by `singularity-ds train TASK` (pretrain, train_ret, train_qa); a "

@@ -5,7 +5,8 @@
 
 Modules: ``annotations`` (corpora), ``readers`` (decoding backends + frame sampling), ``transforms``,
 ``media`` (MediaSource, ClipPlanner), ``datasets``, ``loader`` (samplers, collation, MetaLoader),
-``shards`` (tar-shard corpora), ``builders`` (all of it from a config), ``text`` (tokenisation).
+``shards`` (tar-shard corpora), ``builders`` (all of it from a config), ``text`` (tokenisation),
+``worker_errors`` (a loader worker's user error raised whole in the main process).
 This file only re-exports their public names.
 """
 from .annotations import AnnotationStore, corpus_specs, load_corpus, read_annotations

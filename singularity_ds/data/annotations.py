@@ -9,6 +9,18 @@ A corpus is declared as the original's ``[anno_json, media_dir]`` (images) or
 - QA: ``{"image"|"video", "question", "answer": str or [str], "question_id", ...}``;
 - MC: ``{"video", "caption": [options], "answer": int}``.
 
+Every entry is checked as it is read, so a bad file is refused before any work starts, in one line
+naming the file, the entry and the key: a file with no entries, a missing key, a value of the wrong
+type, a list that is empty or holds anything but strings (captions, options, answers, media paths).
+
+Media paths are relative to the corpus's media folder (absolute paths inside it are fine). A path
+that leaves the folder -- absolute elsewhere, or climbing out with ``..`` -- is refused (the original
+joins it silently, so a stray prefix or one ``..`` too many reads another tree's files) unless
+``media_outside_dir`` is set: corpora whose annotations hold absolute paths to media spread over
+several disks set it, and such paths are then read as written (the media folder still prefixes the
+relative ones). The check is on the paths as written, not on where symlinks lead: a media folder
+made of symlinks to other disks is inside.
+
 Entries are stored JSON-encoded in one numpy byte buffer plus an offset array, so DataLoader workers
 share them copy-on-write instead of each holding (and refcount-touching) millions of Python dicts.
 """
@@ -135,8 +147,31 @@ def _check_type(value, types, path, i, key):
     if not isinstance(value, types) or isinstance(value, bool):
         names = " or ".join("list" if t is list else t.__name__ for t in types)
         raise AnnotationError(f"{path}: entry {i}: key {key!r} must be {names}, got {type(value).__name__}")
-    if isinstance(value, list) and (not value or not all(isinstance(v, (str, int)) for v in value)):
-        raise AnnotationError(f"{path}: entry {i}: key {key!r} must be a non-empty list of strings")
+    if isinstance(value, list):
+        bad = next((v for v in value if not isinstance(v, str)), None) if value else "empty"
+        if bad is not None:
+            got = "an empty list" if not value else f"a list holding {type(bad).__name__} {bad!r}"
+            raise AnnotationError(f"{path}: entry {i}: key {key!r} must be a non-empty list of strings, "
+                                  f"got {got}")
+
+
+def _leaves(media: str, media_dir: str) -> bool:
+    """Whether ``media`` joined with ``media_dir`` (as :class:`AnnotationStore` joins them) is outside it."""
+    if os.path.isabs(media):
+        folder = os.path.abspath(media_dir)
+        return os.path.commonpath([folder, os.path.normpath(media)]) != folder
+    return os.path.normpath(media).split(os.sep)[0] == ".."
+
+
+def _check_media(media, path, i, key, media_dir):
+    """Media paths are non-empty; with ``media_dir`` given, they stay inside it (see the module's doc)."""
+    for m in media if isinstance(media, list) else [media]:
+        if not m:
+            raise AnnotationError(f"{path}: entry {i}: key {key!r}: empty media path")
+        if media_dir is not None and _leaves(m, media_dir):
+            raise AnnotationError(f"{path}: entry {i}: key {key!r}: media path {m!r} is outside the media "
+                                  f"folder {media_dir!r}; make it relative to that folder, or set "
+                                  f"media_outside_dir=True to read such paths as written")
 
 
 JSON_FALLBACK_BYTES = 256 * 2 ** 20  # below this, a file ijson rejects is re-read by the json module
@@ -203,9 +238,11 @@ def _json_module(path, f, ijson_error: str = ""):
         raise AnnotationError(f"{path}: invalid JSON{where}") from None
 
 
-def iter_annotations(path: str, media_type: str, kind: str = "caption"):
-    """Validated entries of one annotation file, as the file has them (streamed)."""
+def iter_annotations(path: str, media_type: str, kind: str = "caption", media_dir: str = None):
+    """Validated entries of one annotation file, as the file has them (streamed). With ``media_dir``,
+    media paths must stay inside it."""
     schema = SCHEMAS[kind]
+    i = -1
     for i, entry in enumerate(_entries(path)):
         if not isinstance(entry, dict):
             raise AnnotationError(f"{path}: entry {i}: expected an object, got {type(entry).__name__}")
@@ -214,21 +251,28 @@ def iter_annotations(path: str, media_type: str, kind: str = "caption"):
             want = "'video' (or 'image')" if media_type == "video" else "'image'"
             raise AnnotationError(f"{path}: entry {i}: missing key {want}")
         _check_type(entry[key], (str, list), path, i, key)
+        _check_media(entry[key], path, i, key, media_dir)
         for k, types in schema.items():
             if k not in entry:
                 raise AnnotationError(f"{path}: entry {i}: missing key {k!r}")
             _check_type(entry[k], types, path, i, k)
         yield entry
+    if i < 0:
+        raise AnnotationError(f"{path}: no entries (an empty list); a corpus needs at least one")
 
 
-def read_annotations(path: str, media_dir: str, media_type: str, kind: str = "caption") -> List[dict]:
+def read_annotations(path: str, media_dir: str, media_type: str, kind: str = "caption",
+                     media_outside_dir: bool = False) -> List[dict]:
     """Read and validate one annotation file; media paths are joined with ``media_dir`` into ``media``."""
-    return list(load_corpus([(path, media_dir, media_type)], kind))
+    return list(load_corpus([(path, media_dir, media_type)], kind, media_outside_dir))
 
 
-def load_corpus(specs: Sequence[tuple], kind: str = "caption") -> AnnotationStore:
+def load_corpus(specs: Sequence[tuple], kind: str = "caption",
+                media_outside_dir: bool = False) -> AnnotationStore:
     """The corpora's validated entries in one :class:`AnnotationStore`, parsed and stored one entry
-    at a time (host memory ~ the compact store, not the files' Python objects)."""
+    at a time (host memory ~ the compact store, not the files' Python objects). Media paths must stay
+    inside their corpus's media folder unless ``media_outside_dir`` (the config key)."""
     corpora = [(media_dir, media_type) for _, media_dir, media_type in specs]
-    return AnnotationStore(((corpus, entry) for corpus, (anno, _, media_type) in enumerate(specs)
-                            for entry in iter_annotations(anno, media_type, kind)), corpora)
+    return AnnotationStore(((corpus, entry) for corpus, (anno, media_dir, media_type) in enumerate(specs)
+                            for entry in iter_annotations(anno, media_type, kind,
+                                                          None if media_outside_dir else media_dir)), corpora)

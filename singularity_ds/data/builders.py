@@ -91,7 +91,7 @@ def caption_train_datasets(config, rank: int = 0, world: int = 1) -> dict:
                                       f"annotation files; give one kind per media type")
             out[media_type] = shard_stream(config, of_type, media_type, rank, world)
             continue
-        store = load_corpus(of_type)
+        store = load_corpus(of_type, media_outside_dir=config.media_outside_dir)
         out[media_type] = CaptionDataset(
             store, train_source(config, media_type), num_tries=config.media_retries,
             has_multi_vision_gt=config.has_multi_vision_gt,
@@ -107,7 +107,8 @@ def qa_train_datasets(config) -> dict:
                               "train_ret); QA training reads annotation files")
     out = {}
     for media_type in sorted({spec[2] for spec in specs}):
-        store = load_corpus([spec for spec in specs if spec[2] == media_type], kind="qa_train")
+        store = load_corpus([spec for spec in specs if spec[2] == media_type], kind="qa_train",
+                            media_outside_dir=config.media_outside_dir)
         out[media_type] = QADataset(store, train_source(config, media_type), train=True,
                                     eos=config.eos, num_tries=config.media_retries)
     return out
@@ -120,6 +121,13 @@ def _train_loader(config, datasets: dict, collate_of, rank, world, num_workers) 
                                        collate_of(media_type), rank, world, shuffle=True,
                                        seed=config.seed, drop_last=True, num_workers=workers)
                for media_type, dataset in datasets.items()}
+    for media_type, loader in loaders.items():
+        if len(loader) == 0:  # drop_last leaves no batch: the first step would find nothing to train on
+            files = ", ".join(spec[0] for spec in corpus_specs(config.train_file) if spec[2] == media_type)
+            key = f"batch_size.{media_type}" if hasattr(config.batch_size, "keys") else "batch_size"
+            raise AnnotationError(f"{files}: {len(datasets[media_type])} entries make no whole batch of "
+                                  f"{key}={loader.batch_size} per rank ({world} rank(s)); add entries or "
+                                  f"lower the batch size")
     finish = dali_finish(config) if config.video_input.dali_device else None
     return MetaLoader(loaders, seed=config.seed, finish=finish)
 
@@ -151,17 +159,17 @@ def eval_datasets(config, names=None, kind: str = "caption") -> dict:
             raise AnnotationError(f"config key 'test_types': {name!r} is not in test_file "
                                   f"({', '.join(config.test_file.keys())})")
         (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
-        skip = config.skip_broken_media_eval
+        skip, outside = config.skip_broken_media_eval, config.media_outside_dir
         if kind == "mc":
-            out[name] = MCDataset(load_corpus([spec], kind="mc"), media_source(config, spec[2], train=False),
-                                  skip_broken=skip)
+            out[name] = MCDataset(load_corpus([spec], kind="mc", media_outside_dir=outside),
+                                  media_source(config, spec[2], train=False), skip_broken=skip)
             continue
         if kind == "qa":
-            out[name] = QADataset(load_corpus([spec], kind="qa_eval"),
+            out[name] = QADataset(load_corpus([spec], kind="qa_eval", media_outside_dir=outside),
                                   media_source(config, spec[2], train=False), train=False, skip_broken=skip)
             continue
         out[name] = RetrievalEvalDataset(
-            load_corpus([spec]), media_source(config, spec[2], train=False),
+            load_corpus([spec], media_outside_dir=outside), media_source(config, spec[2], train=False),
             has_multi_vision_gt=config.has_multi_vision_gt,
             is_paragraph_retrieval=config.is_paragraph_retrieval,
             skip_broken=skip)

@@ -3,12 +3,15 @@
 Every item is drawn from a per-sample seed (given by :class:`~singularity_ds.data.loader.SeededSampler`
 as ``(index, seed)``), so frame sampling, crops, flips and replacement draws depend only on
 (seed, epoch, position): a resumed run sees the same batches. Broken media are retried with another
-random item in training (each failure is returned with its path so the trainer counts and logs it);
-at evaluation a broken file is an error naming it unless ``skip_broken`` is set.
+random item in training (each failure is returned with its path so the trainer counts and lists it;
+a file found broken is not read again by that process, nor drawn as a replacement);
+at evaluation a broken file is an error naming it unless ``skip_broken`` is set. In a loader worker,
+such an error reaches the main process whole (:mod:`.worker_errors`).
 
 An item's ``media`` is what its source makes of the path: pixels from a :class:`MediaSource`, or a clip
 plan from a :class:`ClipPlanner` (batched DALI decoding).
 """
+import itertools
 import logging
 import random
 from typing import Union
@@ -20,6 +23,7 @@ from .annotations import AnnotationStore
 from .captions import caption_and_idx
 from .media import ClipPlanner, MediaSource
 from .text import pre_text
+from .worker_errors import catch_in_worker
 from ..errors import MediaError
 
 logger = logging.getLogger(__name__)
@@ -34,30 +38,63 @@ def _split(item):
 class _MediaDataset(Dataset):
     """Shared loading with retries; subclasses define ``__len__``, ``path(i)`` and ``fields(i)``."""
 
+    # replacement draws of one item that land on files known to be broken before it gives up: only a
+    # corpus almost entirely broken gets there
+    MAX_KNOWN_BROKEN_DRAWS = 1000
+
     def __init__(self, source: Source, num_tries: int = 3, skip_broken: bool = False):
         self.source, self.num_tries, self.skip_broken = source, max(1, num_tries), skip_broken
+        self.broken = {}  # path -> reason, for the files this process found broken
 
     @property
     def media_type(self):
         return self.source.media_type
 
+    def __getitems__(self, indices):
+        """The items of one batch (the DataLoader fetches through this): in a loader worker, a user error
+        comes back in the batch's place and is raised in the main process (:mod:`.worker_errors`)."""
+        return catch_in_worker(lambda: [self[i] for i in indices])
+
     def load(self, index, seed, retry: bool):
-        """-> (media, index actually used, failures [(path, reason)])."""
-        rng, failures = random.Random(seed), []
-        for attempt in range(self.num_tries if retry else 1):
+        """-> (media, index actually used, failures [(path, reason)]).
+
+        Training (``retry``): a broken item is replaced by another drawn from the item's seed, up to
+        ``num_tries`` broken files for one item. A file found broken is remembered by this process (each
+        loader worker remembers its own): it is not read again, and a replacement draw that lands on it
+        is drawn again without using a try. The k-th draw reads with ``seed + k`` whether the draws
+        before it were read or skipped, so an item comes out the same whatever the process remembers (a
+        resumed run, another ``num_workers``); only the failures counted may differ."""
+        rng, failures, known_draws = random.Random(seed), [], 0
+        for draw in itertools.count():
             path = self.path(index)
-            try:
-                return self.source(path, seed + attempt), index, failures
-            except MediaError as e:
-                failures.append((e.path, e.reason))
-                logger.warning("broken media %s (%s)%s", e.path, e.reason, "; drawing another item" if retry else "")
-                if not retry:
-                    if self.skip_broken:
-                        return None, index, failures
-                    raise
+            reason = self.broken.get(path)
+            if reason is None:
+                try:
+                    return self.source(path, seed + draw), index, failures
+                except MediaError as e:
+                    reason = self.broken[path] = e.reason
+                    logger.warning("broken media %s (%s)%s", path, reason,
+                                   "; drawing another item" if retry else "")
+            elif draw > 0:  # a replacement already known to be broken: draw another
+                known_draws += 1
+                if known_draws == self.MAX_KNOWN_BROKEN_DRAWS:
+                    raise MediaError(", ".join(p for p, _ in failures),
+                                     f"{known_draws} replacement draws for one training item landed on files "
+                                     f"this loader found broken ({len(self.broken)} files so far, in a corpus of {len(self)} "
+                                     f"entries): most of it cannot be read; check its media folder")
                 index = rng.randrange(len(self))
-        raise MediaError(path, f"{len(failures)} broken media in a row (last: {failures[-1][1]}); "
-                               f"many files in this corpus may be corrupt: {[p for p, _ in failures]}")
+                continue
+            failures.append((path, reason))
+            if not retry:
+                if self.skip_broken:
+                    return None, index, failures
+                raise MediaError(path, reason)
+            if len(failures) == self.num_tries:
+                raise MediaError(", ".join(p for p, _ in failures),
+                                 f"{len(failures)} broken media in a row for one training item (last: "
+                                 f"{reason}); many files of this corpus may be corrupt: check them, or raise "
+                                 f"media_retries")
+            index = rng.randrange(len(self))
 
 
 class CaptionDataset(_MediaDataset):

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from .text import tokenize
+from .worker_errors import Loader
 
 
 # The seeds of the data order, derived from the config's ``seed``: every rank computes them alike, so all
@@ -108,14 +109,16 @@ def collate_qa(batch):
 
 def make_loader(dataset, batch_size, collate_fn, rank=0, world=1, shuffle=True, seed=0, drop_last=True,
                 num_workers=0):
+    """A DataLoader whose workers' user errors are raised whole in the main process
+    (:mod:`.worker_errors`)."""
     if isinstance(dataset, IterableDataset):  # a shard stream splits itself over ranks and workers
         # workers restart each epoch: they receive the stream's epoch and resume position when started
-        return DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
-                          drop_last=True, persistent_workers=False)
+        return Loader(dataset, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers,
+                      drop_last=True, persistent_workers=False)
     sampler = SeededSampler(len(dataset), rank, world, shuffle, seed, drop_last)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
-                      pin_memory=False)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
+                  num_workers=num_workers, drop_last=drop_last, persistent_workers=num_workers > 0,
+                  pin_memory=False)
 
 
 class MetaLoader:

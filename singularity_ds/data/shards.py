@@ -44,6 +44,7 @@ from .captions import caption_and_idx
 from .loader import epoch_seed, item_seed
 from .media import MediaSource
 from .readers import MemoryFile
+from .worker_errors import items_or_error
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +68,10 @@ def is_shard_source(path) -> bool:
 
 
 def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media_type: str = "video",
-                kind: str = "caption", overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the corpus ``anno`` + ``media_dir`` as tar shards and ``index.json`` in ``out_dir``.
+                kind: str = "caption", overwrite: bool = False, progress: bool = True,
+                media_outside_dir: bool = False) -> dict:
+    """Write the corpus ``anno`` + ``media_dir`` as tar shards and ``index.json`` in ``out_dir`` (media
+    paths outside ``media_dir`` are refused unless ``media_outside_dir``, as in training).
 
     Entries whose media file is missing are left out and listed in the index (``skipped``). Each shard is
     written under a temporary name and renamed when complete; the index is written last."""
@@ -80,7 +83,8 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     index_path = os.path.join(out_dir, INDEX)
     if os.path.exists(index_path) and not overwrite:
         raise AnnotationError(f"{index_path}: a shard corpus is already there; pass --overwrite to replace it")
-    entries = load_corpus([(anno, media_dir, media_type)], kind)  # validated, streamed into the compact store
+    # validated, streamed into the compact store
+    entries = load_corpus([(anno, media_dir, media_type)], kind, media_outside_dir)
     digest = hashlib.sha256()
     with open(anno, "rb") as f:
         for chunk in iter(lambda: f.read(2 ** 20), b""):
@@ -293,6 +297,9 @@ class ShardStream(IterableDataset):
         return dict(media=media, caption=caption, idx=idx, failures=[])
 
     def __iter__(self):
+        return items_or_error(self._items(), self.batch_size)  # in a worker, an error arrives whole
+
+    def _items(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # resume after `done` batches: the loader restarts its round robin at worker 0, so this worker

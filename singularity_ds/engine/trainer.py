@@ -78,13 +78,15 @@ class Trainer:
         self.dtype = WEIGHT_DTYPE[self.precision]
         self.seed = config.seed
         self.accumulation = config.gradient_accumulation_steps
+        self.replaced = []  # the paths of the broken media replaced in training (this rank's)
 
     def build(self):
         config, task = self.config, self.task
-        torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
+        task.check_evaluation_data(config)  # bad data stops the run now, not after an epoch or a model build
         self.tokenizer = task.tokenizer(config)
-        model = task.build_model(config)
         self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
+        torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
+        model = task.build_model(config)
         self.steps_per_epoch = max(1, len(self.loader) // self.accumulation)
         self.data = data_record(config, self.loader)  # in every checkpoint: a resume must read the same files
         self.engine, self.scheduler = build_engine(model, config, self.ds_cfg, self.steps_per_epoch)
@@ -142,6 +144,7 @@ class Trainer:
             self.engine.backward(sum(losses.values()))
             self.engine.step()
             broken += len(batch.get("failures", []))
+            self.replaced += [path for path, _ in batch.get("failures", [])]
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / self.accumulation
         names = list(sums)
@@ -194,7 +197,9 @@ class Trainer:
         if self.rank == 0:
             write_json(log.history, os.path.join(self.run_dir, "history.json"))
         if failures:
-            logger.warning("%d broken media were replaced during training (paths in train.log)", failures)
+            paths = list(dict.fromkeys(self.replaced))
+            logger.warning("%d broken media were replaced during training (%d files): %s", failures,
+                           len(paths), ", ".join(paths))
         return dict(history=log.history, eval=results, run_dir=self.run_dir, failures=failures)
 
     def _evaluate(self, log, epoch, step) -> dict:

@@ -38,6 +38,10 @@ class Task:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- evaluation
+    def check_evaluation_data(self, config):
+        """Read and check the annotation files :meth:`evaluate` will read, so that a bad one stops a run
+        before it trains rather than at its first evaluation (nothing, for a task not evaluated)."""
+
     def evaluate(self, model, config, tokenizer) -> dict:
         """Metrics per evaluation set, ``{set name: {...}}``; ``{}`` when the config names none."""
         return {}

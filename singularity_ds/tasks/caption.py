@@ -7,7 +7,7 @@
 """
 import torch
 
-from ..data import caption_train_loader, per_media
+from ..data import caption_train_loader, eval_datasets, per_media
 from ..eval.run import evaluate_sets
 from ..models import Singularity, build_model
 from ..models.flops import step_flops
@@ -24,6 +24,10 @@ class CaptionTask(Task):
     def losses(self, model, batch, dtype, device):
         return model(batch["media"].to(device, dtype), batch["input_ids"].to(device),
                      batch["attention_mask"].to(device), batch["idx"].to(device))
+
+    def check_evaluation_data(self, config):
+        if self.evaluate_each_epoch and config.test_file:
+            eval_datasets(config)
 
     @torch.no_grad()
     def evaluate(self, model, config, tokenizer):

@@ -2,8 +2,8 @@
 weighted answer likelihood in training, answer-list ranking evaluated at every epoch end."""
 import torch
 
-from ..data import qa_train_loader
-from ..eval.run import evaluate_qa_sets
+from ..data import eval_datasets, qa_train_loader
+from ..eval.run import evaluate_qa_sets, load_answer_list
 from ..models import SingularityQA, build_model
 from ..models.flops import qa_step_flops
 from .base import Task, random_ids, random_media
@@ -23,6 +23,11 @@ class QATask(Task):
         return dict(loss_qa=model(batch["media"].to(device, dtype), batch["question_ids"].to(device),
                                   batch["question_mask"].to(device), batch["answer_ids"].to(device),
                                   batch["answer_mask"].to(device), batch["weights"].to(device), batch["num_answers"]))
+
+    def check_evaluation_data(self, config):
+        if config.test_file:
+            eval_datasets(config, kind="qa")
+            load_answer_list(config)
 
     @torch.no_grad()
     def evaluate(self, model, config, tokenizer):
