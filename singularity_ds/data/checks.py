@@ -56,7 +56,16 @@ def preflight(specs, name: str = "train_file", kind: str = "caption"):
                                   f"files exist (e.g. {paths[0]}); is the media folder {media_dir} right?")
 
 
-_SOURCE = None  # the MediaSource of the pool's workers (set before the fork: nothing is pickled)
+_SOURCE = None  # the MediaSource of this pool worker
+
+
+def _worker_init(source):
+    # spawned, not forked: a fork of a process whose decoder and torch thread pools are running can
+    # deadlock in the child; one thread each, as DataLoader workers
+    global _SOURCE
+    import torch
+    torch.set_num_threads(1)
+    _SOURCE = source
 
 
 def _read(path: str):
@@ -88,11 +97,9 @@ def check_corpus(name: str, spec: tuple, source, kind: str = "caption", fraction
     count = min(len(store), max(1, round(fraction * len(store))))
     picked = sorted(random.Random(seed).sample(range(len(store)), count))
     paths = list(dict.fromkeys(p for i in picked for p in _paths(store[i])))  # each media file once
-    global _SOURCE
-    _SOURCE = source
     from tqdm import tqdm
-    ctx = multiprocessing.get_context("fork")
-    with ctx.Pool(max(1, workers)) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(max(1, workers), initializer=_worker_init, initargs=(source,)) as pool:
         results = list(tqdm(pool.imap(_read, paths, chunksize=4), total=len(paths), desc=f"media {name}",
                             disable=not progress, dynamic_ncols=True))
     return CorpusReport(name, anno, media_type, len(store), len(paths),
