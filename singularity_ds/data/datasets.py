@@ -3,7 +3,8 @@
 Every item is drawn from a per-sample seed (given by :class:`~singularity_ds.data.loader.SeededSampler`
 as ``(index, seed)``), so frame sampling, crops, flips and replacement draws depend only on
 (seed, epoch, position): a resumed run sees the same batches. Broken media are retried with another
-random item in training (each failure is returned with its path so the trainer counts and logs it);
+random item in training (each failure is returned with its path so the trainer counts and logs it;
+a training item also names the media it holds, ``path``, for the trainer's non-finite-loss warning);
 at evaluation a broken file is an error naming it unless ``skip_broken`` is set.
 
 An item's ``media`` is what its source makes of the path: pixels from a :class:`MediaSource`, or a clip
@@ -86,7 +87,7 @@ class CaptionDataset(_MediaDataset):
         entry = self.store[index]
         caption, idx = caption_and_idx(entry["caption"], self._media(entry), seed, self.multi_vision_gt,
                                        self.paragraph)
-        return dict(media=media, caption=caption, idx=idx, failures=failures)
+        return dict(media=media, caption=caption, idx=idx, path=self.path(index), failures=failures)
 
 
 class RetrievalEvalDataset(_MediaDataset):
@@ -161,7 +162,7 @@ class QADataset(_MediaDataset):
         index, seed = _split(item)
         media, index, failures = self.load(index, seed, retry=self.train)
         e = self.store[index]
-        out = dict(media=media, question=pre_text(e["question"]), failures=failures)
+        out = dict(media=media, question=pre_text(e["question"]), path=self.path(index), failures=failures)
         if self.train:
             out["answers"], out["weights"] = self.answers_with_weights(e["answer"])
         else:
