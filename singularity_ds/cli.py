@@ -5,7 +5,7 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import AnnotationError, CheckpointError, ConfigError, MediaError
+from .errors import ConfigError, SingularityError
 from .config import load_config
 from .config.args import split_run_args, strip_launcher_args
 
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
         if hasattr(args, "configs"):
             args.configs, args.overrides, _ = split_run_args(args.configs)
         return args.func(args)
-    except (ConfigError, CheckpointError, AnnotationError, MediaError) as e:
+    except SingularityError as e:  # every user-facing failure: one line
         print(f"singularity-ds: error: {e}", file=sys.stderr)
         return 2
     except OmegaConfBaseException as e:  # e.g. ${oc.env:SL_DATA_DIR} unset: one line naming the key

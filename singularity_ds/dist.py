@@ -4,11 +4,15 @@ Rank variables: ``RANK/WORLD_SIZE/LOCAL_RANK`` (deepspeed, torchrun), else ``SLU
 SLURM_LOCALID`` with the master address taken from ``SLURM_JOB_NODELIST``, else a single process on
 127.0.0.1. Without CUDA, DeepSpeed's CPU accelerator and gloo are selected automatically.
 """
+import datetime
 import os
 import socket
 import subprocess
+import sys
 
 import torch
+
+from . import heartbeat
 
 
 def free_port() -> int:
@@ -47,15 +51,47 @@ def rank_env() -> dict:
     return dict(rank=int(env["RANK"]), world=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
 
 
-def setup() -> dict:
-    """Initialise torch.distributed through DeepSpeed; returns rank, world, local_rank, device."""
+def pin_ninja():
+    """Build DeepSpeed's JIT ops (the CPU shared-memory allreduce ``deepspeed_shm_comm`` every CPU run
+    loads, ``cpu_adam`` for offloading) with the ``ninja`` installed beside this interpreter, whatever
+    PATH says. torch runs the first ``ninja`` on PATH, and two versions (the venv's pip ninja 1.13 when
+    its ``bin`` leads PATH, as under ``make``; the system's 1.11 when ``.venv/bin/singularity-ds`` is run
+    directly) hash the commands in the build folder's ``.ninja_log`` differently: each took the other's
+    build for stale and rebuilt it, 100-200 s on two cores, at every switch."""
+    here = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.access(os.path.join(here, "ninja"), os.X_OK) and path.split(os.pathsep)[0] != here:
+        os.environ["PATH"] = here + os.pathsep + path if path else here
+
+
+def build_ops():
+    """JIT-build (or find built) the DeepSpeed ops a CPU run loads, once: ``make install`` calls it so
+    that the first run does not wait for the compiler."""
+    if torch.cuda.is_available():
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    pin_ninja()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+    ShareMemCommBuilder().load(verbose=False)
+
+
+def setup(timeout: float = None) -> dict:
+    """Initialise torch.distributed through DeepSpeed; returns rank, world, local_rank, device.
+
+    ``timeout``: seconds a collective (and the start-up rendezvous) waits for the other ranks before it
+    fails (config ``dist_timeout``; None: DeepSpeed's default, ``DEEPSPEED_TIMEOUT`` minutes or 10), so
+    that a rank that outlives a lost one stops instead of waiting for ever. Starts this rank's heartbeat
+    (:mod:`.heartbeat`), which tells which rank was lost."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    pin_ninja()  # before DeepSpeed loads (and may build) its ops
     info = rank_env()
     import deepspeed
     if not torch.distributed.is_initialized():
+        limit = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+                                   verbose=False, **limit)
+    heartbeat.start(info["rank"], info["world"])
     if torch.cuda.is_available():
         torch.cuda.set_device(info["local_rank"])
         info["device"] = torch.device("cuda", info["local_rank"])
@@ -86,17 +122,22 @@ def all_gather(obj) -> list:
     return out
 
 
-def release_cpu_shm():
+def release_cpu_shm(failed: bool = False):
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU shared-memory allreduce (69 MB per rank,
     ``deepspeed_allreduce_buffer_*_<addr>_<port>_<rank>``): DeepSpeed never removes it, so every
     multi-rank CPU run would leave it in RAM for good. Called once no rank communicates any more; the
-    mapping stays valid until the process exits. (A run killed with SIGKILL still leaves its files.)"""
+    mapping stays valid until the process exits. ``failed``: the run stops because a rank was lost, so
+    there is no barrier to wait at, and this node's buffers all go (the lost rank cannot unlink its
+    own). (A run killed with SIGKILL as a whole still leaves its files.)"""
     if torch.cuda.is_available() or not torch.distributed.is_initialized():
         return
-    barrier()
+    if not failed:
+        barrier()
     import glob
     env = os.environ
-    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}_{env.get('LOCAL_RANK', '0')}"
+    rank = "*" if failed else env.get("LOCAL_RANK", "0")
+    job = f"{env.get('MASTER_ADDR')}_{env.get('MASTER_PORT')}"
+    pattern = f"/dev/shm/deepspeed_allreduce_buffer_*_{job}_{rank}"
     for path in glob.glob(pattern):
         try:
             os.unlink(path)

@@ -31,3 +31,12 @@ class MediaError(SingularityError, RuntimeError):
 
     def __reduce__(self):  # rebuilt from both arguments (PyTorch's worker re-raise, other processes)
         return type(self), (self.path, self.reason)
+
+
+class RankLostError(SingularityError, RuntimeError):
+    """Another rank of a multi-rank run died, crashed or froze; the message names it."""
+
+
+class NonFiniteLossError(SingularityError, FloatingPointError):
+    """The loss stayed NaN/Inf for ``max_nonfinite_steps`` optimizer steps in a row; the message names the
+    steps and the last good checkpoint."""

@@ -286,6 +286,10 @@ class Config:
     save_every_epochs: int = key(1, "checkpoint at the end of every Nth epoch (and always after the last)",
                                  ge=1)
     keep_last_checkpoints: int = key(2, "checkpoints kept in output_dir (older ones are deleted)", ge=1)
+    max_nonfinite_steps: int = key(10, "stop the run after this many optimizer steps in a row with a NaN/Inf "
+                                       "loss (each is skipped: no update; none writes a checkpoint)", ge=1)
+    dist_timeout: float = key(600, "seconds a collective waits for the other ranks: a rank that outlives a "
+                                   "killed or frozen one stops after at most this long, naming it", gt=0)
     log_freq: int = key(100, "log training losses every N steps", ge=1)
     progress_bar: bool = key(False, "force the tqdm bar when stderr is not a terminal")
     device: str = key("cuda", "the original's device; unused (the launcher and CUDA availability decide)")

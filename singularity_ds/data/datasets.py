@@ -4,7 +4,8 @@ Every item is drawn from a per-sample seed (given by :class:`~singularity_ds.dat
 as ``(index, seed)``), so frame sampling, crops, flips and replacement draws depend only on
 (seed, epoch, position): a resumed run sees the same batches. Broken media are retried with another
 random item in training (each failure is returned with its path so the trainer counts and lists it;
-a file found broken is not read again by that process, nor drawn as a replacement);
+a file found broken is not read again by that process, nor drawn as a replacement;
+a training item also names the media it holds, ``path``, for the trainer's non-finite-loss warning);
 at evaluation a broken file is an error naming it unless ``skip_broken`` is set. In a loader worker,
 such an error reaches the main process whole (:mod:`.worker_errors`).
 
@@ -123,7 +124,7 @@ class CaptionDataset(_MediaDataset):
         entry = self.store[index]
         caption, idx = caption_and_idx(entry["caption"], self._media(entry), seed, self.multi_vision_gt,
                                        self.paragraph)
-        return dict(media=media, caption=caption, idx=idx, failures=failures)
+        return dict(media=media, caption=caption, idx=idx, path=self.path(index), failures=failures)
 
 
 class RetrievalEvalDataset(_MediaDataset):
@@ -198,7 +199,7 @@ class QADataset(_MediaDataset):
         index, seed = _split(item)
         media, index, failures = self.load(index, seed, retry=self.train)
         e = self.store[index]
-        out = dict(media=media, question=pre_text(e["question"]), failures=failures)
+        out = dict(media=media, question=pre_text(e["question"]), path=self.path(index), failures=failures)
         if self.train:
             out["answers"], out["weights"] = self.answers_with_weights(e["answer"])
         else:

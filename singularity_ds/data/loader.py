@@ -74,7 +74,7 @@ class CaptionCollate:
         ids, mask = tokenize(self.tokenizer, [b["caption"] for b in batch], self.max_len)
         return dict(media=stack_media([b["media"] for b in batch]), input_ids=ids, attention_mask=mask,
                     idx=torch.tensor([b["idx"] for b in batch]), captions=[b["caption"] for b in batch],
-                    failures=_failures(batch))
+                    paths=[b["path"] for b in batch], failures=_failures(batch))
 
 
 class QACollate:
@@ -97,7 +97,7 @@ def stack_media(items):
 
 def collate_qa(batch):
     out = dict(media=stack_media([b["media"] for b in batch]), questions=[b["question"] for b in batch],
-               failures=_failures(batch))
+               paths=[b["path"] for b in batch], failures=_failures(batch))
     if "answers" in batch[0]:
         out["answers"] = [a for b in batch for a in b["answers"]]
         out["weights"] = torch.tensor([w for b in batch for w in b["weights"]])

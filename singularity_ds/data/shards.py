@@ -203,7 +203,7 @@ def read_shard(url: str):
 
 
 class ShardStream(IterableDataset):
-    """Caption items (media, caption, idx, failures) streamed from tar shards; see the module doc."""
+    """Caption items (media, caption, idx, path, failures) streamed from tar shards; see the module doc."""
 
     def __init__(self, shards, source: MediaSource, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  shuffle: bool = True, buffer: int = 500, has_multi_vision_gt=False, is_paragraph_retrieval=False):
@@ -292,9 +292,10 @@ class ShardStream(IterableDataset):
         ext = next(k for k in sample if k != "json" and not k.startswith("__"))
         field = media_field(meta, self.media_type)
         name = str(meta[field]) if field else sample["__key__"]  # the annotation's media path, as in the file
-        media = self.source(MemoryFile(f"{name} (shard sample {sample['__key__']})", sample[ext]), seed)
+        path = f"{name} (shard sample {sample['__key__']})"
+        media = self.source(MemoryFile(path, sample[ext]), seed)
         caption, idx = caption_and_idx(meta["caption"], name, seed, self.multi_vision_gt, self.paragraph)
-        return dict(media=media, caption=caption, idx=idx, failures=[])
+        return dict(media=media, caption=caption, idx=idx, path=path, failures=[])
 
     def __iter__(self):
         return items_or_error(self._items(), self.batch_size)  # in a worker, an error arrives whole

@@ -13,7 +13,12 @@ negatives, MLM masks) is reseeded at every micro-step, so a resumed run repeats 
 :meth:`Trainer.train_step` is one optimizer step (its gradient-accumulation micro-steps inside);
 :meth:`Trainer.train` runs epochs of them and asks the components when to act: the checkpointer when
 to save, the task whether to evaluate, the run log when to print.
+
+Faults: a step whose loss is NaN/Inf on any rank makes no update and writes no checkpoint, and
+``max_nonfinite_steps`` of them in a row stop the run (:mod:`.nonfinite`); a rank that is killed, crashes
+or freezes stops the others within ``dist_timeout`` seconds with one line naming it (:mod:`..heartbeat`).
 """
+import contextlib
 import logging
 import os
 import shutil
@@ -22,13 +27,13 @@ import time
 import torch
 from omegaconf import OmegaConf
 
-from .. import dist
+from .. import dist, heartbeat
 from ..config import load_config
 from ..config.args import split_run_args
 from ..data import corpus_specs
 from ..data.checks import preflight
 from ..data.loader import item_seed
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, RankLostError
 from ..fileio import write_json
 from ..models.weights import export as export_model, plain_config
 from ..tasks import TASKS
@@ -36,6 +41,7 @@ from .build import build_engine
 from .checkpointing import Checkpointer
 from .data_record import check_data_unchanged, data_record
 from .ds_config import WEIGHT_DTYPE, build_ds_config, resolve_precision
+from .nonfinite import NonFiniteSteps, finite, update_skipped
 from .run_dir import prepare_run_dir
 from .run_log import RunLog, failures_logged, setup_logging
 
@@ -67,7 +73,7 @@ class Trainer:
         self.precision = resolve_precision(config)
         self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
         preflight_data(config, task)
-        self.info = dist.setup()
+        self.info = dist.setup(config.dist_timeout)
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
         if self.rank == 0:
             if config.overwrite and not config.resume and os.path.isdir(self.run_dir):
@@ -79,6 +85,7 @@ class Trainer:
         self.seed = config.seed
         self.accumulation = config.gradient_accumulation_steps
         self.replaced = []  # the paths of the broken media replaced in training (this rank's)
+        self.nonfinite = NonFiniteSteps(config.max_nonfinite_steps, self.rank)
 
     def build(self):
         config, task = self.config, self.task
@@ -126,6 +133,10 @@ class Trainer:
         return dict(world=self.world, num_workers=streams[0].num_workers) if streams else None
 
     def _save(self, epoch, micro_step, global_step):
+        if self.nonfinite.in_streak:  # see NonFiniteSteps.in_streak; the same decision on every rank
+            logger.warning("step %d: no checkpoint after a skipped (non-finite) step; the last one stays %s",
+                           global_step, self.checkpointer.latest())
+            return
         state = dict(epoch=epoch, micro_step=micro_step, global_step=global_step,
                      stream_layout=self._stream_layout(), data=self.data)
         self.checkpointer.save(self.engine, f"step{global_step:08d}", state)
@@ -133,8 +144,10 @@ class Trainer:
     def train_step(self, batches, epoch: int, micro: int) -> dict:
         """One optimizer step: ``gradient_accumulation_steps`` micro-batches from ``batches``, the first
         being micro-step ``micro`` of ``epoch``. Returns the step's record without ``step``/``epoch``:
-        each loss averaged over the micro-steps and the ranks, lr, grad norm, throughput, data wait."""
-        start, wait, sums, broken = time.perf_counter(), 0.0, {}, 0
+        each loss averaged over the micro-steps and the ranks, lr, grad norm, throughput, data wait; and,
+        for the loop, ``skipped`` (a loss was NaN/Inf on some rank: no update, see :mod:`.nonfinite`) and
+        ``nonfinite_media`` (this rank's own losses and media paths when its loss was not finite)."""
+        start, wait, sums, broken, paths = time.perf_counter(), 0.0, {}, 0, []
         for i in range(self.accumulation):
             t0 = time.perf_counter()
             media_type, batch = next(batches)
@@ -142,19 +155,25 @@ class Trainer:
             torch.manual_seed(item_seed(self.seed, epoch, micro + i) * 64 + self.rank)
             losses = self.task.losses(self.engine, batch, self.dtype, self.device)
             self.engine.backward(sum(losses.values()))
-            self.engine.step()
+            if i + 1 < self.accumulation:  # the boundary's step waits for the skip decision below
+                self.engine.step()
             broken += len(batch.get("failures", []))
             self.replaced += [path for path, _ in batch.get("failures", [])]
+            paths += batch["paths"]
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / self.accumulation
-        names = list(sums)
+        names, local = list(sums), dict(sums)
         sums = dict(zip(names, dist.mean_over_ranks([sums[k] for k in names])))
+        skipped = not finite(sums.values())  # the same numbers, so the same decision, on every rank
+        with update_skipped(self.engine) if skipped else contextlib.nullcontext():
+            self.engine.step()
         window = time.perf_counter() - start
         gn = self.engine.get_global_grad_norm()
         return dict(media=media_type, **sums, loss=sum(sums.values()), lr=self.scheduler.get_last_lr()[0],
                     grad_norm=float(gn) if gn is not None else float("nan"),
                     samples_per_s=batch["media"].shape[0] * self.accumulation * self.world / window,
-                    data_wait=wait / window, memory_mb=_memory_mb(self.device), broken_media=broken)
+                    data_wait=wait / window, memory_mb=_memory_mb(self.device), broken_media=broken,
+                    skipped=skipped, nonfinite_media=None if finite(local.values()) else (local, paths))
 
     def train(self) -> dict:
         self.build()
@@ -177,8 +196,12 @@ class Trainer:
                 record = self.train_step(batches, epoch, micro)
                 micro, global_step = micro + self.accumulation, global_step + 1
                 failures += record.pop("broken_media")
+                skipped, bad_media = record.pop("skipped"), record.pop("nonfinite_media")
                 record = dict(step=global_step, epoch=epoch, **record)
                 log.step(record, [k for k in record if k.startswith("loss_")], failures)
+                if bad_media:
+                    self.nonfinite.warn(global_step, *bad_media)
+                self.nonfinite.after_step(global_step, skipped, self.checkpointer.latest)
                 if self.checkpointer.due_in_epoch(global_step, epoch_done=micro >= per_epoch):
                     self._save(epoch, micro, global_step)
             finished = micro >= per_epoch
@@ -255,7 +278,13 @@ def parse_train_args(argv):
 def train_main(argv) -> dict:
     task, config = parse_train_args(argv)
     trainer = Trainer(config, task)
-    with failures_logged(trainer.log_file):  # the error that stops the run, at start-up too, in train.log
-        results = trainer.train()
+    try:
+        # the error that stops the run, at start-up too, in train.log; a lost rank: one line naming it
+        with failures_logged(trainer.log_file), heartbeat.reporting_lost_ranks():
+            results = trainer.train()
+    except RankLostError:
+        dist.release_cpu_shm(failed=True)
+        raise
     dist.release_cpu_shm()
+    heartbeat.stop()
     return results
