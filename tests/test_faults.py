@@ -271,8 +271,8 @@ def test_qa_skips_the_questions_of_broken_videos(broken_corpus):
 def test_empty_set_is_one_line_before_any_model_work(broken_corpus, tmp_path, capsys):
     from singularity_ds.cli import main
     from singularity_ds.eval.run import evaluate_qa_sets, evaluate_sets
-    message = (f"test_file.empty ({broken_corpus / 'anno' / 'empty.json'}): no entries to evaluate (the "
-               "annotation list is empty); fill it or leave this set out of test_types")
+    message = (f"config key 'test_file.empty': {broken_corpus / 'anno' / 'empty.json'}: no entries (an empty "
+               "list); a corpus needs at least one")
     for kind, run in (("ret", evaluate_sets), ("qa", evaluate_qa_sets)):
         cfg = _config(broken_corpus, "empty", "empty", False, kind=kind,
                       extra=[f"answer_list={broken_corpus}/anno/qa_answers.json"])
@@ -327,13 +327,6 @@ from singularity_ds.models import load_model  # noqa: E402
 from singularity_ds.models.weights import export  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def run_corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run_corpus")
-    make_synthetic(str(out), num_clips=36, size=32, frames=8, num_images=8, seed=5)
-    return out
-
-
 def video_overlay(corpus, folder) -> str:
     """A training overlay on a private copy of the video annotations (tests may edit it)."""
     anno = folder / "anno.json"
@@ -382,7 +375,8 @@ def test_corrupt_export_weights_are_one_line(tmp_path, damage):
     assert msg.startswith(f"{weights}: not a readable safetensors file") and "export it again" in msg
 
 
-def test_corrupt_export_config_is_one_line_in_load_model_eval_and_training(tmp_path, capsys, monkeypatch):
+def test_corrupt_export_config_is_one_line_in_load_model_eval_and_training(corpus, tmp_path, capsys,
+                                                                           monkeypatch):
     tiny_export(tmp_path / "export")
     cfg = tmp_path / "export" / "config.json"
     cfg.write_text(cfg.read_text()[:200])
@@ -393,12 +387,12 @@ def test_corrupt_export_config_is_one_line_in_load_model_eval_and_training(tmp_p
     assert main(["eval", "ret", "ret_msrvtt", "tiny", str(tmp_path / "export")]) == 2
     assert f"{cfg}: not valid JSON" in error_line(capsys)
     out = tmp_path / "run"
-    assert main(["train", "train_ret", "tiny", f"pretrained_path={tmp_path / 'export'}",
-                 f"output_dir={out}"]) == 2
+    assert main(["train", "train_ret", "tiny", str(corpus / "configs" / "ret.yaml"),  # data that reads
+                 f"pretrained_path={tmp_path / 'export'}", f"output_dir={out}"]) == 2
     assert f"{cfg}: not valid JSON" in error_line(capsys)
 
 
-def test_export_is_self_contained_and_eval_follows_its_image_res(run_corpus, tmp_path, capsys):
+def test_export_is_self_contained_and_eval_follows_its_image_res(corpus, tmp_path, capsys):
     """An export loads without the architecture file its training named; `eval` runs it at the image_res
     it was trained at (tiny.yaml says 64), and an explicit other one names the file, tensor and key."""
     from singularity_ds.models.arch import ARCH_DIR
@@ -409,7 +403,7 @@ def test_export_is_self_contained_and_eval_follows_its_image_res(run_corpus, tmp
     again = load_model(str(tmp_path / "export"))
     for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k
-    args = ["eval", "ret", "ret_msrvtt", "tiny", str(run_corpus / "configs" / "ret.yaml"),
+    args = ["eval", "ret", "ret_msrvtt", "tiny", str(corpus / "configs" / "ret.yaml"),
             str(tmp_path / "export"), "test_types=[motion]", "k_test=4", "max_txt_l=16",
             "video_input.num_frames_test=1"]
     assert main(args + [f"output_dir={tmp_path / 'eval'}"]) == 0
@@ -421,8 +415,8 @@ def test_export_is_self_contained_and_eval_follows_its_image_res(run_corpus, tmp
     assert "image_res=64" in line and "load it with image_res=32" in line
 
 
-def test_resume_auto_skips_a_damaged_checkpoint_and_the_run_keeps_every_step(run_corpus, tmp_path, capsys):
-    overlay = video_overlay(run_corpus, tmp_path)
+def test_resume_auto_skips_a_damaged_checkpoint_and_the_run_keeps_every_step(corpus, tmp_path, capsys):
+    overlay = video_overlay(corpus, tmp_path)
     reference, out = tmp_path / "reference", tmp_path / "run"
     args = ("save_every_steps=2", "keep_last_checkpoints=4")
     assert train(overlay, reference, "max_steps=6", *args) == 0
@@ -482,10 +476,10 @@ def small_disk(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
-def test_full_or_read_only_disk_during_a_save_keeps_the_previous_checkpoint(run_corpus, tmp_path, capsys,
+def test_full_or_read_only_disk_during_a_save_keeps_the_previous_checkpoint(corpus, tmp_path, capsys,
                                                                             small_disk):
     mount, read_only = small_disk
-    overlay = video_overlay(run_corpus, tmp_path)
+    overlay = video_overlay(corpus, tmp_path)
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     mount(ckpts)
@@ -506,8 +500,8 @@ def test_full_or_read_only_disk_during_a_save_keeps_the_previous_checkpoint(run_
     assert "checkpoint step00000002 and 'latest' are intact" in line
 
 
-def test_a_failed_start_is_logged_and_does_not_block_the_rerun(run_corpus, tmp_path, capsys):
-    overlay = video_overlay(run_corpus, tmp_path)
+def test_a_failed_start_is_logged_and_does_not_block_the_rerun(corpus, tmp_path, capsys):
+    overlay = video_overlay(corpus, tmp_path)
     out = tmp_path / "run"
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
@@ -528,8 +522,8 @@ def test_a_failed_start_is_logged_and_does_not_block_the_rerun(run_corpus, tmp_p
     assert "exists and is not empty (it holds checkpoint step00000002)" in error_line(capsys)
 
 
-def test_resume_refuses_changed_annotations_unless_allowed(run_corpus, tmp_path, capsys):
-    overlay = video_overlay(run_corpus, tmp_path)
+def test_resume_refuses_changed_annotations_unless_allowed(corpus, tmp_path, capsys):
+    overlay = video_overlay(corpus, tmp_path)
     out = tmp_path / "run"
     assert train(overlay, out, "max_steps=2") == 0
     anno = tmp_path / "anno.json"
@@ -831,14 +825,6 @@ from singularity_ds import heartbeat  # noqa: E402
 from singularity_ds.errors import RankLostError  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def small_corpus(tmp_path_factory):
-    from singularity_ds.data.synthetic import make_synthetic
-    out = tmp_path_factory.mktemp("corpus")
-    make_synthetic(str(out), num_clips=36, size=32, frames=8, num_images=8, seed=5)
-    return out
-
-
 def _train_args(corpus, out_dir, *extra):
     return ["pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml"), "image_res=32",
             "batch_size.video=4", "batch_size.image=4", "num_workers=0", "log_freq=1", *extra,
@@ -866,7 +852,7 @@ def one_rank_in_process(monkeypatch):
     root.setLevel(level)
 
 
-def test_a_nonfinite_micro_step_skips_its_whole_update(small_corpus, tmp_path, one_rank_in_process):
+def test_a_nonfinite_micro_step_skips_its_whole_update(corpus, tmp_path, one_rank_in_process):
     """ZeRO-0 in fp32 (DeepSpeed applies NaN gradients there as they come), two micro-steps per step: a
     NaN loss in the second micro-step of step 2 leaves the weights and the learning rate as step 1 left
     them (the first micro-step's gradient goes too); step 3 trains again. The log names the batch's media."""
@@ -874,7 +860,7 @@ def test_a_nonfinite_micro_step_skips_its_whole_update(small_corpus, tmp_path, o
     from singularity_ds.cli import main
     digests, out = [], tmp_path / "run"
     inject_nan({4}, digests)  # micro-steps 3 and 4 make optimizer step 2; digests[k] as micro-step k+1 starts
-    args = _train_args(small_corpus, out, "ds_config=zero0", "precision=fp32",
+    args = _train_args(corpus, out, "ds_config=zero0", "precision=fp32",
                        "gradient_accumulation_steps=2", "max_steps=4", "save_every_steps=1",
                        "keep_last_checkpoints=5")
     assert main(["train", *args]) == 0
@@ -895,14 +881,14 @@ def test_a_nonfinite_micro_step_skips_its_whole_update(small_corpus, tmp_path, o
 
 
 def test_nonfinite_steps_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
-        small_corpus, tmp_path, capsys, one_rank_in_process):
+        corpus, tmp_path, capsys, one_rank_in_process):
     """NaN from step 3 on, max_nonfinite_steps=3, a checkpoint every step and only one kept: the run stops
     after step 5 with one line, and the checkpoint of step 2 is still the latest."""
     from nan_worker import inject_nan
     from singularity_ds.cli import main
     out = tmp_path / "run"
     inject_nan(set(range(3, 100)), [])
-    args = _train_args(small_corpus, out, "max_steps=8", "save_every_steps=1", "keep_last_checkpoints=1",
+    args = _train_args(corpus, out, "max_steps=8", "save_every_steps=1", "keep_last_checkpoints=1",
                        "max_nonfinite_steps=3")
     assert main(["train", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -995,12 +981,12 @@ def _wait_for_checkpoint(run_dir, tag: str, proc, timeout=600):
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(small_corpus, tmp_path):
+def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(corpus, tmp_path):
     """Rank 1's loss is NaN in step 2 (ZeRO-0, fp32: DeepSpeed itself would apply it): both ranks skip
     the update (their weights stay equal and unchanged), rank 1 names its batch's media."""
     out, digests = tmp_path / "run", tmp_path / "digests"
     cmd = _deepspeed("tests/nan_worker.py", str(digests), "1", "2",
-                     *_train_args(small_corpus, out, "ds_config=zero0", "precision=fp32", "max_steps=3"))
+                     *_train_args(corpus, out, "ds_config=zero0", "precision=fp32", "max_steps=3"))
     proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -1013,12 +999,12 @@ def test_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(small_corpus, t
 
 
 @pytest.mark.slow
-def test_a_killed_rank_is_named_and_the_other_stops(small_corpus, tmp_path):
+def test_a_killed_rank_is_named_and_the_other_stops(corpus, tmp_path):
     """SIGKILL rank 0 (it also serves the rendezvous store) mid-run: rank 1 stops within seconds with one
     line naming rank 0, and the launcher exits non-zero."""
     out = tmp_path / "run"
     proc = _start(_deepspeed("--module", "singularity_ds", "train", *_train_args(
-        small_corpus, out, "max_steps=40", "save_every_steps=2")), tmp_path / "log")
+        corpus, out, "max_steps=40", "save_every_steps=2")), tmp_path / "log")
     try:
         _wait_for_checkpoint(out, "step00000002", proc)
         time.sleep(1.0)  # mid-step
@@ -1036,20 +1022,20 @@ def test_a_killed_rank_is_named_and_the_other_stops(small_corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_frozen_rank_times_out_is_named_and_resume_is_bit_identical(small_corpus, tmp_path):
+def test_a_frozen_rank_times_out_is_named_and_resume_is_bit_identical(corpus, tmp_path):
     """SIGSTOP rank 1 (a frozen node: its sockets stay open, nothing errors): rank 0 stops after
     dist_timeout with one line naming rank 1 instead of waiting for ever; resume=auto then repeats the
     uninterrupted run's steps bit for bit."""
     args = ("max_steps=6", "save_every_steps=2", "keep_last_checkpoints=3", "dist_timeout=45")
     whole = tmp_path / "whole"
-    proc = _start(_deepspeed("--module", "singularity_ds", "train", *_train_args(small_corpus, whole, *args)),
+    proc = _start(_deepspeed("--module", "singularity_ds", "train", *_train_args(corpus, whole, *args)),
                   tmp_path / "whole.log")
     assert proc.wait(timeout=900) == 0, (tmp_path / "whole.log").read_text()[-3000:]
     reference = {r["step"]: r for r in json.load(open(whole / "history.json"))}
 
     frozen = tmp_path / "frozen"
     proc = _start(_deepspeed("--module", "singularity_ds", "train",
-                             *_train_args(small_corpus, frozen, *args)), tmp_path / "frozen.log")
+                             *_train_args(corpus, frozen, *args)), tmp_path / "frozen.log")
     try:
         _wait_for_checkpoint(frozen, "step00000002", proc)
         time.sleep(0.5)
@@ -1067,7 +1053,7 @@ def test_a_frozen_rank_times_out_is_named_and_resume_is_bit_identical(small_corp
     assert not (frozen / "export").exists()
 
     proc = _start(_deepspeed("--module", "singularity_ds", "train",
-                             *_train_args(small_corpus, frozen, *args, "resume=auto")),
+                             *_train_args(corpus, frozen, *args, "resume=auto")),
                   tmp_path / "resumed.log")
     assert proc.wait(timeout=900) == 0, (tmp_path / "resumed.log").read_text()[-3000:]
     resumed = json.load(open(frozen / "history.json"))

@@ -160,17 +160,18 @@ def eval_datasets(config, names=None, kind: str = "caption") -> dict:
                                   f"({', '.join(config.test_file.keys())})")
         (spec,) = corpus_specs(config.test_file[name], key=f"test_file.{name}")
         skip, outside = config.skip_broken_media_eval, config.media_outside_dir
+        schema = {"mc": "mc", "qa": "qa_eval"}.get(kind, "caption")
+        try:
+            store = load_corpus([spec], kind=schema, media_outside_dir=outside)
+        except AnnotationError as e:  # which set of the config it is, besides the file
+            raise AnnotationError(f"config key 'test_file.{name}': {e}") from None
+        source = media_source(config, spec[2], train=False)
         if kind == "mc":
-            out[name] = MCDataset(load_corpus([spec], kind="mc", media_outside_dir=outside),
-                                  media_source(config, spec[2], train=False), skip_broken=skip)
-            continue
-        if kind == "qa":
-            out[name] = QADataset(load_corpus([spec], kind="qa_eval", media_outside_dir=outside),
-                                  media_source(config, spec[2], train=False), train=False, skip_broken=skip)
-            continue
-        out[name] = RetrievalEvalDataset(
-            load_corpus([spec], media_outside_dir=outside), media_source(config, spec[2], train=False),
-            has_multi_vision_gt=config.has_multi_vision_gt,
-            is_paragraph_retrieval=config.is_paragraph_retrieval,
-            skip_broken=skip)
+            out[name] = MCDataset(store, source, skip_broken=skip)
+        elif kind == "qa":
+            out[name] = QADataset(store, source, train=False, skip_broken=skip)
+        else:
+            out[name] = RetrievalEvalDataset(
+                store, source, has_multi_vision_gt=config.has_multi_vision_gt,
+                is_paragraph_retrieval=config.is_paragraph_retrieval, skip_broken=skip)
     return out
