@@ -5,9 +5,9 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, SingularityError
 from .config import load_config
 from .config.args import split_run_args, strip_launcher_args
+from .errors import ConfigError, SingularityError
 
 
 def model_summary(model) -> str:

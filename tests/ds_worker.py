@@ -12,7 +12,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_config  # noqa: E402
-
 from singularity_ds import dist  # noqa: E402
 from singularity_ds.engine.ds_config import build_ds_config, offloads_optimizer  # noqa: E402
 from singularity_ds.engine.optim import build_optimizer  # noqa: E402

@@ -6,9 +6,15 @@ import torch
 from omegaconf import OmegaConf
 
 from singularity_ds.errors import CheckpointError
-from singularity_ds.models.weights import (export, geometric_grid, interpolate_rel_pos_bias,
-                                       load_into, read_checkpoint, safe_load)
 from singularity_ds.models import Singularity, load_model
+from singularity_ds.models.weights import (
+    export,
+    geometric_grid,
+    interpolate_rel_pos_bias,
+    load_into,
+    read_checkpoint,
+    safe_load,
+)
 
 
 class Exploit:

@@ -133,6 +133,7 @@ def test_every_key_has_a_doc_and_a_default_that_validates():
     for path, spec in keys().items():
         assert spec.doc and spec.doc.strip(), path
     from omegaconf import OmegaConf
+
     from singularity_ds.config.check import validate
     from singularity_ds.config.schema import defaults
     validate(OmegaConf.create(defaults()))
@@ -154,6 +155,7 @@ def _yaml_keys(node, prefix=""):
 def test_every_packaged_config_is_in_the_schema_and_loads(name, monkeypatch):
     import yaml
     from omegaconf import OmegaConf
+
     from singularity_ds.config.load import CONFIG_DIR
     from singularity_ds.config.schema import keys
     monkeypatch.setenv("SL_DATA_DIR", "/data")
@@ -202,6 +204,7 @@ def test_reader_choices_are_the_registered_readers():
 @pytest.mark.parametrize("name", ["singularity_tiny", "singularity_tiny_qa"])
 def test_complete_config_fills_the_schema_under_the_stored_values(name):
     import json
+
     from conftest import reference
     from singularity_ds.config import complete_config
     from singularity_ds.models import Singularity, SingularityQA, is_qa_state

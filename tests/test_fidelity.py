@@ -3,8 +3,7 @@ reproduced from its checkpoint through our loader (fp32, eval mode)."""
 import pytest
 import torch
 
-from singularity_ds.models import load_model
-from singularity_ds.models import losses
+from singularity_ds.models import load_model, losses
 from singularity_ds.models.losses import mlm_loss
 
 ATOL = 1e-4

@@ -5,11 +5,10 @@ import pytest
 import torch
 from transformers import BeitConfig, BeitModel, BertModel, BertTokenizerFast, ViTConfig, ViTModel
 
-from singularity_ds.errors import CheckpointError
-from singularity_ds.models.weights import load_text_tower, load_vision_tower
-from singularity_ds.models import Singularity, build_model
-
 from conftest import tiny_config
+from singularity_ds.errors import CheckpointError
+from singularity_ds.models import Singularity, build_model
+from singularity_ds.models.weights import load_text_tower, load_vision_tower
 
 
 @pytest.fixture(scope="module")

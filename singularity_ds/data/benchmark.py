@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .annotations import AnnotationStore
+from .readers import get_reader, read_frames
 from .synthetic import make_synthetic
 from .transforms import build_transform
-from .readers import get_reader, read_frames
 
 
 def decode_benchmark(video_dir, frames_list=(1, 4), readers=("decord", "av"), res=224, limit=64):

@@ -17,15 +17,14 @@ import logging
 import random
 from typing import Union
 
-import torch
 from torch.utils.data import Dataset
 
+from ..errors import MediaError
 from .annotations import AnnotationStore
 from .captions import caption_and_idx
 from .media import ClipPlanner, MediaSource
 from .text import pre_text
 from .worker_errors import catch_in_worker
-from ..errors import MediaError
 
 logger = logging.getLogger(__name__)
 

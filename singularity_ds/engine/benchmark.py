@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from .. import dist
 from ..data import per_media
 from ..fileio import write_json
-from .. import dist
 from .build import build_engine
 from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, resolve_precision
 
@@ -60,6 +60,7 @@ def matmul_peak(device, dtype, n: int = None) -> float:
 
 def run(argv, steps=10, warmup=3) -> dict:
     from omegaconf import OmegaConf
+
     from .trainer import parse_train_args
     task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
     precision = resolve_precision(config)

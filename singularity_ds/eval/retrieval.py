@@ -24,9 +24,9 @@ import logging
 import numpy as np
 import torch
 
+from ..dist import all_gather, rank_world
 from ..errors import ConfigError
 from ..models.losses import ENSEMBLES, ensemble_frames, similarity
-from ..dist import all_gather, rank_world
 from .broken import surviving_ground_truth
 from .features import Features, extract
 from .metrics import itm_eval, topk_eval

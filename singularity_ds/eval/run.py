@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from ..config import load_config
 from ..config.args import split_run_args
-from ..errors import CheckpointError, ConfigError
-from ..fileio import write_json
 from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
+from ..errors import CheckpointError, ConfigError
+from ..fileio import write_json
 from .broken import check_not_empty
 from .mc import evaluate_mc
 from .metrics import save_results
@@ -71,6 +71,7 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
 
 def load_answer_list(config) -> list:
     import json
+
     from ..errors import AnnotationError
     path = config.answer_list
     try:

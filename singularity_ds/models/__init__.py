@@ -11,10 +11,9 @@ from omegaconf import OmegaConf
 
 from ..config import complete_config
 from ..errors import CheckpointError, ConfigError
-from .weights import (load_into, load_text_tower, load_vision_tower,
-                          read_checkpoint)
 from .qa import SingularityQA
 from .singularity import Singularity
+from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint
 
 logger = logging.getLogger(__name__)
 

@@ -8,11 +8,9 @@ Shapes: video (B, T, C, H, W); Li tokens per frame ([CLS] + patches); D vision w
 """
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import complete_config
-
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
 from .attention import AttentionLayer, check_attention_impl
