@@ -665,7 +665,8 @@ def test_a_corpus_whose_every_file_is_known_broken_stops_with_one_line(tmp_path)
     with pytest.raises(MediaError, match="3 broken media in a row"):
         ds[(0, 1)]
     with pytest.raises(MediaError, match=r"1000 replacement draws for one training item landed on files "
-                                         r"this loader found broken \(3 files so far, in a corpus of 3 entries\)"):
+                                         r"this loader found broken \(3 files so far, "
+                                         r"in a corpus of 3 entries\)"):
         ds[(1, 1)]
     assert len(ds.source.reads) == 3  # the second item read nothing
 
