@@ -5,9 +5,9 @@ import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, SingularityError
 from .config import load_config
 from .config.args import split_run_args, strip_launcher_args
+from .errors import ConfigError, SingularityError
 
 
 def model_summary(model) -> str:
@@ -21,10 +21,11 @@ def model_summary(model) -> str:
     head = [
         f"vision: {model.vit_type} {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
         f"{vis.image_size}px / patch {vis.patch_size}",
-        f"text:   bert {txt.num_hidden_layers} layers (fusion from layer {txt.fusion_layer}), width {txt.hidden_size}, "
-        f"vocab {txt.vocab_size}",
+        f"text:   bert {txt.num_hidden_layers} layers (fusion from layer {txt.fusion_layer}), "
+        f"width {txt.hidden_size}, vocab {txt.vocab_size}",
         f"temporal: {model.temporal_embeddings.shape[1]} embeddings, encoder "
-        f"{'off' if model.temporal_vision_encoder is None else f'{len(model.temporal_vision_encoder.layer)} layers'}",
+        + ("off" if model.temporal_vision_encoder is None
+           else f"{len(model.temporal_vision_encoder.layer)} layers"),
         f"MLM head: {'yes' if model.has_mlm_head else 'no'}",
     ]
     return "\n".join(head + rows + [f"  {'total':<26s} {total:>12,d}"])
@@ -58,10 +59,11 @@ def cmd_demo(args) -> int:
 def cmd_make_synthetic(args) -> int:
     from .data.synthetic import make_synthetic
     if args.num_clips < 18:
-        raise ConfigError(f"--num-clips {args.num_clips}: need at least 18 clips (3 groups of 6) for train/val/test")
-    meta = make_synthetic(args.out_dir, num_clips=args.num_clips, size=args.size, frames=args.frames, fps=args.fps,
-                          num_images=args.num_images, seed=args.seed, codec=args.codec, workers=args.workers,
-                          shards=args.shards)
+        raise ConfigError(f"--num-clips {args.num_clips}: need at least 18 clips (3 groups of 6) "
+                          f"for train/val/test")
+    meta = make_synthetic(args.out_dir, num_clips=args.num_clips, size=args.size, frames=args.frames,
+                          fps=args.fps, num_images=args.num_images, seed=args.seed, codec=args.codec,
+                          workers=args.workers, shards=args.shards)
     print(f"wrote {meta['num_clips']} clips ({meta['splits']}) to {args.out_dir}; config overlays in "
           f"{args.out_dir}/configs/")
     return 0
@@ -87,8 +89,8 @@ def cmd_eval(args) -> int:
 def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     try:
-        index = make_shards(args.anno, args.media_dir, args.out_dir, args.shard_size, args.media_type, args.kind,
-                            overwrite=args.overwrite, media_outside_dir=args.media_outside_dir)
+        index = make_shards(args.anno, args.media_dir, args.out_dir, args.shard_size, args.media_type,
+                            args.kind, overwrite=args.overwrite, media_outside_dir=args.media_outside_dir)
     except ValueError as e:  # a bad --shard-size
         raise ConfigError(str(e)) from None
     print(f"wrote {index['samples']} samples in {len(index['shards'])} shard(s) to {args.out_dir}; "
@@ -119,7 +121,8 @@ def cmd_bench(args) -> int:
         return bench_stream(args.rest)
     if args.what == "precision":
         q = argparse.ArgumentParser(prog="singularity-ds bench precision",
-                                    description="bf16 correctness guard: the demo's single-frame stages per precision")
+                                    description="bf16 correctness guard: the demo's single-frame stages "
+                                                "per precision")
         q.add_argument("--run-dir", default="runs/precision")
         q.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "amp_bf16"])
         q.add_argument("--seeds", nargs="+", type=int, default=[42])
@@ -136,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singularity-ds", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summary", help="print a model's architecture and parameter counts")
-    s.add_argument("configs", nargs="*", help="config names/paths (e.g. pretrain tiny) then key=value overrides")
+    s.add_argument("configs", nargs="*",
+                   help="config names/paths (e.g. pretrain tiny) then key=value overrides")
     s.add_argument("--checkpoint", help="summarise a checkpoint instead of a config")
     s.set_defaults(func=cmd_summary)
     c = sub.add_parser("config-docs", help="print every config key (type, default, accepted values, doc) as "
@@ -145,23 +149,28 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the README's main job on the synthetic corpus (CPU)")
     d.add_argument("--run-dir", default="runs/demo")
     d.add_argument("--qa", action="store_true", help="video QA from the demo's pretraining (after `demo`)")
-    d.add_argument("--shards", action="store_true", help="pretrain from the corpus's tar shards (streaming loader)")
+    d.add_argument("--shards", action="store_true",
+                   help="pretrain from the corpus's tar shards (streaming loader)")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
-                       description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` for several ranks.")
+                       description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` "
+                                   "for several ranks.")
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
     dr = sub.add_parser("doctor", help="validate a run before it starts: TASK [CONFIG ...] [key=value ...]",
-                        description="Config, annotation files, a sample of the media, the checkpoint; a summary "
-                                    "table. `doctor --help` after the task for its options.")
+                        description="Config, annotation files, a sample of the media, the checkpoint; a "
+                                    "summary table. `doctor --help` after the task for its options.")
     dr.add_argument("rest", nargs=argparse.REMAINDER)
     dr.set_defaults(func=cmd_doctor)
-    e = sub.add_parser("eval", help="evaluate: ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
-                       description="Retrieval (two-stage ITC + ITM), multiple-choice or QA evaluation of a checkpoint.")
+    e = sub.add_parser("eval",
+                       help="evaluate: ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
+                       description="Retrieval (two-stage ITC + ITM), multiple-choice or QA evaluation of a "
+                                   "checkpoint.")
     e.add_argument("kind", choices=["ret", "mc", "qa"])
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
-    m = sub.add_parser("make-synthetic", help="generate the synthetic video-text corpus (H.264 clips + annotations)")
+    m = sub.add_parser("make-synthetic",
+                       help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")
     m.add_argument("--num-clips", type=int, default=300)
     m.add_argument("--size", type=int, default=96, help="frame size in pixels (square)")
@@ -173,27 +182,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=1)
     m.add_argument("--no-shards", dest="shards", action="store_false", help="skip writing the tar-shard copy")
     m.set_defaults(func=cmd_make_synthetic)
-    sh = sub.add_parser("make-shards", help="write a corpus (annotation JSON + media folder) as WebDataset tar shards")
+    sh = sub.add_parser("make-shards",
+                        help="write a corpus (annotation JSON + media folder) as WebDataset tar shards")
     sh.add_argument("anno")
     sh.add_argument("media_dir")
     sh.add_argument("out_dir")
     sh.add_argument("--shard-size", default="1GB", help="start a new shard past this size (e.g. 500MB, 1GB)")
     sh.add_argument("--media-type", default="video", choices=["video", "image"])
-    sh.add_argument("--kind", default="caption", choices=["caption", "qa_train"], help="annotation schema to validate")
+    sh.add_argument("--kind", default="caption", choices=["caption", "qa_train"],
+                    help="annotation schema to validate")
     sh.add_argument("--overwrite", action="store_true", help="replace a shard corpus already in OUT_DIR")
     sh.add_argument("--media-outside-dir", action="store_true",
                     help="accept media paths outside MEDIA_DIR (absolute, or with ..), as the config key")
     sh.set_defaults(func=cmd_make_shards)
-    pp = sub.add_parser("preprocess", help="re-encode videos (fps, size, no audio) or resize images, in parallel",
+    pp = sub.add_parser("preprocess",
+                        help="re-encode videos (fps, size, no audio) or resize images, in parallel",
                         description="preprocess videos|images SRC DST [--fps 2] [--size 224] [--workers N] "
                                     "[--trim SECONDS]; `preprocess videos --help` for details")
     pp.add_argument("kind", choices=["videos", "images"])
     pp.add_argument("rest", nargs=argparse.REMAINDER)
     pp.set_defaults(func=cmd_preprocess)
-    b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode throughput, loader "
-                                     "memory), eval (itm / itc cost), kernels (attention: Triton vs SDPA vs math), "
-                                     "precision (bf16 vs fp32 retrieval after training the tiny model), stream (files vs shards loader, "
-                                     "10M-entry annotation memory)")
+    b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode "
+                                     "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
+                                     "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
+                                     "training the tiny model), stream (files vs shards loader, 10M-entry "
+                                     "annotation memory)")
     b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)

@@ -35,11 +35,12 @@ def launch(name, args, run_dir, ranks=2):
     """One 2-rank DeepSpeed launch of `singularity-ds train`; its output goes to <run>/<name>.log."""
     out = os.path.join(run_dir, name)
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--module", "singularity_ds",
-           "train", *args, f"output_dir={out}", "overwrite=True", "ds_config=zero2"]
+    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--module",
+           "singularity_ds", "train", *args, f"output_dir={out}", "overwrite=True", "ds_config=zero2"]
     start = time.time()
     with open(out + ".log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if proc.returncode:
         raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {out}.log")
     print(f"  {name:<14s} {time.time() - start:6.0f} s   -> {out}", flush=True)
@@ -49,7 +50,8 @@ def launch(name, args, run_dir, ranks=2):
 def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
     """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only)}."""
     model = load_model(os.path.join(export, "export"))
-    cfg = load_config(["ret_msrvtt", "tiny", data_cfg], TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
+    cfg = load_config(["ret_msrvtt", "tiny", data_cfg],
+                      TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
     tok = build_tokenizer()
     out = {"itm": {}, "itc": {}}
     for name, ds in eval_datasets(cfg, list(splits)).items():  # the offloaded (large-set) path
@@ -70,7 +72,8 @@ def table(rows) -> str:
             r = res[split]
             cells.append(f"{r['img_r1']:5.1f} {r['img_r5']:5.1f} {r['img_r10']:5.1f}")
             cells.append(f"{r['txt_r1']:5.1f} {r['txt_r5']:5.1f} {r['txt_r10']:5.1f}")
-        lines.append(f"{model:<14s}{frames:>7d} | {cells[0]:>24s} | {cells[1]:>18s} | {cells[2]:>20s} | {cells[3]:>18s}")
+        lines.append(f"{model:<14s}{frames:>7d} | {cells[0]:>24s} | {cells[1]:>18s} | "
+                     f"{cells[2]:>20s} | {cells[3]:>18s}")
     return "\n".join(lines)
 
 
@@ -86,7 +89,8 @@ def ensure_corpus(run_dir, num_clips=300) -> str:
 def stage_args(data, shards=False):
     """The demo's pretraining and retrieval arguments (epochs, frames and checkpoints are added per stage),
     and the retrieval overlay its evaluation reads."""
-    pt_cfg, ret_cfg = os.path.join(data, "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
+    pt_cfg, ret_cfg = os.path.join(data,
+                                   "configs", "pretrain.yaml"), os.path.join(data, "configs", "ret.yaml")
     common = ["tiny", *TINY, "batch_size.video=32", "batch_size.image=8"]
     pt_args = ["pretrain", *common, pt_cfg, "max_txt_l.image=16", "max_txt_l.video=16",
                f"train_corpus={'synthetic_shards' if shards else 'synthetic'}"]
@@ -95,7 +99,8 @@ def stage_args(data, shards=False):
 
 
 def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300, shards=False) -> str:
-    """``shards``: the pretraining stages stream the corpus from its tar shards (``train_corpus=synthetic_shards``)."""
+    """``shards``: the pretraining stages stream the corpus from its tar shards
+    (``train_corpus=synthetic_shards``)."""
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
@@ -136,10 +141,11 @@ def run_precision_check(run_dir="runs/precision", precisions=("fp32", "bf16", "a
         for seed in seeds:
             name, extra = f"{precision}_seed{seed}", [f"precision={precision}", f"seed={seed}"]
             pt = launch(f"{name}_pt", [*pt_args, f"scheduler.epochs={epochs_pt}", *extra], run_dir)
-            ret = launch(f"{name}_ret", [*ret_args, f"scheduler.epochs={epochs_ret}", f"pretrained_path={pt}/export",
-                                         *extra], run_dir)
+            ret = launch(f"{name}_ret", [*ret_args, f"scheduler.epochs={epochs_ret}",
+                                         f"pretrained_path={pt}/export", *extra], run_dir)
             res = evaluate_model(ret, ret_cfg, 1)
-            results[name] = {kind: {split: {k: round(m[k], 1) for k in ("img_r1", "img_r5", "txt_r1", "txt_r5")}
+            results[name] = {kind: {split: {k: round(m[k], 1) for k in ("img_r1",
+                                                                        "img_r5", "txt_r1", "txt_r5")}
                                     for split, m in res[kind].items()} for kind in ("itm", "itc")}
             print(name, json.dumps(results[name]), flush=True)
     from .fileio import write_json
@@ -157,9 +163,10 @@ def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:
         from .errors import ConfigError
         raise ConfigError(f"{pretrained} is missing: run `make demo` first (QA starts from its pretraining)")
     qa_cfg = os.path.join(ensure_corpus(run_dir), "configs", "qa.yaml")
-    qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16", "max_a_len=6",
-                       "k_test=16", f"scheduler.epochs={epochs}", "optimizer.lr=1e-3", "scheduler.warmup_epochs=1",
-                       "batch_size.video=32", "log_freq=50", "save_every_epochs=10", f"pretrained_path={pretrained}"],
+    qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16",
+                       "max_a_len=6", "k_test=16", f"scheduler.epochs={epochs}", "optimizer.lr=1e-3",
+                       "scheduler.warmup_epochs=1", "batch_size.video=32", "log_freq=50",
+                       "save_every_epochs=10", f"pretrained_path={pretrained}"],
                 run_dir)
     with open(os.path.join(qa, "eval_final.json")) as f:
         res = json.load(f)["test"]

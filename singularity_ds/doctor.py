@@ -33,7 +33,8 @@ def main(argv) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--media-fraction", type=float, default=0.05, help="share of each corpus's media to read")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--world", type=int, default=int(os.environ.get("WORLD_SIZE", "1")), help="ranks of the run")
+    p.add_argument("--world", type=int,
+                   default=int(os.environ.get("WORLD_SIZE", "1")), help="ranks of the run")
     p.add_argument("--seed", type=int, default=0, help="which media are sampled")
     args, rest = p.parse_known_args(argv)
     if not 0 < args.media_fraction <= 1:
@@ -58,7 +59,8 @@ def main(argv) -> int:
 
 
 def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
-    head = f"{'corpus':<22} {'type':<6} {'entries':>9} {'sampled':>8} {'missing':>8} {'broken':>7}  annotation file"
+    head = (f"{'corpus':<22} {'type':<6} {'entries':>9} {'sampled':>8} {'missing':>8} {'broken':>7}  "
+            f"annotation file")
     print(head)
     print("-" * len(head))
     problems = 0
@@ -69,7 +71,8 @@ def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
     print(f"checkpoint: {checkpoint}")
     print(f"steps per epoch: {steps:,d} optimizer steps with {world} rank(s)")
     if steps == 0:
-        print("no training step: every media type has fewer entries per rank than its batch size (batch_size)")
+        print("no training step: every media type has fewer entries per rank than its batch size "
+              "(batch_size)")
         problems += 1
     for r in reports:
         for path in r.missing[:5]:
@@ -80,6 +83,6 @@ def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
         if extra > 0:
             print(f"... and {extra} more in {r.name}")
     if problems:
-        print(f"{problems} media of the sample are missing or broken: training replaces them (media_retries); "
-              f"evaluation needs skip_broken_media_eval=True")
+        print(f"{problems} media of the sample are missing or broken: training replaces them "
+              f"(media_retries); evaluation needs skip_broken_media_eval=True")
     return problems

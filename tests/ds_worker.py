@@ -12,7 +12,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import tiny_config  # noqa: E402
-
 from singularity_ds import dist  # noqa: E402
 from singularity_ds.engine.ds_config import build_ds_config, offloads_optimizer  # noqa: E402
 from singularity_ds.engine.optim import build_optimizer  # noqa: E402
@@ -23,7 +22,8 @@ def batch(b, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1000, 2000, (b, 10), generator=g)
     ids[:, 0] = 101
-    return torch.randn(b, 1, 3, 32, 32, generator=g), ids, torch.ones(b, 10, dtype=torch.long), torch.arange(b)
+    return torch.randn(b,
+                       1, 3, 32, 32, generator=g), ids, torch.ones(b, 10, dtype=torch.long), torch.arange(b)
 
 
 def engine(cfg, micro, precision):

@@ -6,9 +6,15 @@ import torch
 from omegaconf import OmegaConf
 
 from singularity_ds.errors import CheckpointError
-from singularity_ds.models.weights import (export, geometric_grid, interpolate_rel_pos_bias,
-                                       load_into, read_checkpoint, safe_load)
 from singularity_ds.models import Singularity, load_model
+from singularity_ds.models.weights import (
+    export,
+    geometric_grid,
+    interpolate_rel_pos_bias,
+    load_into,
+    read_checkpoint,
+    safe_load,
+)
 
 
 class Exploit:
@@ -71,7 +77,8 @@ def test_original_checkpoint_with_pickled_omegaconf_and_finetune_layout(tmp_path
 
 def test_zero_shot_retrieval_model_from_pretrain_checkpoint_uses_text_weights(tiny_ref):
     """The original's evaluate path loads none of the text weights here; we map bert.* keys."""
-    model = load_model(str(tiny_ref["path"] / "checkpoint.pth"), loss_weight={"itc": 1.0, "itm": 1.0, "mlm": 0})
+    model = load_model(str(tiny_ref["path"] / "checkpoint.pth"),
+                       loss_weight={"itc": 1.0, "itm": 1.0, "mlm": 0})
     assert not model.has_mlm_head
     with torch.no_grad():
         te, _ = model.encode_text(tiny_ref["inputs"]["input_ids"], tiny_ref["inputs"]["attention_mask"])
@@ -83,7 +90,8 @@ def test_temporal_embeddings_clip_and_zero_pad(tiny_ref, original):
     one = load_model(str(tiny_ref["path"] / "checkpoint.pth"), **{"video_input.num_frames": 1})
     assert torch.equal(one.temporal_embeddings.data, ref[:, :1])
     six = load_model(str(tiny_ref["path"] / "checkpoint.pth"), **{"video_input.num_frames": 6})
-    assert torch.equal(six.temporal_embeddings.data[:, :4], ref) and six.temporal_embeddings.data[:, 4:].abs().sum() == 0
+    assert torch.equal(six.temporal_embeddings.data[:, :4], ref)
+    assert six.temporal_embeddings.data[:, 4:].abs().sum() == 0
 
 
 def test_strict_report_names_keys(tmp_path, original):
@@ -94,10 +102,12 @@ def test_strict_report_names_keys(tmp_path, original):
     with pytest.raises(CheckpointError) as e:
         load_into(model, extra, source="x.pth")
     msg = str(e.value)
-    assert "x.pth" in msg and "1 missing key(s): itm_head.weight" in msg and "1 unexpected key(s): foo.bar" in msg
+    assert ("x.pth" in msg and "1 missing key(s): itm_head.weight" in msg
+            and "1 unexpected key(s): foo.bar" in msg)
     report = load_into(model, extra, strict=False)
     assert report["missing"] == ["itm_head.weight"] and report["unexpected"] == ["foo.bar"]
-    with pytest.raises(CheckpointError, match=r"vision_proj.weight: checkpoint \(256, 768\) vs model \(128, 768\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"vision_proj.weight: checkpoint \(256, 768\) vs model \(128, 768\)"):
         load_into(Singularity(dict(cfg, embed_dim=128)), state)
 
 
@@ -106,7 +116,8 @@ def test_second_stage_temporal_encoder_is_newly_initialised(original):
     single = {k: v for k, v in state.items() if not k.startswith("temporal_vision_encoder.")}
     model = Singularity(cfg)
     report = load_into(model, single)
-    assert report["newly_initialised"] and all(k.startswith("temporal_vision_encoder.") for k in report["newly_initialised"])
+    assert report["newly_initialised"] and all(k.startswith("temporal_vision_encoder.")
+                                               for k in report["newly_initialised"])
     assert not report["missing"]
 
 

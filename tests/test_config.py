@@ -18,7 +18,8 @@ def test_cli_overrides_like_the_original():
 
 
 def test_unknown_key_names_closest_valid_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'video_input.num_frame'; did you mean 'video_input.num_frames'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'video_input.num_frame'; "
+                                          r"did you mean 'video_input.num_frames'"):
         load_config(["pretrain"], ["video_input.num_frame=4"])
     with pytest.raises(ConfigError, match="unknown config key 'emb_dim'; did you mean 'embed_dim'"):
         load_config(["pretrain"], ["emb_dim=3"])
@@ -61,8 +62,8 @@ def test_tiny_preset_and_errors_for_missing_configs(tmp_path):
         load_config(["pretrain"], ["=3"])
 
 
-@pytest.mark.parametrize("name", ["ret_msrvtt", "ret_didemo", "ret_anet", "ret_ssv2_label", "ret_ssv2_template",
-                                  "ret_coco", "ret_flickr", "ret_msrvtt_mc"])
+@pytest.mark.parametrize("name", ["ret_msrvtt", "ret_didemo", "ret_anet", "ret_ssv2_label",
+                                  "ret_ssv2_template", "ret_coco", "ret_flickr", "ret_msrvtt_mc"])
 def test_every_retrieval_task_config_loads_with_the_tiny_overlay(name, monkeypatch):
     monkeypatch.setenv("SL_DATA_DIR", "/data")  # the original's data root variable
     cfg = load_config([name, "tiny"], ["video_input.num_frames_test=2"])
@@ -133,6 +134,7 @@ def test_every_key_has_a_doc_and_a_default_that_validates():
     for path, spec in keys().items():
         assert spec.doc and spec.doc.strip(), path
     from omegaconf import OmegaConf
+
     from singularity_ds.config.check import validate
     from singularity_ds.config.schema import defaults
     validate(OmegaConf.create(defaults()))
@@ -154,6 +156,7 @@ def _yaml_keys(node, prefix=""):
 def test_every_packaged_config_is_in_the_schema_and_loads(name, monkeypatch):
     import yaml
     from omegaconf import OmegaConf
+
     from singularity_ds.config.load import CONFIG_DIR
     from singularity_ds.config.schema import keys
     monkeypatch.setenv("SL_DATA_DIR", "/data")
@@ -202,6 +205,7 @@ def test_reader_choices_are_the_registered_readers():
 @pytest.mark.parametrize("name", ["singularity_tiny", "singularity_tiny_qa"])
 def test_complete_config_fills_the_schema_under_the_stored_values(name):
     import json
+
     from conftest import reference
     from singularity_ds.config import complete_config
     from singularity_ds.models import Singularity, SingularityQA, is_qa_state

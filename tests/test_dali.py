@@ -4,8 +4,7 @@ import random
 
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode, functional as TF
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is installed by `make install`; absent here")
 

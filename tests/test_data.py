@@ -8,14 +8,30 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as TF
+from torchvision.transforms import InterpolationMode, functional as TF
 
 from singularity_ds.config import load_config
-from singularity_ds.data import (CaptionDataset, ClipPlanner, MCDataset, MediaSource, QADataset,
-                                 RetrievalEvalDataset, build_tokenizer, build_transform, caption_train_loader,
-                                 corpus_specs, eval_datasets, get_frame_indices, get_reader, load_corpus,
-                                 make_loader, pre_text, qa_train_loader, read_frames, tokenize)
+from singularity_ds.data import (
+    CaptionDataset,
+    ClipPlanner,
+    MCDataset,
+    MediaSource,
+    QADataset,
+    RetrievalEvalDataset,
+    build_tokenizer,
+    build_transform,
+    caption_train_loader,
+    corpus_specs,
+    eval_datasets,
+    get_frame_indices,
+    get_reader,
+    load_corpus,
+    make_loader,
+    pre_text,
+    qa_train_loader,
+    read_frames,
+    tokenize,
+)
 from singularity_ds.data.annotations import AnnotationStore, read_annotations
 from singularity_ds.data.loader import CaptionCollate
 from singularity_ds.data.readers import DecordReader, PyAVReader

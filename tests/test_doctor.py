@@ -36,8 +36,10 @@ def test_doctor_reads_every_media_and_lists_the_missing_and_broken(damaged, caps
     assert main(args) == 1
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("train_file[")}
-    assert rows["train_file[0]"][1:6] == ["video", str(damaged["videos"]), str(damaged["distinct_videos"]), "1", "1"]
-    assert rows["train_file[1]"][1:6] == ["image", str(damaged["images"]), str(damaged["distinct_images"]), "0", "0"]
+    assert rows["train_file[0]"][1:6] == ["video", str(damaged["videos"]),
+                                          str(damaged["distinct_videos"]), "1", "1"]
+    assert rows["train_file[1]"][1:6] == ["image", str(damaged["images"]),
+                                          str(damaged["distinct_images"]), "0", "0"]
     missing = [line for line in out.splitlines() if line.startswith("missing")]
     broken = [line for line in out.splitlines() if line.startswith("broken")]
     assert missing == [f"missing  train_file[0]: {damaged['root'] / 'videos' / damaged['clips'][1]}"]
@@ -52,7 +54,8 @@ def test_doctor_is_clean_on_the_intact_corpus(corpus, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     motion = json.load(open(corpus / "anno" / "ret_test_motion.json"))
-    assert any(line.split()[:3] == ["test_file.motion", "video", str(len(motion))] for line in out.splitlines())
+    assert any(line.split()[:3] == ["test_file.motion",
+                                    "video", str(len(motion))] for line in out.splitlines())
     assert not [line for line in out.splitlines() if line.startswith(("missing", "broken", "..."))]
 
 
@@ -70,7 +73,8 @@ def test_doctor_stops_with_one_line_on_a_bad_run(corpus, tmp_path, capsys):
 def test_training_refuses_a_wrong_media_folder_before_writing_anything(corpus, tmp_path, capsys):
     overlay = tmp_path / "pt.yaml"
     overlay.write_text("available_corpus:\n"
-                       f"  mine: [{corpus / 'anno' / 'pretrain_video.json'}, {tmp_path / 'no_such_dir'}, video]\n"
+                       f"  mine: [{corpus / 'anno' / 'pretrain_video.json'}, "
+                       f"{tmp_path / 'no_such_dir'}, video]\n"
                        "train_corpus: mine\n")
     out = tmp_path / "run"
     assert main(["train", "pretrain", "tiny", str(overlay), f"output_dir={out}"]) == 2

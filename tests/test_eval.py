@@ -54,8 +54,7 @@ def test_two_stage_scores_equal_all_pairs_itm_when_k_covers_everything(corpus, e
 from singularity_ds.errors import ConfigError  # noqa: E402
 from singularity_ds.eval.features import extract  # noqa: E402
 from singularity_ds.eval.metrics import topk_eval  # noqa: E402
-from singularity_ds.eval.retrieval import (itm_scores, itm_scores_cached, topk_blockwise,  # noqa: E402
-                                           video_cross_kv)
+from singularity_ds.eval.retrieval import itm_scores, itm_scores_cached, topk_blockwise, video_cross_kv  # noqa: E402
 
 
 def test_topk_metrics_equal_dense_metrics_with_several_ground_truths():

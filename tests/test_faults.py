@@ -316,7 +316,6 @@ import pytest  # noqa: E402
 
 from singularity_ds.cli import main  # noqa: E402
 
-
 # ====================================================================================================
 # Run folder, checkpoints and exports (faults_run): corrupt exports, damaged checkpoints and resume=auto,
 # a full or read-only disk during a save, the run folder after a resume or a failed start, annotation
@@ -541,8 +540,14 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
-from singularity_ds.data import (CaptionDataset, MediaSource, build_transform,  # noqa: E402
-                                 caption_train_loader, load_corpus, make_loader)
+from singularity_ds.data import (  # noqa: E402
+    CaptionDataset,
+    MediaSource,
+    build_transform,
+    caption_train_loader,
+    load_corpus,
+    make_loader,
+)
 from singularity_ds.data.annotations import read_annotations  # noqa: E402
 from singularity_ds.data.loader import CaptionCollate  # noqa: E402
 from singularity_ds.data.shards import ShardStream, make_shards, shard_list  # noqa: E402
@@ -655,7 +660,8 @@ def test_a_corpus_whose_every_file_is_known_broken_stops_with_one_line(tmp_path)
     with pytest.raises(MediaError, match="3 broken media in a row"):
         ds[(0, 1)]
     with pytest.raises(MediaError, match=r"1000 replacement draws for one training item landed on files "
-                                         r"this loader found broken \(3 files so far, in a corpus of 3 entries\)"):
+                                         r"this loader found broken \(3 files so far, "
+                                         r"in a corpus of 3 entries\)"):
         ds[(1, 1)]
     assert len(ds.source.reads) == 3  # the second item read nothing
 
@@ -806,20 +812,17 @@ def test_media_paths_outside_the_media_folder(tmp_path):
         make_shards(anno, str(media), str(tmp_path / "shards"), progress=False)
 
 
+# ======================================================================================================
+# Distributed faults and the train step: a rank lost (dist.py, heartbeat.py), NaN/Inf losses
+# (engine/nonfinite.py, Trainer.train_step)
+# ======================================================================================================
 import logging  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
 
-import pytest  # noqa: E402
-
-
-
-# ======================================================================================================
-# Distributed faults and the train step: a rank lost (dist.py, heartbeat.py), NaN/Inf losses
-# (engine/nonfinite.py, Trainer.train_step)
-# ======================================================================================================
 import psutil  # noqa: E402
+import pytest  # noqa: E402
 
 from singularity_ds import heartbeat  # noqa: E402
 from singularity_ds.errors import RankLostError  # noqa: E402
@@ -905,7 +908,9 @@ def test_lost_ranks_are_the_ones_whose_heartbeat_stopped(monkeypatch):
     failure passes through unchanged; once it stops, a failure becomes one line naming rank 1. Without
     the store (rank 0's process gone), rank 1 names rank 0."""
     import threading
+
     from torch.distributed import TCPStore
+
     from singularity_ds.dist import free_port
     port = free_port()
     server = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)

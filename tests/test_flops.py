@@ -4,8 +4,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_config
-from singularity_ds.models.flops import qa_step_flops, step_flops
 from singularity_ds.models import Singularity, SingularityQA
+from singularity_ds.models.flops import qa_step_flops, step_flops
 
 
 def counted(counter, *modules):

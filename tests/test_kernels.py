@@ -78,7 +78,8 @@ def test_decoder_causal_and_padding_bias():
     torch.manual_seed(5)
     mask = torch.ones(3, 6, dtype=torch.long)
     mask[1, 4:] = 0
-    check(torch.randn(3, 2, 6, 128), torch.randn(3, 2, 6, 128), torch.randn(3, 2, 6, 128), causal_bias(mask, torch.float32))
+    check(torch.randn(3, 2, 6, 128), torch.randn(3, 2, 6, 128), torch.randn(3, 2, 6, 128),
+          causal_bias(mask, torch.float32))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -22,7 +22,8 @@ LAYERS = [
 
 
 def modules() -> dict:
-    """{"singularity_ds.data.readers.base": path, ...}; a package's ``__init__`` is named after the package."""
+    """{"singularity_ds.data.readers.base": path, ...}; a package's ``__init__`` is named after the
+    package."""
     out = {}
     for path in PACKAGE.rglob("*.py"):
         parts = ("singularity_ds",) + path.relative_to(PACKAGE).with_suffix("").parts
@@ -48,12 +49,14 @@ def import_graph() -> dict:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    base = ".".join(here[:len(here) - node.level + 1] + ([node.module] if node.module else []))
+                    base = ".".join(here[:len(here) - node.level + 1]
+                                    + ([node.module] if node.module else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
             else:
                 continue
             for t in targets:
-                while t and t not in mods:  # `import singularity_ds.data.readers as r`, `from x.y import func`
+                # `import singularity_ds.data.readers as r`, `from x.y import func`
+                while t and t not in mods:
                     t = t.rpartition(".")[0]
                 if t and t != name and not name.startswith(t + "."):
                     deps.add(t)
@@ -126,5 +129,6 @@ def test_packages_import_only_earlier_layers():
     graph = import_graph()
     assert set(map(top, graph)) - {"singularity_ds"} <= set(layer_of), "a new package needs a layer here"
     wrong = sorted(f"{mod} -> {dep}" for mod, deps in graph.items() for dep in deps
-                   if top(mod) in layer_of and top(dep) in layer_of and layer_of[top(dep)] > layer_of[top(mod)])
+                   if top(mod) in layer_of and top(dep) in layer_of
+                   and layer_of[top(dep)] > layer_of[top(mod)])
     assert wrong == []

@@ -30,8 +30,7 @@ def test_attention_matches_math_reference_with_bias_and_padding():
 def test_each_model_keeps_its_own_attention_impl(monkeypatch):
     """attention_impl is a setting of each model: building another model does not change it."""
     from singularity_ds.config import load_config
-    from singularity_ds.models import SingularityQA
-    from singularity_ds.models import attention as attn
+    from singularity_ds.models import SingularityQA, attention as attn
     torch.manual_seed(0)
     by_math = Singularity(tiny_config(attention_impl="math")).eval()
     by_sdpa = Singularity(tiny_config(attention_impl="sdpa")).eval()  # built last

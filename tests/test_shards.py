@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader
 from conftest import tiny_config
 from singularity_ds.cli import main
 from singularity_ds.data import build_tokenizer, caption_train_loader
-from singularity_ds.errors import AnnotationError
 from singularity_ds.data.shards import ShardStream, make_shards, read_shard, shard_list
 from singularity_ds.errors import AnnotationError
 

@@ -5,11 +5,10 @@ import pytest
 import torch
 from transformers import BeitConfig, BeitModel, BertModel, BertTokenizerFast, ViTConfig, ViTModel
 
-from singularity_ds.errors import CheckpointError
-from singularity_ds.models.weights import load_text_tower, load_vision_tower
-from singularity_ds.models import Singularity, build_model
-
 from conftest import tiny_config
+from singularity_ds.errors import CheckpointError
+from singularity_ds.models import Singularity, build_model
+from singularity_ds.models.weights import load_text_tower, load_vision_tower
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,8 @@ def test_minilm_fusion_layers_start_from_top_bert_layers(minilm):
     ours = model.text_encoder.bert.encoder.layer
     assert len(ours) == 6 and ours[3].crossattention is None and ours[4].crossattention is not None
     for i in (4, 5):  # self-attention and FFN of the fusion layers are BERT's top layers
-        assert torch.equal(ours[i].attention.self.query.weight, hf[f"encoder.layer.{i}.attention.self.query.weight"])
+        assert torch.equal(ours[i].attention.self.query.weight,
+                           hf[f"encoder.layer.{i}.attention.self.query.weight"])
         assert torch.equal(ours[i].output.dense.weight, hf[f"encoder.layer.{i}.output.dense.weight"])
     # cross-attention is new: keys/values read the 128-wide vision tokens into the 384-wide text tower
     assert ours[4].crossattention.self.key.weight.shape == (384, 128)
@@ -62,21 +62,23 @@ def test_build_model_with_pretrained_towers_and_clear_error_without(minilm, tmp_
     cfg = BeitConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                      image_size=64, use_mean_pooling=True, layer_scale_init_value=0.1)
     BeitModel(cfg, add_pooling_layer=True).save_pretrained(tmp_path / "beit")
-    model = build_model(tiny_config(text_encoder=minilm, bert_config="None", fusion_layer=4, tower_init="pretrained",
+    model = build_model(tiny_config(text_encoder=minilm, bert_config="None", fusion_layer=4,
+                                    tower_init="pretrained",
                                     vit_name_or_pretrained_path=str(tmp_path / "beit")))
     hf = BertModel.from_pretrained(minilm).state_dict()
-    assert torch.equal(model.text_encoder.bert.embeddings.word_embeddings.weight, hf["embeddings.word_embeddings.weight"])
+    assert torch.equal(model.text_encoder.bert.embeddings.word_embeddings.weight,
+                       hf["embeddings.word_embeddings.weight"])
     with pytest.raises(CheckpointError, match="'text_encoder': no local weights for 'bert-base-uncased'"):
         build_model(tiny_config(tower_init="pretrained", text_encoder="bert-base-uncased"))
 
 
 @pytest.mark.parametrize("kind", ["beit", "vit"])
 def test_vision_tower_matches_transformers(kind, tmp_path):
-    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48, image_size=64,
-                  hidden_act="gelu", layer_norm_eps=1e-12)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                  image_size=64, hidden_act="gelu", layer_norm_eps=1e-12)
     if kind == "beit":
-        hf = BeitModel(BeitConfig(use_mean_pooling=True, use_relative_position_bias=True, layer_scale_init_value=0.1,
-                                  **common), add_pooling_layer=True)
+        hf = BeitModel(BeitConfig(use_mean_pooling=True, use_relative_position_bias=True,
+                                  layer_scale_init_value=0.1, **common), add_pooling_layer=True)
     else:
         hf = ViTModel(ViTConfig(**common), add_pooling_layer=False)
     _perturb(hf)
@@ -91,7 +93,8 @@ def test_vision_tower_matches_transformers(kind, tmp_path):
     ref_pooled = ref.pooler_output if kind == "beit" else ref.last_hidden_state[:, 0]
     assert torch.allclose(pooled, ref_pooled, atol=1e-5)
     # larger image_res: BEiT interpolates its relative-position tables, ViT its position embeddings
-    bigger = Singularity(tiny_config(vit_type=kind, image_res=128, vit_name_or_pretrained_path=str(tmp_path / kind)))
+    bigger = Singularity(tiny_config(vit_type=kind, image_res=128,
+                                     vit_name_or_pretrained_path=str(tmp_path / kind)))
     load_vision_tower(bigger, str(tmp_path / kind))
     with torch.no_grad():
         assert bigger.vision_encoder(torch.randn(1, 3, 128, 128))[0].shape == (1, 65, 64)

@@ -20,7 +20,8 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
     return [a for a in argv if not a.startswith("--local_rank")]
 
 
-def split_run_args(argv: Sequence[str], value_flags: Sequence[str] = (), bool_flags: Sequence[str] = ()) -> RunArgs:
+def split_run_args(argv: Sequence[str], value_flags: Sequence[str] = (),
+                   bool_flags: Sequence[str] = ()) -> RunArgs:
     """``pretrain tiny a.b=1 --config X --offload`` -> RunArgs(["pretrain", "tiny"], ["a.b=1"], {...}).
 
     ``value_flags`` take the next argument (``--config BASE``); ``bool_flags`` take none. Any other

@@ -10,8 +10,18 @@ Modules: ``annotations`` (corpora), ``readers`` (decoding backends + frame sampl
 This file only re-exports their public names.
 """
 from .annotations import AnnotationStore, corpus_specs, load_corpus, read_annotations
-from .builders import (caption_train_datasets, caption_train_loader, dali_finish, eval_datasets, media_source,
-                       per_media, qa_train_datasets, qa_train_loader, shard_stream, train_source)
+from .builders import (
+    caption_train_datasets,
+    caption_train_loader,
+    dali_finish,
+    eval_datasets,
+    media_source,
+    per_media,
+    qa_train_datasets,
+    qa_train_loader,
+    shard_stream,
+    train_source,
+)
 from .datasets import CaptionDataset, MCDataset, QADataset, RetrievalEvalDataset
 from .loader import CaptionCollate, MetaLoader, QACollate, SeededSampler, collate_qa, make_loader
 from .media import ClipPlan, ClipPlanner, MediaSource

@@ -130,7 +130,8 @@ def corpus_specs(train_file, key: str = "train_file") -> List[tuple]:
                                   f"[anno_json, media_dir, video] or [shard_index, null, video], got {spec}")
         media_type = spec[2] if len(spec) == 3 else "image"
         if media_type not in MEDIA_TYPES:
-            raise AnnotationError(f"config key {key!r}: third element must be 'video' or 'image', got {media_type!r}")
+            raise AnnotationError(f"config key {key!r}: third element must be 'video' or 'image', "
+                                  f"got {media_type!r}")
         specs.append((spec[0], spec[1], media_type))
     return specs
 
@@ -234,7 +235,8 @@ def _json_module(path, f, ijson_error: str = ""):
     try:
         return json.loads(f.read().decode("utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" at line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError) else f": {e}"
+        where = (f" at line {e.lineno} column {e.colno}: {e.msg}" if isinstance(e, json.JSONDecodeError)
+                 else f": {e}")
         raise AnnotationError(f"{path}: invalid JSON{where}") from None
 
 

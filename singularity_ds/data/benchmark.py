@@ -15,9 +15,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .annotations import AnnotationStore
+from .readers import get_reader, read_frames
 from .synthetic import make_synthetic
 from .transforms import build_transform
-from .readers import get_reader, read_frames
 
 
 def decode_benchmark(video_dir, frames_list=(1, 4), readers=("decord", "av"), res=224, limit=64):
@@ -33,7 +33,8 @@ def decode_benchmark(video_dir, frames_list=(1, 4), readers=("decord", "av"), re
                 frames, _, _ = read_frames(p, t, "rand", reader, random.Random(i))
                 transform(frames)
             dt = time.perf_counter() - start
-            rows.append(dict(reader=reader_name, frames=t, clips_per_s=len(paths) / dt, ms_per_clip=1000 * dt / len(paths)))
+            rows.append(dict(reader=reader_name, frames=t, clips_per_s=len(paths) / dt,
+                             ms_per_clip=1000 * dt / len(paths)))
     return rows
 
 
@@ -69,7 +70,8 @@ def memory_benchmark(n=1_000_000, workers=2):
     store = AnnotationStore(entries)
     del entries
     as_store = worker_memory(store, workers)
-    return dict(entries=n, store_mib=store.nbytes / 2 ** 20, list_worker_uss_mib=as_list, store_worker_uss_mib=as_store)
+    return dict(entries=n, store_mib=store.nbytes / 2 ** 20, list_worker_uss_mib=as_list,
+                store_worker_uss_mib=as_store)
 
 
 def main(argv=None):
@@ -77,7 +79,8 @@ def main(argv=None):
     p.add_argument("--corpus", help="existing synthetic corpus folder (default: generate one at --res px)")
     p.add_argument("--res", type=int, default=224)
     p.add_argument("--clips", type=int, default=64)
-    p.add_argument("--entries", type=int, default=1_000_000, help="annotation entries for the memory test (0: skip)")
+    p.add_argument("--entries", type=int, default=1_000_000,
+                   help="annotation entries for the memory test (0: skip)")
     p.add_argument("--codec", default="libx264", choices=["libx264", "mjpeg", "libvpx-vp9"],
                    help="codec of the generated corpus (DALI's CPU decoder reads MJPEG / VP9, not H.264)")
     p.add_argument("--readers", default="decord,av", help="comma-separated: decord, av, dali")
@@ -86,13 +89,14 @@ def main(argv=None):
     torch.set_num_threads(1)
     corpus = args.corpus or tempfile.mkdtemp(prefix="sds-bench-")
     if not args.corpus:
-        make_synthetic(corpus, num_clips=max(args.clips, 18), size=args.res, frames=32, fps=8, num_images=2, workers=2,
-                       codec=args.codec)
-    print(f"decode + train transform, {args.res} px, {args.clips} clips of 32 frames ({args.codec}), 1 process:")
+        make_synthetic(corpus, num_clips=max(args.clips, 18), size=args.res, frames=32, fps=8, num_images=2,
+                       workers=2, codec=args.codec)
+    print(f"decode + train transform, {args.res} px, {args.clips} clips of 32 frames ({args.codec}), "
+          f"1 process:")
     print(f"{'reader':8s} {'frames':>6s} {'clips/s':>9s} {'ms/clip':>9s}")
     frames = tuple(int(x) for x in args.frames.split(","))
-    for r in decode_benchmark(os.path.join(corpus, "videos"), frames_list=frames, readers=args.readers.split(","),
-                              res=args.res, limit=args.clips):
+    for r in decode_benchmark(os.path.join(corpus, "videos"), frames_list=frames,
+                              readers=args.readers.split(","), res=args.res, limit=args.clips):
         print(f"{r['reader']:8s} {r['frames']:6d} {r['clips_per_s']:9.1f} {r['ms_per_clip']:9.2f}")
     if not args.entries:
         return 0

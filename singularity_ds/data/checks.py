@@ -43,8 +43,8 @@ def preflight(specs, name: str = "train_file", kind: str = "caption"):
         if is_shard_source(anno):
             continue
         if media_dir and not os.path.isdir(media_dir):
-            raise AnnotationError(f"config key {name!r}: corpus {i} ({anno}): media folder {media_dir} does not "
-                                  f"exist; fix the path (or data_root / SL_DATA_DIR)")
+            raise AnnotationError(f"config key {name!r}: corpus {i} ({anno}): media folder {media_dir} "
+                                  f"does not exist; fix the path (or data_root / SL_DATA_DIR)")
         paths = []
         for j, entry in enumerate(iter_annotations(anno, media_type, kind)):
             if j == PREFLIGHT_FILES:
@@ -52,8 +52,9 @@ def preflight(specs, name: str = "train_file", kind: str = "caption"):
             media = entry[media_field(entry, media_type)]
             paths += [os.path.join(media_dir, m) for m in (media if isinstance(media, list) else [media])]
         if paths and not any(os.path.exists(p) for p in paths):
-            raise AnnotationError(f"config key {name!r}: corpus {i} ({anno}): none of its first {len(paths)} media "
-                                  f"files exist (e.g. {paths[0]}); is the media folder {media_dir} right?")
+            raise AnnotationError(f"config key {name!r}: corpus {i} ({anno}): none of its first "
+                                  f"{len(paths)} media files exist (e.g. {paths[0]}); "
+                                  f"is the media folder {media_dir} right?")
 
 
 _SOURCE = None  # the MediaSource of this pool worker

@@ -17,15 +17,14 @@ import logging
 import random
 from typing import Union
 
-import torch
 from torch.utils.data import Dataset
 
+from ..errors import MediaError
 from .annotations import AnnotationStore
 from .captions import caption_and_idx
 from .media import ClipPlanner, MediaSource
 from .text import pre_text
 from .worker_errors import catch_in_worker
-from ..errors import MediaError
 
 logger = logging.getLogger(__name__)
 
@@ -81,8 +80,9 @@ class _MediaDataset(Dataset):
                 if known_draws == self.MAX_KNOWN_BROKEN_DRAWS:
                     raise MediaError(", ".join(p for p, _ in failures),
                                      f"{known_draws} replacement draws for one training item landed on files "
-                                     f"this loader found broken ({len(self.broken)} files so far, in a corpus of {len(self)} "
-                                     f"entries): most of it cannot be read; check its media folder")
+                                     f"this loader found broken ({len(self.broken)} files so far, "
+                                     f"in a corpus of {len(self)} entries): most of it cannot be read; "
+                                     f"check its media folder")
                 index = rng.randrange(len(self))
                 continue
             failures.append((path, reason))

@@ -155,7 +155,8 @@ class MetaLoader:
         order = self.order()
         iters = {}
         for name, loader in self.loaders.items():
-            self._positioned(loader).skip = order[:start].count(name) * loader.batch_size  # read when iteration starts
+            # read when iteration starts
+            self._positioned(loader).skip = order[:start].count(name) * loader.batch_size
             iters[name] = iter(loader)
         for name in order[start:]:
             batch = next(iters[name])

@@ -147,15 +147,18 @@ def positive(cast):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="singularity-ds preprocess",
-        description="Re-encode a folder of videos (H.264, constant FPS, no audio) or images (JPEG), shorter side SIZE, "
-                    "mirroring SRC's relative paths under DST. Resumable; failures go to DST/" + FAILURES + ".",
+        description="Re-encode a folder of videos (H.264, constant FPS, no audio) or images (JPEG), "
+                    "shorter side SIZE, mirroring SRC's relative paths under DST. Resumable; failures go "
+                    "to DST/" + FAILURES + ".",
         usage="%(prog)s videos|images SRC DST [--fps 2] [--size 224] [--workers N] [--trim SECONDS]")
     parser.add_argument("kind", choices=("videos", "images"), metavar="videos|images")
     parser.add_argument("src", metavar="SRC", help="input folder (walked recursively)")
     parser.add_argument("dst", metavar="DST", help="output folder (mirrors SRC's relative paths)")
-    parser.add_argument("--fps", type=positive(Fraction), default=Fraction(2), help="output frame rate (videos)")
+    parser.add_argument("--fps", type=positive(Fraction), default=Fraction(2),
+                        help="output frame rate (videos)")
     parser.add_argument("--size", type=positive(int), default=224, help="output shorter side, in pixels")
-    parser.add_argument("--workers", type=positive(int), default=1, metavar="N", help="processes (1: no pool)")
+    parser.add_argument("--workers", type=positive(int), default=1, metavar="N",
+                        help="processes (1: no pool)")
     parser.add_argument("--trim", type=positive(Fraction), metavar="SECONDS",
                         help="keep only the first SECONDS (videos; the original's DiDeMo setup used 30)")
     args = parser.parse_args(argv)
@@ -171,7 +174,8 @@ def main(argv=None) -> int:
     failures, outputs, unique = [], set(), []
     for j in jobs:  # a.avi and a.mkv would both write a.mp4: keep the first
         if j[2] in outputs:
-            failures.append({"file": j[3], "error": f"output {os.path.relpath(j[2], dst)} collides with another"})
+            failures.append({"file": j[3],
+                             "error": f"output {os.path.relpath(j[2], dst)} collides with another"})
         else:
             outputs.add(j[2])
             unique.append(j)

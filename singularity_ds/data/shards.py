@@ -49,22 +49,24 @@ from .worker_errors import items_or_error
 logger = logging.getLogger(__name__)
 
 INDEX = "index.json"
-UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30}
+UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "KIB": 2 ** 10,
+         "MIB": 2 ** 20, "GIB": 2 ** 30}
 
 
 def parse_size(text) -> int:
     """``1GB`` / ``500MB`` / ``2GiB`` / ``1000000`` -> bytes."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in UNITS:
-        raise ValueError(f"shard size {text!r}: expected a number with an optional unit (KB, MB, GB, MiB, GiB)")
+        raise ValueError(f"shard size {text!r}: expected a number with an optional unit "
+                         f"(KB, MB, GB, MiB, GiB)")
     return int(float(m.group(1)) * UNITS[m.group(2).upper()])
 
 
 def is_shard_source(path) -> bool:
     """A corpus given as a shard index (file, or folder holding one) or a pattern of .tar files."""
     path = str(path)
-    return (path.endswith(INDEX) or re.search(r"\.tar($|[*?\[{}])", path) is not None or path.startswith("pipe:")
-            or os.path.isfile(os.path.join(path, INDEX)))
+    return (path.endswith(INDEX) or re.search(r"\.tar($|[*?\[{}])", path) is not None
+            or path.startswith("pipe:") or os.path.isfile(os.path.join(path, INDEX)))
 
 
 def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media_type: str = "video",
@@ -82,7 +84,8 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     limit = parse_size(shard_size)
     index_path = os.path.join(out_dir, INDEX)
     if os.path.exists(index_path) and not overwrite:
-        raise AnnotationError(f"{index_path}: a shard corpus is already there; pass --overwrite to replace it")
+        raise AnnotationError(f"{index_path}: a shard corpus is already there; "
+                              f"pass --overwrite to replace it")
     # validated, streamed into the compact store
     entries = load_corpus([(anno, media_dir, media_type)], kind, media_outside_dir)
     digest = hashlib.sha256()
@@ -90,7 +93,8 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
         for chunk in iter(lambda: f.read(2 ** 20), b""):
             digest.update(chunk)
     os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "shard-*.tar")):  # --overwrite: no stale shard stays for a glob
+    # --overwrite: no stale shard stays for a glob
+    for old in glob.glob(os.path.join(out_dir, "shard-*.tar")):
         os.remove(old)
     shards, skipped, writer, current = [], [], None, None
 
@@ -103,7 +107,8 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     for i, entry in enumerate(tqdm(entries, desc="make-shards", unit="sample", disable=not progress)):
         media = entry.pop("media")
         if isinstance(media, list):
-            raise AnnotationError(f"{anno}: entry {i}: several media files in one entry; a shard sample holds one")
+            raise AnnotationError(f"{anno}: entry {i}: several media files in one entry; "
+                                  f"a shard sample holds one")
         if not os.path.isfile(media):
             skipped.append(dict(idx=i, file=media, reason="no such file"))
             continue
@@ -122,8 +127,8 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     if writer is not None:
         close()
     index = dict(format="webdataset", version=1, media_type=media_type, kind=kind,
-                 annotation=os.path.abspath(anno), annotation_sha256=digest.hexdigest(), samples=sum(s["samples"] for s in shards),
-                 shards=shards, skipped=skipped)
+                 annotation=os.path.abspath(anno), annotation_sha256=digest.hexdigest(),
+                 samples=sum(s["samples"] for s in shards), shards=shards, skipped=skipped)
     write_json(index, index_path)
     return index
 
@@ -153,17 +158,19 @@ def shard_list(source: str, media_type: str = None):
             with open(path) as f:
                 index = json.load(f)
             base = os.path.dirname(os.path.abspath(path))
-            shards = [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"]) else os.path.join(base, s["url"]),
-                       int(s["samples"])) for s in index["shards"]]
+            shards = [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"])
+                       else os.path.join(base, s["url"]), int(s["samples"])) for s in index["shards"]]
         except FileNotFoundError:
             raise AnnotationError(f"{path}: shard index not found") from None
         except (ValueError, KeyError, TypeError) as e:
             raise AnnotationError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
         if media_type and index.get("media_type", media_type) != media_type:
-            raise AnnotationError(f"{path}: a shard corpus of {index['media_type']} samples, declared as {media_type}")
+            raise AnnotationError(f"{path}: a shard corpus of {index['media_type']} samples, "
+                                  f"declared as {media_type}")
         return shards
     if path.startswith("pipe:") or "://" in path:
-        raise AnnotationError(f"{path}: remote shards need an index.json listing them with their sample counts")
+        raise AnnotationError(f"{path}: remote shards need an index.json listing them "
+                              f"with their sample counts")
     from braceexpand import braceexpand
     files = sorted(f for pattern in braceexpand(path) for f in glob.glob(pattern))
     if not files:
@@ -205,10 +212,12 @@ def read_shard(url: str):
 class ShardStream(IterableDataset):
     """Caption items (media, caption, idx, path, failures) streamed from tar shards; see the module doc."""
 
-    def __init__(self, shards, source: MediaSource, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
-                 shuffle: bool = True, buffer: int = 500, has_multi_vision_gt=False, is_paragraph_retrieval=False):
+    def __init__(self, shards, source: MediaSource, batch_size: int, rank: int = 0, world: int = 1,
+                 seed: int = 0, shuffle: bool = True, buffer: int = 500, has_multi_vision_gt=False,
+                 is_paragraph_retrieval=False):
         self.shards, self.source, self.batch_size = list(shards), source, batch_size
-        self.rank, self.world, self.seed, self.shuffle, self.buffer = rank, world, seed, shuffle, max(1, buffer)
+        self.rank, self.world, self.seed = rank, world, seed
+        self.shuffle, self.buffer = shuffle, max(1, buffer)
         self.multi_vision_gt, self.paragraph = has_multi_vision_gt, is_paragraph_retrieval
         self.epoch, self.skip = 0, 0
         self.per_rank = sum(n for _, n in self.shards) // world
@@ -320,7 +329,8 @@ class ShardStream(IterableDataset):
             except (MediaError, KeyError, ValueError, StopIteration) as e:
                 reason = e.reason if isinstance(e, MediaError) else f"bad sample ({type(e).__name__}: {e})"
                 failures.append((f"{sample.get('__url__')}#{sample.get('__key__')}", reason))
-                logger.warning("broken shard sample %s (%s); its slot takes the next good sample", *failures[-1])
+                logger.warning("broken shard sample %s (%s); its slot takes the next good sample",
+                               *failures[-1])
                 continue
             for _ in range(len(failures) + 1):  # this slot, and those of the broken samples before it
                 yield dict(item, failures=failures)
@@ -330,8 +340,9 @@ class ShardStream(IterableDataset):
         if missing > 0:
             if last is None:  # nothing to fill the slots with: stop, naming the shards
                 urls = self._urls(start, stop)
-                raise MediaError(", ".join(urls), f"no sample of this worker's part ({stop - start - skip} samples) "
-                                                  f"could be read and decoded")
+                raise MediaError(", ".join(urls), f"no sample of this worker's part "
+                                                  f"({stop - start - skip} samples) could be read and "
+                                                  f"decoded")
             where = ", ".join(self._urls(start, stop))
             failures += [(where, "shard ended early")] * (missing - len(failures))
             for _ in range(missing):

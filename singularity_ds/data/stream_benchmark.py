@@ -30,7 +30,8 @@ def build_corpus(root, clips, distinct, res):
     from .synthetic import make_synthetic
     seed_dir = os.path.join(root, "seed")
     if not os.path.isfile(os.path.join(seed_dir, "synthetic.json")):
-        make_synthetic(seed_dir, num_clips=distinct, size=res, frames=16, fps=8, num_images=2, workers=2, shards=False)
+        make_synthetic(seed_dir, num_clips=distinct, size=res, frames=16, fps=8,
+                       num_images=2, workers=2, shards=False)
     entries = json.load(open(os.path.join(seed_dir, "anno", "pretrain_video.json")))
     videos = os.path.join(root, "videos")
     os.makedirs(videos, exist_ok=True)
@@ -54,8 +55,9 @@ def time_loader(train_file, batches, workers, res):
     from ..config import load_config
     from .builders import caption_train_loader
     from .text import build_tokenizer
-    cfg = load_config(["pretrain", "tiny"], [f"image_res={res}", "batch_size.video=32", f"num_workers={workers}",
-                                             "video_input.num_frames=1", f"train_file={train_file}"])
+    cfg = load_config(["pretrain", "tiny"], [f"image_res={res}", "batch_size.video=32",
+                                             f"num_workers={workers}", "video_input.num_frames=1",
+                                             f"train_file={train_file}"])
     loader = caption_train_loader(cfg, build_tokenizer(), 0, 1)
     loader.set_epoch(0)
     it = iter(loader)
@@ -79,8 +81,8 @@ from singularity_ds.data.benchmark import worker_memory
 base = psutil.Process().memory_info().rss / 2 ** 20  # the interpreter with torch imported
 store = load_corpus([(sys.argv[1], "/data/webvid/videos", "video")])
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 10
-print(json.dumps(dict(entries=len(store), store_mib=store.nbytes / 2 ** 20, baseline_rss_mib=base, peak_rss_mib=peak,
-                      rss_after_mib=psutil.Process().memory_info().rss / 2 ** 20,
+print(json.dumps(dict(entries=len(store), store_mib=store.nbytes / 2 ** 20, baseline_rss_mib=base,
+                      peak_rss_mib=peak, rss_after_mib=psutil.Process().memory_info().rss / 2 ** 20,
                       worker_uss_mib=max(worker_memory(store)))))
 """
 
@@ -98,7 +100,8 @@ def annotation_memory(path, entries):
             f.write("[")
             for i in range(entries):
                 f.write(("," if i else "") + json.dumps(
-                    {"video": f"{i // 10000:04d}/{i:09d}.mp4", "caption": " ".join(rng.choices(words, k=rng.randint(6, 14)))}))
+                    {"video": f"{i // 10000:04d}/{i:09d}.mp4",
+                     "caption": " ".join(rng.choices(words, k=rng.randint(6, 14)))}))
             f.write("]")
         os.replace(path + ".tmp", path)
     start = time.perf_counter()
@@ -111,7 +114,8 @@ def annotation_memory(path, entries):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="singularity-ds bench stream", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dir", default="/tmp/sds-bench-stream", help="work folder (kept: reruns reuse the corpus)")
+    p.add_argument("--dir", default="/tmp/sds-bench-stream",
+                   help="work folder (kept: reruns reuse the corpus)")
     p.add_argument("--clips", type=int, default=20_000)
     p.add_argument("--distinct", type=int, default=200)
     p.add_argument("--res", type=int, default=224)
@@ -130,7 +134,8 @@ def main(argv=None):
     res["shards"] = time_loader(f"[[{shards},null,video]]", args.batches, args.workers, args.res)
     print("tar shards:              ", res["shards"], flush=True)
     if args.entries:
-        res["annotations"] = annotation_memory(os.path.join(args.dir, f"anno_{args.entries}.json"), args.entries)
+        res["annotations"] = annotation_memory(os.path.join(args.dir,
+                                                            f"anno_{args.entries}.json"), args.entries)
         print("annotation store:", res["annotations"], flush=True)
     if args.json:
         write_json(res, args.json)

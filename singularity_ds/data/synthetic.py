@@ -29,7 +29,8 @@ SHAPES = ("square", "circle", "triangle")
 BACKGROUNDS = ("striped", "checkered", "dotted", "plain")
 DIRECTIONS = {"left to right": ((0.2, 0.5), (0.8, 0.5)), "right to left": ((0.8, 0.5), (0.2, 0.5)),
               "top to bottom": ((0.5, 0.2), (0.5, 0.8)), "bottom to top": ((0.5, 0.8), (0.5, 0.2))}
-DIRECTION_ANSWER = {"left to right": "right", "right to left": "left", "top to bottom": "down", "bottom to top": "up"}
+DIRECTION_ANSWER = {"left to right": "right", "right to left": "left",
+                    "top to bottom": "down", "bottom to top": "up"}
 SPLITS = ("train", "val", "test")
 RADIUS = 0.2  # shape half-size, as a fraction of the frame
 
@@ -118,7 +119,8 @@ def questions(c):
     qs = [("what color is the " + c["shape"], c["color"], "appearance"),
           ("what is the background", c["background"], "appearance")]
     if c["kind"] == "motion":
-        qs.append((f"which way does the {c['color']} {c['shape']} move", DIRECTION_ANSWER[c["direction"]], "motion"))
+        qs.append((f"which way does the {c['color']} {c['shape']} move",
+                   DIRECTION_ANSWER[c["direction"]], "motion"))
     else:
         qs.append(("which shape appears first", c["shape"], "motion"))
     return qs
@@ -136,8 +138,10 @@ def plan_clips(num_clips: int, seed: int):
             clips.append(dict(kind="motion", color=color, shape=shape, background=bg, direction=direction))
         others = [(c2, s2) for c2 in COLORS for s2 in SHAPES if s2 != shape]
         color2, shape2 = rng.choice(others)
-        clips.append(dict(kind="order", color=color, shape=shape, color2=color2, shape2=shape2, background=bg))
-        clips.append(dict(kind="order", color=color2, shape=shape2, color2=color, shape2=shape, background=bg))
+        clips.append(dict(kind="order", color=color, shape=shape, color2=color2,
+                          shape2=shape2, background=bg))
+        clips.append(dict(kind="order", color=color2, shape=shape2, color2=color,
+                          shape2=shape, background=bg))
         if len(clips) >= num_clips:
             break
     clips = clips[:num_clips]
@@ -221,8 +225,9 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
     write_json(answers, os.path.join(adir, "qa_answers.json"))
     files["qa_answers"] = os.path.join(adir, "qa_answers.json")
     for split in SPLITS:
-        anno(f"qa_{split}", [{"video": c["video"], "question": q, "answer": a, "question_id": f"{c['id']}_{k}",
-                              "question_type": t} for c in by_split[split] for k, (q, a, t) in enumerate(questions(c))])
+        anno(f"qa_{split}", [{"video": c["video"], "question": q, "answer": a,
+                              "question_id": f"{c['id']}_{k}", "question_type": t}
+                             for c in by_split[split] for k, (q, a, t) in enumerate(questions(c))])
     # MC: the right temporal caption among same-appearance distractors
     mc = []
     rng = random.Random(seed + 2)
@@ -247,8 +252,8 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
         sdir = os.path.join(out_dir, "shards")
         make_shards(files["pretrain_video"], vdir, os.path.join(sdir, "video"), "20MB", "video",
                     overwrite=True, progress=False)
-        make_shards(os.path.join(adir, "pretrain_image.json"), idir, os.path.join(sdir, "image"), "20MB", "image",
-                    overwrite=True, progress=False)
+        make_shards(os.path.join(adir, "pretrain_image.json"), idir, os.path.join(sdir, "image"), "20MB",
+                    "image", overwrite=True, progress=False)
         shard_lines = ["  synthetic_shards:",
                        f"    - ['{os.path.join(sdir, 'video', 'index.json')}', null, video]",
                        f"    - ['{os.path.join(sdir, 'image', 'index.json')}', null, image]"]
@@ -261,13 +266,15 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "    - ${available_corpus.synthetic_image}",
            *shard_lines,
            "train_corpus: synthetic",
-           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, never negatives",
+           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, "
+           "never negatives",
            "test_file:",
            f"  appearance: {corpus('ret_test_appearance')}",
            f"  motion: {corpus('ret_test_motion')}"], os.path.join(cdir, "pretrain.yaml"))
     _yaml(["# synthetic corpus overlay for `ret_msrvtt`-style retrieval (written by make-synthetic)",
            f"train_file: {corpus('ret_train')}",
-           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, never negatives",
+           "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, "
+           "never negatives",
            "test_types: [appearance, motion]",
            "test_file:",
            f"  appearance: {corpus('ret_test_appearance')}",
@@ -281,7 +288,8 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "test_file:",
            f"  val: {corpus('qa_val')}",
            f"  test: {corpus('qa_test')}"], os.path.join(cdir, "qa.yaml"))
-    _yaml(["# synthetic corpus overlay for multiple choice (`ret_msrvtt_mc`-style; written by make-synthetic)",
+    _yaml(["# synthetic corpus overlay for multiple choice (`ret_msrvtt_mc`-style; "
+           "written by make-synthetic)",
            "test_types: [mc]",
            "test_file:",
            f"  mc: {corpus('mc_test')}"], os.path.join(cdir, "mc.yaml"))

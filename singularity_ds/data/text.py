@@ -11,7 +11,8 @@ from importlib import resources
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 
-SHIPPED = {"bert-base-uncased": resources.files("singularity_ds") / "configs" / "tokenizer" / "bert-base-uncased"}
+SHIPPED = {"bert-base-uncased":
+           resources.files("singularity_ds") / "configs" / "tokenizer" / "bert-base-uncased"}
 
 
 def pre_text(text: str, max_l: int = None) -> str:
@@ -34,8 +35,8 @@ def build_tokenizer(name: str = "bert-base-uncased"):
     elif name in SHIPPED:
         source = str(SHIPPED[name])
     else:
-        raise ValueError(f"config key 'text_encoder': no tokenizer for {name!r} (not a local folder; shipped: "
-                         f"{sorted(SHIPPED)})")
+        raise ValueError(f"config key 'text_encoder': no tokenizer for {name!r} "
+                         f"(not a local folder; shipped: {sorted(SHIPPED)})")
     tok = AutoTokenizer.from_pretrained(source)
     cls, sep = tok.cls_token, tok.sep_token
     tok.backend_tokenizer.post_processor = TemplateProcessing(  # ALBEF's: no [SEP] after a single sequence

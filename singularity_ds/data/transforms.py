@@ -30,9 +30,10 @@ class ToFloat:
 def build_transform(image_res: int, vit_type: str = "beit", train: bool = True):
     mean, std = normalization(vit_type)
     if train:
-        resize = [transforms.RandomResizedCrop(image_res, scale=(0.5, 1.0), interpolation=InterpolationMode.BICUBIC,
-                                               antialias=False),
+        resize = [transforms.RandomResizedCrop(image_res, scale=(0.5, 1.0),
+                                               interpolation=InterpolationMode.BICUBIC, antialias=False),
                   transforms.RandomHorizontalFlip()]
     else:
-        resize = [transforms.Resize((image_res, image_res), interpolation=InterpolationMode.BICUBIC, antialias=False)]
+        resize = [transforms.Resize((image_res, image_res),
+                                    interpolation=InterpolationMode.BICUBIC, antialias=False)]
     return transforms.Compose(resize + [ToFloat(), transforms.Normalize(mean, std)])

@@ -4,9 +4,9 @@ Times M training steps (after N warm-up steps) of any config on one synthetic in
 loading excluded), through the same DeepSpeed engine, ds_config and precision as ``train``; under the
 ``deepspeed`` launcher every rank runs its own batch. Prints and returns (``--json``): samples/s per
 device and in total, step time median and 10-90% spread, the forward / backward / optimizer split,
-the analytic training FLOPs per sample (the task's, :mod:`singularity_ds.models.flops`), achieved TFLOP/s, MFU against the device's
-measured matmul peak for the dtype (a large GEMM, measured once and cached in
-``~/.cache/singularity_ds/peak.json``), and peak memory (CUDA max allocated, or the process RSS).
+the analytic training FLOPs per sample (the task's, :mod:`singularity_ds.models.flops`), achieved
+TFLOP/s, MFU against the device's measured matmul peak for the dtype (a large GEMM, measured once and
+cached in ``~/.cache/singularity_ds/peak.json``), and peak memory (CUDA max allocated, or the process RSS).
 Towers start random (no weights are read): speed does not depend on them.
 """
 import argparse
@@ -18,9 +18,9 @@ import time
 
 import torch
 
+from .. import dist
 from ..data import per_media
 from ..fileio import write_json
-from .. import dist
 from .build import build_engine
 from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, resolve_precision
 
@@ -34,7 +34,8 @@ def _sync(device):
 
 def matmul_peak(device, dtype, n: int = None) -> float:
     """Measured TFLOP/s of an n x n x n product in ``dtype`` (the MFU denominator), cached per device."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"cpu-{torch.get_num_threads()}threads")
     key = f"{name}/{dtype}"
     try:
         with open(CACHE) as f:
@@ -60,6 +61,7 @@ def matmul_peak(device, dtype, n: int = None) -> float:
 
 def run(argv, steps=10, warmup=3) -> dict:
     from omegaconf import OmegaConf
+
     from .trainer import parse_train_args
     task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
     precision = resolve_precision(config)
@@ -71,7 +73,8 @@ def run(argv, steps=10, warmup=3) -> dict:
     torch.manual_seed(0)
     model = task.build_model(OmegaConf.merge(config, {"pretrained_path": None}))
     engine, _ = build_engine(model, config, ds_cfg, steps_per_epoch=100)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in task.synthetic_batch(config, micro).items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v
+             for k, v in task.synthetic_batch(config, micro).items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -101,15 +104,17 @@ def run(argv, steps=10, warmup=3) -> dict:
     return dict(task=task.name, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 threads=torch.get_num_threads(), ranks=world, precision=precision, ds_config=config.ds_config,
                 batch_per_rank=micro, frames=config.video_input.num_frames, image_res=config.image_res,
-                samples_per_s_per_device=round(micro / median, 3), samples_per_s=round(micro * world / median, 3),
-                step_s_median=round(median, 4), step_s_p10_p90=[round(deciles[0], 4), round(deciles[-1], 4)],
+                samples_per_s_per_device=round(micro / median, 3),
+                samples_per_s=round(micro * world / median, 3), step_s_median=round(median, 4),
+                step_s_p10_p90=[round(deciles[0], 4), round(deciles[-1], 4)],
                 forward_s=round(statistics.median(t[0] for t in times), 4),
                 backward_s=round(statistics.median(t[1] for t in times), 4),
                 optimizer_s=round(statistics.median(t[2] for t in times), 4),
                 train_gflop_per_sample=round(flops["train"] / 1e9, 2),
-                gflop_per_sample_by_part={k: round(3 * v / 1e9, 2) for k, v in flops.items() if k not in ("forward", "train")},
-                achieved_tflops_per_device=round(achieved, 3), peak_tflops=round(peak, 3), mfu=round(achieved / peak, 4),
-                peak_memory_gib=round(memory, 2), loss=round(loss.item(), 4))
+                gflop_per_sample_by_part={k: round(3 * v / 1e9, 2) for k, v in flops.items()
+                                          if k not in ("forward", "train")},
+                achieved_tflops_per_device=round(achieved, 3), peak_tflops=round(peak, 3),
+                mfu=round(achieved / peak, 4), peak_memory_gib=round(memory, 2), loss=round(loss.item(), 4))
 
 
 def main(argv) -> int:

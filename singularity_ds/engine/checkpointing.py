@@ -63,7 +63,8 @@ class Checkpointer:
     """Saves every ``every_epochs`` epochs (and after the last), every ``every_steps`` optimizer steps
     inside an epoch when that is > 0, and keeps the newest ``keep_last``."""
 
-    def __init__(self, run_dir: str, rank: int, keep_last: int = 2, every_steps: int = 0, every_epochs: int = 1):
+    def __init__(self, run_dir: str, rank: int, keep_last: int = 2,
+                 every_steps: int = 0, every_epochs: int = 1):
         self.dir = os.path.join(run_dir, "checkpoints")
         self.tmp = os.path.join(self.dir, ".tmp")
         self.rank, self.keep_last = rank, max(1, keep_last)

@@ -34,7 +34,8 @@ def cpu_has_bf16() -> bool:
 
 
 # weight (and input) dtype, and the dtype the matmuls run in (the MFU denominator)
-WEIGHT_DTYPE = {"bf16": torch.bfloat16, "amp_bf16": torch.float32, "fp16": torch.float16, "fp32": torch.float32}
+WEIGHT_DTYPE = {"bf16": torch.bfloat16, "amp_bf16": torch.float32,
+                "fp16": torch.float16, "fp32": torch.float32}
 COMPUTE_DTYPE = dict(WEIGHT_DTYPE, amp_bf16=torch.bfloat16)
 
 
@@ -50,7 +51,8 @@ def resolve_precision(config) -> str:
         raise ConfigError(f"config key 'precision': expected one of {', '.join(PRECISIONS)}, got {p!r}")
     if p != "auto":
         if p == "fp16" and not torch.cuda.is_available():
-            raise ConfigError("config key 'precision': fp16 needs a GPU (DeepSpeed's fp16 path has no CPU kernels); use bf16")
+            raise ConfigError("config key 'precision': fp16 needs a GPU (DeepSpeed's fp16 path has no CPU "
+                              "kernels); use bf16")
         return p
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
@@ -72,7 +74,8 @@ def build_ds_config(config, micro_batch: int, precision: str) -> dict:
     if precision == "amp_bf16":
         filled["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     for key, value in filled.items():
-        if key in ds and ds[key] != value and not (isinstance(value, dict) and ds[key].get("enabled") == value["enabled"]):
+        if key in ds and ds[key] != value and not (isinstance(value, dict)
+                                                   and ds[key].get("enabled") == value["enabled"]):
             raise ConfigError(f"ds_config sets {key}={ds[key]!r} but the YAML config gives {value!r}; "
                               f"remove it from the JSON (it is filled from the YAML config)")
     for bad in ("optimizer", "scheduler", "train_batch_size"):

@@ -71,7 +71,8 @@ class Trainer:
         self._last_eval, self._last_eval_step = {}, None
         self.run_dir = prepare_run_dir(config)
         self.precision = resolve_precision(config)
-        self.ds_cfg = build_ds_config(config, task.micro_batch(config), self.precision)  # refuse before writing
+        self.ds_cfg = build_ds_config(config,
+                                      task.micro_batch(config), self.precision)  # refuse before writing
         preflight_data(config, task)
         self.info = dist.setup(config.dist_timeout)
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
@@ -104,7 +105,8 @@ class Trainer:
             OmegaConf.save(OmegaConf.create(plain_config(config)), os.path.join(self.run_dir, "config.yaml"))
             write_json(self.ds_cfg, os.path.join(self.run_dir, "ds_config.json"), indent=2)
             logger.info("task %s, %d rank(s), %s, %s, %d micro-batches/epoch, gradient accumulation %d",
-                        task.name, self.world, config.ds_config, self.precision, len(self.loader), self.accumulation)
+                        task.name, self.world, config.ds_config, self.precision, len(self.loader),
+                        self.accumulation)
 
     def _resume(self):
         fresh = dict(epoch=0, micro_step=0, global_step=0)
@@ -112,16 +114,17 @@ class Trainer:
             return fresh
         tag = self.checkpointer.resume_tag(self.config.resume)  # verified against its manifest
         if tag is None:
-            logger.info("resume=%s: no complete checkpoint in %s, starting fresh", self.config.resume, self.run_dir)
+            logger.info("resume=%s: no complete checkpoint in %s, starting fresh",
+                        self.config.resume, self.run_dir)
             return fresh
         check_data_unchanged(self.checkpointer.client_state(tag).get("data"), self.data, tag,
                              self.config.resume_allow_data_change)
         state = self.checkpointer.load(self.engine, tag)
         saved, current = state.get("stream_layout"), self._stream_layout()
         if saved and current and saved != current:
-            raise ConfigError(f"resume from {tag}: its shard streams were split for {saved}, this run has {current}; "
-                              f"an epoch splits over ranks and loader workers, so resume with the same ranks and "
-                              f"num_workers")
+            raise ConfigError(f"resume from {tag}: its shard streams were split for {saved}, this run has "
+                              f"{current}; an epoch splits over ranks and loader workers, so resume with the "
+                              f"same ranks and num_workers")
         logger.info("resumed from %s: epoch %d, micro-step %d, global step %d", tag, state["epoch"],
                     state["micro_step"], state["global_step"])
         return {k: state[k] for k in fresh}
@@ -180,7 +183,8 @@ class Trainer:
         cfg = self.config
         state = self._resume()
         epochs, max_steps = cfg.scheduler.epochs, cfg.max_steps
-        total = epochs * self.steps_per_epoch if max_steps < 0 else min(max_steps, epochs * self.steps_per_epoch)
+        total = epochs * self.steps_per_epoch if max_steps < 0 else min(max_steps,
+                                                                        epochs * self.steps_per_epoch)
         log = RunLog(self.run_dir, self.rank, total, state["global_step"], self.task.name, cfg.log_freq,
                      cfg.progress_bar)
         failures, global_step = 0, state["global_step"]
@@ -213,7 +217,8 @@ class Trainer:
         log.close()
         results = {}
         if self.task.evaluate_each_epoch:  # the last epoch's evaluation already scored this very model
-            results = self._last_eval if self._last_eval_step == global_step else self._evaluate(log, "final", global_step)
+            results = (self._last_eval if self._last_eval_step == global_step
+                       else self._evaluate(log, "final", global_step))
             if self.rank == 0 and results:
                 write_json(results, os.path.join(self.run_dir, "eval_final.json"))
         self._export()
@@ -253,7 +258,8 @@ class Trainer:
             else:  # ZeRO-0 in fp32: the live module holds the fp32 weights
                 state = {k: v.detach().float() if v.is_floating_point() else v
                          for k, v in self.engine.module.state_dict().items()}
-            model = self.task.build_model(OmegaConf.merge(self.config, {"pretrained_path": None, "tower_init": "random"}))
+            model = self.task.build_model(OmegaConf.merge(self.config,
+                                                          {"pretrained_path": None, "tower_init": "random"}))
             model.load_state_dict(state)
             export_model(model, os.path.join(self.run_dir, "export"))
             logger.info("exported fp32 weights of %s to %s", tag, os.path.join(self.run_dir, "export"))
@@ -265,7 +271,8 @@ def parse_train_args(argv):
     task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml, ...)."""
     args = split_run_args(argv, value_flags=["--config"])
     if not args.configs or args.configs[0] not in TASKS:
-        raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; expected one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; "
+                          f"expected one of {', '.join(TASKS)}")
     task = TASKS[args.configs[0]]
     config = load_config([args.flags.get("config", task.default_config)] + args.configs[1:], args.overrides)
     config.task = task.name

@@ -25,20 +25,21 @@ _CONTRACTIONS = {
     "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "let's": "let's",
     "maam": "ma'am", "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
     "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't",
-    "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "somebodys": "somebody's",
-    "someones": "someone's", "somethings": "something's", "thats": "that's", "thered": "there'd",
-    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyll": "they'll", "theyre": "they're",
-    "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
-    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "wholl": "who'll",
-    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all", "youd": "you'd", "youll": "you'll",
-    "youre": "you're", "youve": "you've",
+    "shed": "she'd", "shes": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "somebodys": "somebody's", "someones": "someone's", "somethings": "something's", "thats": "that's",
+    "thered": "there'd", "therere": "there're", "theres": "there's", "theyd": "they'd", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "wasnt": "wasn't", "wed": "we'd", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've",
+    "whens": "when's", "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "yall": "y'all",
+    "youd": "you'd", "youll": "you'll", "youre": "you're", "youve": "you've",
 }
 _NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
             "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
 _ARTICLES = {"a", "an", "the"}
-_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">",
+          "<", "@", "`", ",", "?", "!"]
 _PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
 _COMMA = re.compile(r"(\d)(,)(\d)")
 
@@ -83,8 +84,9 @@ def evaluate_qa(model, dataset, answer_list, tokenizer, max_q_len: int, max_a_le
     listed no others. ``name`` labels the set in errors."""
     if ensemble != "concat" and model.config.video_input.num_frames != 1:
         from ..errors import ConfigError
-        raise ConfigError(f"eval_frame_ensemble={ensemble} needs a single-frame QA model (the original asserts "
-                          f"video_input.num_frames == 1; this one has {model.config.video_input.num_frames})")
+        raise ConfigError(f"eval_frame_ensemble={ensemble} needs a single-frame QA model "
+                          f"(the original asserts video_input.num_frames == 1; "
+                          f"this one has {model.config.video_input.num_frames})")
     check_not_empty(dataset, name)
     model.eval()
     param = next(model.parameters())

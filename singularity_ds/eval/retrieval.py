@@ -24,9 +24,9 @@ import logging
 import numpy as np
 import torch
 
+from ..dist import all_gather, rank_world
 from ..errors import ConfigError
 from ..models.losses import ENSEMBLES, ensemble_frames, similarity
-from ..dist import all_gather, rank_world
 from .broken import surviving_ground_truth
 from .features import Features, extract
 from .metrics import itm_eval, topk_eval
@@ -49,8 +49,8 @@ def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
     if ensemble != "concat" and temporal:
         raise ConfigError(
             f"eval_frame_ensemble={ensemble} scores each frame on its own and would bypass this checkpoint's "
-            f"temporal modelling (temporal embeddings / encoder, trained on {model.temporal_embeddings.shape[1]} "
-            "frames); use eval_frame_ensemble=concat")
+            f"temporal modelling (temporal embeddings / encoder, trained on "
+            f"{model.temporal_embeddings.shape[1]} frames); use eval_frame_ensemble=concat")
     trained = model.temporal_embeddings.shape[1]
     if model.config.add_temporal_embed and num_frames_test > trained:
         logger.info("temporal embeddings: %d trained frames interpolated linearly to %d test frames",
@@ -61,7 +61,8 @@ def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
 @torch.no_grad()
 def itm_scores(model, text_embeds, text_mask, vid_tokens, ensemble):
     """Class-1 ITM logit for row-aligned (text, video) pairs; vid_tokens (k, clips, L, D). Uncached."""
-    clip_scores = [model.itm_logits(text_embeds, text_mask, vid_tokens[:, c])[:, 1] for c in range(vid_tokens.shape[1])]
+    clip_scores = [model.itm_logits(text_embeds,
+                                    text_mask, vid_tokens[:, c])[:, 1] for c in range(vid_tokens.shape[1])]
     if len(clip_scores) == 1:
         return clip_scores[0]
     return ensemble_frames(torch.stack(clip_scores, dim=1), ensemble)
@@ -126,8 +127,9 @@ def _dense(model, feats: Features, k_test, ensemble):
     for t in range(n_txt):
         k = min(n_vid, k_test)
         top = sim_i2t[:, t].topk(k).indices
-        t2i[t, top.cpu()] = itm_scores(model, text_embeds[t:t + 1].expand(k, -1, -1), text_mask[t:t + 1].expand(k, -1),
-                                       vid_tokens[top], ensemble).float().cpu()
+        t2i[t, top.cpu()] = itm_scores(model, text_embeds[t:t + 1].expand(k, -1, -1),
+                                       text_mask[t:t + 1].expand(k, -1), vid_tokens[top],
+                                       ensemble).float().cpu()
     return i2t, t2i, sim_i2t.float().cpu()
 
 

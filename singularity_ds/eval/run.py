@@ -19,10 +19,10 @@ from omegaconf import OmegaConf
 
 from ..config import load_config
 from ..config.args import split_run_args
-from ..errors import CheckpointError, ConfigError
-from ..fileio import write_json
 from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
+from ..errors import CheckpointError, ConfigError
+from ..fileio import write_json
 from .broken import check_not_empty
 from .mc import evaluate_mc
 from .metrics import save_results
@@ -71,6 +71,7 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
 
 def load_answer_list(config) -> list:
     import json
+
     from ..errors import AnnotationError
     path = config.answer_list
     try:
@@ -113,7 +114,8 @@ def _skipped(res: dict) -> str:
 def _split_args(argv):
     args = split_run_args(argv, bool_flags=["--offload"])
     if len(args.configs) < 2:
-        raise ConfigError("usage: singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]")
+        raise ConfigError("usage: singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT "
+                          "[key=value ...] [--offload]")
     overrides = args.overrides + (["eval_offload=True"] if "offload" in args.flags else [])
     return args.configs[:-1], args.configs[-1], overrides
 
@@ -129,7 +131,8 @@ def eval_main(kind: str, argv) -> dict:
         if name in config.test_file:
             OmegaConf.to_container(config.test_file[name], resolve=True)
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
-    device = setup()["device"] if distributed else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (setup()["device"] if distributed
+              else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     # the resolution the checkpoint was trained at, unless asked for another one on the command line: a
     # config file's image_res (the packaged ones say 224) would resize a 32 px model's tables for nothing
     given = any(o.split("=", 1)[0].strip() == "image_res" for o in overrides)
@@ -140,7 +143,8 @@ def eval_main(kind: str, argv) -> dict:
         logger.info("image_res=%d from %s (the config says %d; pass image_res=%d to evaluate at that "
                     "resolution)", model.config.image_res, checkpoint, config.image_res, config.image_res)
     config.vit_type, config.image_res = model.vit_type, model.config.image_res  # transforms follow the model
-    out_dir = config.output_dir or os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0])
+    out_dir = config.output_dir or os.path.join("runs", "eval",
+                                                os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir
     tokenizer = build_tokenizer(config.text_encoder)
     rank = rank_world()[0]

@@ -129,8 +129,10 @@ def _bwd_kv_kernel(Q, K, V, Bias, DO, Lse, Delta, DK, DV, DS,
             tl.store(DS + pid_bh * Lq * Lk + offs_m[:, None] * Lk + offs_n[None, :], ds,
                      mask=row_ok[:, None] & col_ok[None, :])
         dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE, UPCAST) * scale
-    tl.store(DK + pid_bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + pid_bh * Lk * D + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DK + pid_bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + pid_bh * Lk * D + offs_n[:, None] * D + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @triton.jit
@@ -159,7 +161,8 @@ def _bwd_q_kernel(Q, K, V, Bias, DO, Lse, Delta, DQ,
         dp = _dot(do, tl.trans(v), IEEE, UPCAST)
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE, UPCAST) * scale
-    tl.store(DQ + pid_bh * Lq * D + offs_m[:, None] * D + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(DQ + pid_bh * Lq * D + offs_m[:, None] * D + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
 def _bias_args(bias, shape):
@@ -186,7 +189,8 @@ class _FlashAttention(torch.autograd.Function):
             q, k, v, bias_full if bias_full is not None else q, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), *bs, out.stride(0), out.stride(1), out.stride(2),
-            h, lq, lk, scale, HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast, D=d, BLOCK_M=bm, BLOCK_N=bn)
+            h, lq, lk, scale, HAS_BIAS=bias is not None, IEEE=ieee, UPCAST=upcast, D=d, BLOCK_M=bm,
+            BLOCK_N=bn)
         ctx.save_for_backward(q, k, v, bias_full if bias_full is not None else torch.empty(0), out, lse)
         ctx.scale, ctx.has_bias = scale, bias is not None
         ctx.bias_shape = bias.shape if bias is not None else None
@@ -227,7 +231,8 @@ def supported(q, k, v, bias=None, dropout_p: float = 0.0) -> str:
         return "attention dropout is on"
     if q.shape[-1] not in HEAD_DIMS:
         return f"head dim {q.shape[-1]} (supported: {HEAD_DIMS})"
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
+    if q.dtype not in (torch.float32,
+                       torch.bfloat16, torch.float16) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtype {q.dtype}"
     if q.dim() != 4:
         return f"{q.dim()}-d inputs"

@@ -73,7 +73,8 @@ def run(shapes, dtype, device, reps):
         flops = 4 * b * h * lq * lk * d
         q, k, v, bias = _inputs(shape, dtype, device)
         with torch.no_grad():
-            ref = _impls()["math"](q.double(), k.double(), v.double(), None if bias is None else bias.double())
+            ref = _impls()["math"](q.double(), k.double(), v.double(),
+                                   None if bias is None else bias.double())
         for impl, fn in _impls().items():
             try:
                 with torch.no_grad():
@@ -105,7 +106,8 @@ def main(argv) -> int:
     rows = run(shapes, dtype, device, args.reps or (20 if device.type == "cuda" else 2))
     hardware = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"{hardware}, {dtype}")
-    print(f"{'shape':<20s}{'impl':<8s}{'fwd ms':>10s}{'TFLOP/s':>9s}{'fwd+bwd ms':>12s}{'TFLOP/s':>9s}{'max err':>10s}")
+    print(f"{'shape':<20s}{'impl':<8s}{'fwd ms':>10s}{'TFLOP/s':>9s}{'fwd+bwd ms':>12s}{'TFLOP/s':>9s}"
+          f"{'max err':>10s}")
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<20s}{r['impl']:<8s}  {r['error']}")

@@ -11,10 +11,9 @@ from omegaconf import OmegaConf
 
 from ..config import complete_config
 from ..errors import CheckpointError, ConfigError
-from .weights import (load_into, load_text_tower, load_vision_tower,
-                          read_checkpoint)
 from .qa import SingularityQA
 from .singularity import Singularity
+from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +36,8 @@ def _local_folder(name: str):
 def init_towers(model: Singularity, config) -> None:
     """``tower_init=pretrained``: load both towers from local Hugging Face folders, as the original
     does from the hub. A name with no local copy is an error that says what to pass instead."""
-    for key, loader in (("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)):
+    for key, loader in (("text_encoder", load_text_tower),
+                        ("vit_name_or_pretrained_path", load_vision_tower)):
         name = config[key]
         folder = _local_folder(name)
         if folder is None:
@@ -49,7 +49,8 @@ def init_towers(model: Singularity, config) -> None:
 
 
 def build_model(config, model_class=Singularity, strict: bool = True) -> Singularity:
-    """A training-ready ``model_class`` (the task's): towers from ``pretrained_path`` or per ``tower_init``."""
+    """A training-ready ``model_class`` (the task's): towers from ``pretrained_path`` or per
+    ``tower_init``."""
     model = model_class(config)
     path = config.pretrained_path
     if path:

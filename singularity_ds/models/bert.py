@@ -26,7 +26,8 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
-        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None], persistent=False)
+        self.register_buffer("position_ids",
+                             torch.arange(cfg.max_position_embeddings)[None], persistent=False)
 
     def forward(self, input_ids):
         pos = self.position_ids[:, : input_ids.shape[1]]
@@ -55,7 +56,8 @@ class BertAttention(AttentionLayer):
 
     def project_kv(self, context):
         """Keys and values (B, H, Lk, d) of ``context``; cross-attention's depend on the video only."""
-        return split_heads(self.self.key(context), self.num_heads), split_heads(self.self.value(context), self.num_heads)
+        return (split_heads(self.self.key(context), self.num_heads),
+                split_heads(self.self.value(context), self.num_heads))
 
     def forward(self, x, bias=None, context=None, kv=None):
         q = split_heads(self.self.query(x), self.num_heads)
@@ -158,7 +160,8 @@ class TextEncoder(nn.Module):
         """mode='text': embeddings + text-only layers."""
         return self.run(self.bert.embeddings(input_ids), mask, 0, self.fusion_layer)
 
-    def fusion(self, text_embeds, mask, image_embeds=None, image_mask: Optional[torch.Tensor] = None, kv=None):
+    def fusion(self, text_embeds, mask, image_embeds=None,
+               image_mask: Optional[torch.Tensor] = None, kv=None):
         """mode='fusion': the cross-attention layers over text states from :meth:`text`; ``kv`` from
         :meth:`cross_kv` replaces ``image_embeds``."""
         return self.run(text_embeds, mask, self.fusion_layer, None, image_embeds, image_mask, kv)
@@ -166,7 +169,8 @@ class TextEncoder(nn.Module):
     def cross_kv(self, image_embeds):
         """Each fusion layer's cross-attention keys/values of ``image_embeds``: computed once per
         video, reused for every text scored against it (evaluation)."""
-        return [layer.crossattention.project_kv(image_embeds) for layer in self.bert.encoder.layer[self.fusion_layer:]]
+        return [layer.crossattention.project_kv(image_embeds)
+                for layer in self.bert.encoder.layer[self.fusion_layer:]]
 
     def mlm_logits(self, hidden):
         return self.cls(hidden, self.bert.embeddings.word_embeddings.weight)

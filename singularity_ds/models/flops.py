@@ -45,7 +45,8 @@ def _vision(config, t):
     return vision, temporal, nv
 
 
-def qa_step_flops(config, num_frames: int = None, q_len: int = None, a_len: int = None, answers: int = 1) -> dict:
+def qa_step_flops(config, num_frames: int = None, q_len: int = None,
+                  a_len: int = None, answers: int = 1) -> dict:
     """Forward FLOPs per question (``answers`` answers each) by part, plus ``forward`` and ``train``."""
     txt = bert_config(config)
     dec = decoder_config(txt, config)
@@ -54,7 +55,8 @@ def qa_step_flops(config, num_frames: int = None, q_len: int = None, a_len: int 
     vision, temporal, nv = _vision(config, t)
     dt, ft = txt.hidden_size, txt.intermediate_size
     fusion = txt.num_hidden_layers - txt.fusion_layer
-    question = txt.num_hidden_layers * layer(lq, dt, ft) + fusion * cross(lq, t * nv, dt, vision_config(config).hidden_size)
+    question = txt.num_hidden_layers * layer(lq, dt, ft) + fusion * cross(lq, t * nv, dt,
+                                                                          vision_config(config).hidden_size)
     decoder = dec.num_hidden_layers * (layer(la, dt, dec.intermediate_size) + cross(la, lq, dt, dt))
     head = la * (2 * dt * dt + 2 * dt * dec.vocab_size)
     out = dict(vision=vision, temporal=temporal, question=question, answer=answers * (decoder + head))

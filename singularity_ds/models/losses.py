@@ -136,7 +136,8 @@ def mask_tokens(input_ids: torch.Tensor, vocab_size: int, mlm_prob: float,
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                           labels.reshape(-1), ignore_index=-100)
 
 
 def ensemble_frames(frame_logits: torch.Tensor, how: str, dim: int = 1) -> torch.Tensor:

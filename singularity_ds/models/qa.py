@@ -58,7 +58,8 @@ class SingularityQA(Singularity):
         if ensemble == "concat":
             return self.encode_question(self.encode_image(image)[0], q_ids, q_mask)
         frames = self.encode_frames(image)[0]
-        return torch.stack([self.encode_question(frames[:, f], q_ids, q_mask) for f in range(frames.shape[1])], 1)
+        return torch.stack([self.encode_question(frames[:, f], q_ids, q_mask)
+                            for f in range(frames.shape[1])], 1)
 
     # ------------------------------------------------------------------ decoder side
     def decoder_logits(self, ids, mask, q_states, q_mask):
@@ -87,7 +88,8 @@ class SingularityQA(Singularity):
         """sum_b sum_answers(b) weight * summed NLL, / B (the original's training loss)."""
         states = self.question_states(image, q_ids, q_mask)
         counts = torch.as_tensor(num_answers, device=states.device)
-        nll = self.answer_nll(a_ids, a_mask, states.repeat_interleave(counts, 0), q_mask.repeat_interleave(counts, 0))
+        nll = self.answer_nll(a_ids, a_mask, states.repeat_interleave(counts, 0),
+                              q_mask.repeat_interleave(counts, 0))
         return (weights.to(nll.dtype) * nll).sum() / image.shape[0]
 
     forward = qa_loss
@@ -112,7 +114,8 @@ class SingularityQA(Singularity):
     def rank_answer(self, q_states, q_mask, a_ids, a_mask, k: int):
         """-> (topk_ids (B, k) answer indices, topk_probs (B, k)), best first."""
         k = min(k, a_ids.shape[0])
-        first, top_ids = self._candidates(self.first_token_probs(q_states, q_mask, int(a_ids[0, 0])), a_ids, k)
+        first, top_ids = self._candidates(self.first_token_probs(q_states,
+                                                                 q_mask, int(a_ids[0, 0])), a_ids, k)
         log_prob_sum = torch.log(first) - self._candidate_nll(q_states, q_mask, a_ids, a_mask, top_ids)
         return self._final(log_prob_sum, top_ids)
 
@@ -124,7 +127,8 @@ class SingularityQA(Singularity):
         probs = torch.stack([self.first_token_probs(late_states[:, f], q_mask, bos) for f in range(t)])
         pooled = F.softmax(pool_frames(probs, how), dim=1)  # the original's second softmax
         first, top_ids = self._candidates(pooled, a_ids, k)
-        per_frame = torch.stack([torch.log(first) - self._candidate_nll(late_states[:, f], q_mask, a_ids, a_mask, top_ids)
+        per_frame = torch.stack([torch.log(first) - self._candidate_nll(late_states[:, f],
+                                                                        q_mask, a_ids, a_mask, top_ids)
                                  for f in range(t)], 1)  # (B, T, k)
         return self._final(pool_frames(per_frame, how, dim=1), top_ids)
 

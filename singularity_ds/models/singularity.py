@@ -8,11 +8,9 @@ Shapes: video (B, T, C, H, W); Li tokens per frame ([CLS] + patches); D vision w
 """
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ..config import complete_config
-
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
 from .attention import AttentionLayer, check_attention_impl
@@ -65,7 +63,8 @@ class Singularity(nn.Module):
                 layer.lambda_1.data.fill_(vis_cfg.layer_scale_init_value)
                 layer.lambda_2.data.fill_(vis_cfg.layer_scale_init_value)
         # BEiT-only extra LayerNorm on the token states (not the pooled vector), eps 1e-12 as the original
-        self.vision_layernorm = nn.LayerNorm(self.vision_width, eps=1e-12) if self.vit_type == "beit" else None
+        self.vision_layernorm = (nn.LayerNorm(self.vision_width, eps=1e-12) if self.vit_type == "beit"
+                                 else None)
 
         if retrieval_heads:  # the QA model has none of these (nor the BEiT pooler)
             embed_dim = config.embed_dim
@@ -269,5 +268,6 @@ class Singularity(nn.Module):
         w = self.config.loss_weight
         out = dict(loss_ita=loss_ita * w.itc, loss_itm=loss_itm * w.itm)
         if self.has_mlm_head and w.mlm > 0:
-            out["loss_mlm"] = self.get_mlm_loss(input_ids, attention_mask, image_embeds, mlm_inputs, kv) * w["mlm"]
+            out["loss_mlm"] = self.get_mlm_loss(input_ids, attention_mask,
+                                                image_embeds, mlm_inputs, kv) * w["mlm"]
         return out

@@ -50,7 +50,8 @@ def safe_load(path: str) -> dict:
         lines = [line.strip() for line in str(e).splitlines()]
         unsafe = next((line for line in lines if "GLOBAL" in line), None)  # torch names the blocked global
         if unsafe is None:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint ({lines[-1] if lines else e})") from None
+            raise CheckpointError(f"{path}: not a readable torch checkpoint "
+                                  f"({lines[-1] if lines else e})") from None
         raise CheckpointError(
             f"{path}: refused to load: its pickle references code that is not plain tensors/containers "
             f"({unsafe.split('. Please')[0]}). Loading it could execute arbitrary code; load only "
@@ -71,7 +72,8 @@ def plain_config(cfg) -> dict:
             for key in cfg.keys():
                 try:
                     value = OmegaConf.select(cfg, str(key), throw_on_resolution_failure=True)
-                    out[key] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                    out[key] = (OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value)
+                                else value)
                 except Exception:
                     out[key] = OmegaConf.to_container(cfg, resolve=False)[key]
             return out
@@ -160,11 +162,13 @@ def normalise_keys(state: dict, model) -> dict:
             continue
         out[k] = v
     for tower in ("text_encoder", "text_decoder"):
-        for tied, source in ((f"{tower}.cls.predictions.decoder.weight", f"{tower}.bert.embeddings.word_embeddings.weight"),
+        for tied, source in ((f"{tower}.cls.predictions.decoder.weight",
+                              f"{tower}.bert.embeddings.word_embeddings.weight"),
                              (f"{tower}.cls.predictions.decoder.bias", f"{tower}.cls.predictions.bias")):
             if tied in out:
                 if source in out and not torch.equal(out[tied], out[source]):
-                    raise CheckpointError(f"{tied} differs from {source}; this model ties them (as the original)")
+                    raise CheckpointError(f"{tied} differs from {source}; "
+                                          f"this model ties them (as the original)")
                 del out[tied]
     if hasattr(model, "text_decoder") and not any(k.startswith("text_decoder.") for k in out):
         out = decoder_from_text_tower(out, model.text_encoder.config.fusion_layer)
@@ -175,7 +179,8 @@ def normalise_keys(state: dict, model) -> dict:
         if dropped:
             logger.info("MLM head not used by this model; dropped %d text_encoder.cls.* keys", len(dropped))
     own = model.state_dict()
-    layers = lambda keys: len({k.split(".")[4] for k in keys if k.startswith("text_decoder.bert.encoder.layer.")})  # noqa: E731
+    layers = lambda keys: len({k.split(".")[4] for k in keys  # noqa: E731
+                               if k.startswith("text_decoder.bert.encoder.layer.")})
     if hasattr(model, "text_decoder") and layers(out) != layers(own):
         raise CheckpointError(f"text_decoder: the checkpoint has {layers(out)} decoder layers, this model "
                               f"{layers(own)} (text layers - fusion_layer); check bert_config / fusion_layer")
@@ -268,7 +273,8 @@ def load_into(model, state: dict, strict: bool = True, source: str = "checkpoint
     problems = []
     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", mismatched)):
         if keys:
-            problems.append(f"{len(keys)} {name} key(s): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
+            problems.append(f"{len(keys)} {name} key(s): " + ", ".join(keys[:20])
+                            + (" ..." if len(keys) > 20 else ""))
     if problems and strict:
         raise CheckpointError(f"{source}: does not match the model (pass strict=False to load anyway):\n  "
                               + "\n  ".join(problems))
@@ -326,7 +332,8 @@ def read_checkpoint(path: str):
     ckpt = safe_load(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (the original's format); "
-                              f"got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else ''}")
+                              f"got {type(ckpt).__name__} with keys "
+                              f"{list(ckpt)[:8] if isinstance(ckpt, dict) else ''}")
     return ckpt["model"], plain_config(ckpt.get("config"))
 
 
@@ -391,14 +398,16 @@ def load_text_tower(model, folder: str) -> dict:
     state.pop("cls.predictions.decoder.weight", None)
     state.pop("cls.predictions.decoder.bias", None)
     own = tower.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    bad = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+           if k in own and own[k].shape != v.shape]
     unexpected = [k for k in state if k not in own]
     if bad or unexpected:
         raise CheckpointError(f"{folder}: does not fit the text tower: " + ", ".join(bad + unexpected)[:2000])
     tower.load_state_dict(state, strict=False)
     missing = [k for k in own if k not in state]
     if any(".crossattention." not in k and not k.startswith("cls.") for k in missing):
-        raise CheckpointError(f"{folder}: text tower keys missing: {[k for k in missing if '.crossattention.' not in k][:10]}")
+        raise CheckpointError(f"{folder}: text tower keys missing: "
+                              f"{[k for k in missing if '.crossattention.' not in k][:10]}")
     logger.info("text tower <- %s (%d tensors; %d cross-attention/head tensors newly initialised)",
                 folder, len(state), len(missing))
     return dict(loaded=sorted(state), newly_initialised=missing)
@@ -412,7 +421,8 @@ _HF5_VISION_NAMES = [(re.compile(a), b) for a, b in [
     (r"^layers\.(\d+)\.attention\.o_proj\.", r"encoder.layer.\1.attention.output.dense."),
     (r"^layers\.(\d+)\.mlp\.fc1\.", r"encoder.layer.\1.intermediate.dense."),
     (r"^layers\.(\d+)\.mlp\.fc2\.", r"encoder.layer.\1.output.dense."),
-    (r"^layers\.(\d+)\.relative_position_bias\.", r"encoder.layer.\1.attention.attention.relative_position_bias."),
+    (r"^layers\.(\d+)\.relative_position_bias\.",
+     r"encoder.layer.\1.attention.attention.relative_position_bias."),
     (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
 ]]
 
@@ -433,7 +443,8 @@ def load_vision_tower(model, folder: str) -> dict:
         for prefix in ("beit.", "vit.", "deit."):
             if k.startswith(prefix):
                 k = k[len(prefix):]
-        if k.startswith(("classifier.", "lm_head.", "layernorm.") if model.vit_type == "beit" else ("classifier.",)):
+        if k.startswith(("classifier.",
+                         "lm_head.", "layernorm.") if model.vit_type == "beit" else ("classifier.",)):
             continue
         if k.rsplit(".", 1)[-1] in DERIVED_BUFFERS or k == "embeddings.mask_token":
             continue

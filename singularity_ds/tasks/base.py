@@ -52,7 +52,8 @@ class Task:
 
     # ---------------------------------------------------------------- benchmarking
     def synthetic_batch(self, config, batch_size: int) -> dict:
-        """A batch of the shapes the config trains on (random pixels, full-length ids), for ``bench train``."""
+        """A batch of the shapes the config trains on (random pixels, full-length ids), for
+        ``bench train``."""
         raise NotImplementedError
 
     def step_flops(self, config, batch_size: int) -> dict:

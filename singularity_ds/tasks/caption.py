@@ -43,7 +43,8 @@ class CaptionTask(Task):
         g = torch.Generator().manual_seed(0)
         length = per_media(config.max_txt_l, "video")
         return dict(media=random_media(config, batch_size, g), input_ids=random_ids(batch_size, length, g),
-                    attention_mask=torch.ones(batch_size, length, dtype=torch.long), idx=torch.arange(batch_size))
+                    attention_mask=torch.ones(batch_size, length, dtype=torch.long),
+                    idx=torch.arange(batch_size))
 
     def step_flops(self, config, batch_size):
         return step_flops(config, batch_size)

@@ -22,7 +22,8 @@ class QATask(Task):
     def losses(self, model, batch, dtype, device):
         return dict(loss_qa=model(batch["media"].to(device, dtype), batch["question_ids"].to(device),
                                   batch["question_mask"].to(device), batch["answer_ids"].to(device),
-                                  batch["answer_mask"].to(device), batch["weights"].to(device), batch["num_answers"]))
+                                  batch["answer_mask"].to(device), batch["weights"].to(device),
+                                  batch["num_answers"]))
 
     def check_evaluation_data(self, config):
         if config.test_file:
@@ -44,9 +45,11 @@ class QATask(Task):
         g = torch.Generator().manual_seed(0)
         q, a = config.max_q_len, config.max_a_len
         return dict(media=random_media(config, batch_size, g),
-                    question_ids=random_ids(batch_size, q, g), question_mask=torch.ones(batch_size, q, dtype=torch.long),
-                    answer_ids=random_ids(batch_size, a, g), answer_mask=torch.ones(batch_size, a, dtype=torch.long),
-                    weights=torch.ones(batch_size), num_answers=[1] * batch_size)
+                    question_ids=random_ids(batch_size, q, g),
+                    question_mask=torch.ones(batch_size, q, dtype=torch.long),
+                    answer_ids=random_ids(batch_size, a, g),
+                    answer_mask=torch.ones(batch_size, a, dtype=torch.long), weights=torch.ones(batch_size),
+                    num_answers=[1] * batch_size)
 
     def step_flops(self, config, batch_size):
         return qa_step_flops(config)

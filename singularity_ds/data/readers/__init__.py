@@ -9,9 +9,11 @@ import random
 
 from ...errors import MediaError
 from .base import MemoryFile, VideoReader, check_file, get_reader, register_reader
+
 # imported in registration order, the order an unknown reader's error lists them: FFmpeg's, then DALI's
 from .ffmpeg import DecordReader, PyAVReader, frame_size
-from .dali import DaliReader, clip_pipeline, dali_missing
+
+from .dali import DaliReader, clip_pipeline, dali_missing  # isort: skip
 from .image import load_image
 from .sampling import SAMPLE_TYPES, get_frame_indices
 

@@ -51,12 +51,14 @@ def _pipeline(batch_size: int, backend: str, augment: dict = None):
         anchor = fn.external_source(name="anchor", dtype=types.FLOAT, ndim=1)   # (y, x) per clip
         shape = fn.external_source(name="shape", dtype=types.FLOAT, ndim=1)     # (h, w) per clip
         mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
-        video = fn.slice(video, anchor, shape, axis_names="HW", normalized_anchor=False, normalized_shape=False)
+        video = fn.slice(video, anchor, shape, axis_names="HW",
+                         normalized_anchor=False, normalized_shape=False)
         image_res = augment["image_res"]
         video = fn.resize(video, resize_x=image_res, resize_y=image_res, interp_type=types.INTERP_CUBIC,
                           antialias=False)
         return fn.crop_mirror_normalize(video, mirror=mirror, dtype=types.FLOAT, output_layout="FCHW",
-                                        mean=[255 * m for m in augment["mean"]], std=[255 * s for s in augment["std"]])
+                                        mean=[255 * m for m in augment["mean"]],
+                                        std=[255 * s for s in augment["std"]])
 
     pipe = build()
     pipe.build()
@@ -96,20 +98,23 @@ class DaliReader(VideoReader):
     def decode(self, path, indices):
         if self._pipe is None:
             self._pipe = _pipeline(1, self.backend)
-        data = np.frombuffer(path.data, dtype=np.uint8) if isinstance(path, MemoryFile) else np.fromfile(path, dtype=np.uint8)
+        data = (np.frombuffer(path.data, dtype=np.uint8) if isinstance(path, MemoryFile)
+                else np.fromfile(path, dtype=np.uint8))
         self._pipe.feed_input("encoded", [data])
         self._pipe.feed_input("frames", [np.asarray(indices, dtype=np.int32)])
         try:
             (out,) = self._pipe.run()
         except RuntimeError as e:
             self._pipe = None  # a failed DALI pipeline cannot run again
-            hint = " (DALI's CPU decoder reads VP8/VP9/MJPEG; H.264 needs a GPU)" if self.backend == "cpu" else ""
+            hint = (" (DALI's CPU decoder reads VP8/VP9/MJPEG; H.264 needs a GPU)" if self.backend == "cpu"
+                    else "")
             if self.fallback:
                 if not self._warned:
                     self._warned = True
                     logger.warning("DALI cannot decode %s%s; reading such files with decord", path, hint)
                 return get_reader("decord").decode(path, indices)
-            raise MediaError(path, f"DALI cannot decode it{hint}: {str(e).strip().splitlines()[0][:160]}") from None
+            raise MediaError(path,
+                             f"DALI cannot decode it{hint}: {str(e).strip().splitlines()[0][:160]}") from None
         return _outputs(out)[0].permute(0, 3, 1, 2).contiguous()
 
 
