@@ -44,11 +44,14 @@ def rank_env() -> dict:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env.setdefault("MASTER_ADDR", _slurm_master())
         env.setdefault("MASTER_PORT", str(29500 + int(env.get("SLURM_JOB_ID", "0")) % 2000))
+    own_port = False
     if "RANK" not in env:
         env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         env.setdefault("MASTER_ADDR", "127.0.0.1")
+        own_port = "MASTER_PORT" not in env
         env.setdefault("MASTER_PORT", str(free_port()))
-    return dict(rank=int(env["RANK"]), world=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)))
+    return dict(rank=int(env["RANK"]), world=int(env["WORLD_SIZE"]), local_rank=int(env.get("LOCAL_RANK", 0)),
+                own_port=own_port)
 
 
 def pin_ninja():
@@ -89,8 +92,19 @@ def setup(timeout: float = None) -> dict:
     import deepspeed
     if not torch.distributed.is_initialized():
         limit = {} if timeout is None else dict(timeout=datetime.timedelta(seconds=timeout))
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False, **limit)
+        for attempt in range(3):
+            try:
+                deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                           verbose=False, **limit)
+                break
+            except torch.distributed.DistNetworkError as e:
+                # a port picked here (one process, no launcher) can be taken between free_port()
+                # closing it and the store binding it: pick another; a launcher's port is its own
+                if not info.pop("own_port", False) or "EADDRINUSE" not in str(e) or attempt == 2:
+                    raise
+                os.environ["MASTER_PORT"] = str(free_port())
+                info["own_port"] = True
+    info.pop("own_port", None)
     heartbeat.start(info["rank"], info["world"])
     if torch.cuda.is_available():
         torch.cuda.set_device(info["local_rank"])
