@@ -79,3 +79,20 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_sessionstart(session):
     import time
     session.config._sds_start = time.time()
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def _no_launch_variables_left():
+    """An in-process run (`cli.main(["train", ...])`) sets RANK/MASTER_PORT/... in this process, as a
+    launcher would; a subprocess a later test starts would inherit them and try to serve its rendezvous
+    on the port this process's store still holds (EADDRINUSE). Put the environment back after each test."""
+    before = {k: os.environ.get(k) for k in LAUNCH_VARIABLES}
+    yield
+    for k, v in before.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
