@@ -86,7 +86,10 @@ def render(clip: dict, size: int, frames: int) -> np.ndarray:
 def write_clip(path: str, frames: np.ndarray, fps: int, codec: str = "libx264") -> None:
     import av
     tmp = path + ".part"
-    options = {"libx264": {"crf": "18", "preset": "veryfast"}, "mjpeg": {"q:v": "2"}}.get(codec, {})
+    # x264's assembly and threads give slightly different pixels in different processes (measured: 1 of
+    # ~40 clips); without them the same seed makes the same corpus, and these clips are tiny
+    options = {"libx264": {"crf": "18", "preset": "veryfast", "x264-params": "threads=1:no-asm=1"},
+               "mjpeg": {"q:v": "2"}}.get(codec, {})
     with av.open(tmp, "w", format=os.path.splitext(path)[1][1:].replace("mkv", "matroska")) as container:
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
