@@ -85,7 +85,7 @@ class Trainer:
         self.dtype = WEIGHT_DTYPE[self.precision]
         self.seed = config.seed
         self.accumulation = config.gradient_accumulation_steps
-        self.replaced = []  # the paths of the broken media replaced in training (this rank's)
+        self.replaced = {}  # the broken media files replaced in training (this rank's), each once, in order
         self.nonfinite = NonFiniteSteps(config.max_nonfinite_steps, self.rank)
 
     def build(self):
@@ -161,7 +161,7 @@ class Trainer:
             if i + 1 < self.accumulation:  # the boundary's step waits for the skip decision below
                 self.engine.step()
             broken += len(batch.get("failures", []))
-            self.replaced += [path for path, _ in batch.get("failures", [])]
+            self.replaced.update(dict.fromkeys(path for path, _ in batch.get("failures", [])))
             paths += batch["paths"]
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item() / self.accumulation
@@ -225,7 +225,7 @@ class Trainer:
         if self.rank == 0:
             write_json(log.history, os.path.join(self.run_dir, "history.json"))
         if failures:
-            paths = list(dict.fromkeys(self.replaced))
+            paths = list(self.replaced)
             logger.warning("%d broken media were replaced during training (%d files): %s", failures,
                            len(paths), ", ".join(paths))
         return dict(history=log.history, eval=results, run_dir=self.run_dir, failures=failures)

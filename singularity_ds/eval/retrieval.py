@@ -24,9 +24,10 @@ import logging
 import numpy as np
 import torch
 
+from ..config.schema import ENSEMBLES
 from ..dist import all_gather, rank_world
 from ..errors import ConfigError
-from ..models.losses import ENSEMBLES, ensemble_frames, similarity
+from ..models.losses import ensemble_frames, similarity
 from .broken import surviving_ground_truth
 from .features import Features, extract
 from .metrics import itm_eval, topk_eval

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config.schema import ATTENTION_IMPLS
+
 logger = logging.getLogger(__name__)
 
 MASK_VALUE = -10000.0  # the original's extended-attention-mask constant
@@ -28,7 +30,6 @@ def padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
 
 
-IMPLS = ("auto", "triton", "sdpa", "math")
 _logged = set()  # fallback reasons already logged (logging once per process is enough)
 
 
@@ -37,9 +38,9 @@ def check_attention_impl(impl: str) -> str:
     otherwise (training, and always on CPU);
     ``triton``: the kernel wherever it can run (CPU only under ``TRITON_INTERPRET=1``); ``sdpa``;
     ``math`` (explicit softmax, the reference)."""
-    if impl not in IMPLS:
+    if impl not in ATTENTION_IMPLS:  # the schema checks configs; this, direct callers
         from ..errors import ConfigError
-        raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(IMPLS)}")
+        raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
     return impl
 
 

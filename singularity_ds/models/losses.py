@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ENSEMBLES = ("concat", "mean", "max", "lse")
+from ..config.schema import ENSEMBLES
 
 
 def same_idx(idx_rows: torch.Tensor, idx_cols: torch.Tensor) -> torch.Tensor:
