@@ -98,6 +98,11 @@ def cmd_make_shards(args) -> int:
     return 0
 
 
+def cmd_corpus_stats(args) -> int:
+    from .data.corpus_stats import main as corpus_stats
+    return corpus_stats(args.rest)
+
+
 def cmd_preprocess(args) -> int:
     from .data.preprocess import main as preprocess
     return preprocess([args.kind, *args.rest])
@@ -195,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--media-outside-dir", action="store_true",
                     help="accept media paths outside MEDIA_DIR (absolute, or with ..), as the config key")
     sh.set_defaults(func=cmd_make_shards)
+    cs = sub.add_parser("corpus-stats",
+                        help="a corpus's entries, usable media, durations, resolutions, caption lengths, "
+                             "duplicates, and the usable count against --expected",
+                        description="corpus-stats INDEX_OR_ANNOTATION [--media-dir D] [--expected N] "
+                                    "[--out DIR]; `corpus-stats --help` after the source for details")
+    cs.add_argument("rest", nargs=argparse.REMAINDER)
+    cs.set_defaults(func=cmd_corpus_stats)
     pp = sub.add_parser("preprocess",
                         help="re-encode videos (fps, size, no audio) or resize images, in parallel",
                         description="preprocess videos|images SRC DST [--fps 2] [--size 224] [--workers N] "

@@ -5,7 +5,8 @@ sample of its media read exactly as training reads them.
 progress bar); training runs :func:`preflight`, the cheap part, at start-up: the annotation files are
 parsed and validated by the loaders anyway, so it adds that every media folder exists and that the
 first media files of each corpus are there (a wrong ``data_root`` fails in a second, not at the first
-batch of a job that waited a day in the queue).
+batch of a job that waited a day in the queue). ``singularity-ds corpus-stats`` reads every media file
+of a corpus through the same :func:`check_media`.
 """
 import multiprocessing
 import os
@@ -14,6 +15,7 @@ from typing import List, NamedTuple
 
 from ..errors import AnnotationError, MediaError
 from .annotations import iter_annotations, load_corpus, media_field
+from .readers import MemoryFile
 from .shards import is_shard_source, shard_list
 
 PREFLIGHT_FILES = 16  # media files per corpus whose existence training checks at start-up
@@ -69,16 +71,35 @@ def _worker_init(source):
     _SOURCE = source
 
 
-def _read(path: str):
-    if not os.path.exists(path):
-        return "missing", path
+def media_pool(source, workers: int):
+    """A process pool whose workers read media through ``source`` (:func:`check_media` with
+    :func:`worker_source`); spawned, one torch thread each."""
+    ctx = multiprocessing.get_context("spawn")
+    return ctx.Pool(max(1, workers), initializer=_worker_init, initargs=(source,))
+
+
+def worker_source():
+    """The MediaSource of this pool worker (set by :func:`media_pool`)."""
+    return _SOURCE
+
+
+def check_media(source, path):
+    """Read one media file (a path, or a shard sample's :class:`~.readers.MemoryFile`) exactly as training
+    reads it -> ``(status, line, output)``: ``("ok", path, what source returned)``, ``("missing", path,
+    None)`` or ``("broken", "path: reason", None)``."""
+    if not isinstance(path, MemoryFile) and not os.path.exists(path):
+        return "missing", path, None
     try:
-        _SOURCE(path, 0)
-        return "ok", path
+        return "ok", path, source(path, 0)
     except MediaError as e:
-        return "broken", f"{path}: {e.reason}"
+        return "broken", f"{path}: {e.reason}", None
     except Exception as e:  # a decoder's own error: a broken file all the same
-        return "broken", f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return "broken", f"{path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", None
+
+
+def _read(path: str):
+    status, line, _ = check_media(_SOURCE, path)
+    return status, line
 
 
 def check_corpus(name: str, spec: tuple, source, kind: str = "caption", fraction: float = 0.05,
@@ -99,8 +120,7 @@ def check_corpus(name: str, spec: tuple, source, kind: str = "caption", fraction
     picked = sorted(random.Random(seed).sample(range(len(store)), count))
     paths = list(dict.fromkeys(p for i in picked for p in _paths(store[i])))  # each media file once
     from tqdm import tqdm
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(max(1, workers), initializer=_worker_init, initargs=(source,)) as pool:
+    with media_pool(source, workers) as pool:
         results = list(tqdm(pool.imap(_read, paths, chunksize=4), total=len(paths), desc=f"media {name}",
                             disable=not progress, dynamic_ncols=True))
     return CorpusReport(name, anno, media_type, len(store), len(paths),
