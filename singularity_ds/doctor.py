@@ -14,17 +14,24 @@ import os
 
 from .data import corpus_specs, media_source, per_media
 from .data.checks import check_corpus
+from .data.mixing import corpus_weights, epoch_samples
 from .engine.trainer import parse_train_args
 from .errors import AnnotationError
 
 
 def _steps_per_epoch(config, reports, world: int) -> int:
-    """Micro-batches of every media type trained on (drop_last, split over ranks) / accumulation."""
-    micro = 0
-    for r in reports:
-        if r.name.startswith("train_file"):
-            batch = per_media(config.batch_size, r.media_type)
-            micro += (r.entries // world) // batch
+    """Micro-batches of every media type trained on (drop_last, split over ranks) / accumulation; with
+    weighted shard corpora, of each type's share of ``samples_per_epoch``."""
+    train = [r for r in reports if r.name.startswith("train_file")]
+    specs = corpus_specs(config.train_file)
+    weights = corpus_weights(config, specs)
+    if weights is not None:
+        samples = epoch_samples(weights, specs, [r.entries for r in train], config.samples_per_epoch)
+    else:
+        samples = {}
+        for r in train:
+            samples[r.media_type] = samples.get(r.media_type, 0) + r.entries
+    micro = sum((n // world) // per_media(config.batch_size, m) for m, n in samples.items())
     return micro // config.gradient_accumulation_steps
 
 

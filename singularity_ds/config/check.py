@@ -131,6 +131,12 @@ def _check_value(spec: Key, value):
         problem = _bounds_error(spec, value)
         if problem:
             raise ConfigError(f"config key {spec.path!r} {problem}, got {value!r}")
+    if isinstance(value, list):  # a list of numbers: the bounds hold for each element
+        for i, v in enumerate(value):
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            problem = _bounds_error(spec, v) if number else None
+            if problem:
+                raise ConfigError(f"config key {spec.path!r}: element {i} {problem}, got {v!r}")
     if isinstance(value, str) and (spec.choices or spec.pattern):
         if value not in (spec.choices or ()) and not (spec.pattern and re.fullmatch(spec.pattern[0], value)):
             shown = list(spec.choices or ()) + ([spec.pattern[1]] if spec.pattern else [])

@@ -47,8 +47,9 @@ ENSEMBLES = ("concat", "mean", "max", "lse")
 
 def key(default, doc: str, *, ge=None, gt=None, le=None, choices: Tuple[str, ...] = None,
         pattern: Tuple[str, str] = None):
-    """A config key. ``ge``/``gt``/``le`` bound a number (or each value of an ``{image, video}`` pair);
-    ``choices`` (and ``pattern``: (regex, how the docs show it)) list the strings it accepts."""
+    """A config key. ``ge``/``gt``/``le`` bound a number (or each value of an ``{image, video}`` pair, or
+    each element of a list); ``choices`` (and ``pattern``: (regex, how the docs show it)) list the strings
+    it accepts."""
     meta = dict(doc=doc, ge=ge, gt=gt, le=le, choices=choices, pattern=pattern)
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
@@ -156,6 +157,16 @@ class Config:
     train_file: Optional[CorpusSpec | list[CorpusSpec]] = key(
         None, "training corpus `[anno_json, media_dir(, video)]` (or `[shard index.json, null, video]`), or "
               "a list of them; checked where read")
+    train_corpus_weights: Optional[list[float]] = key(
+        None, "shard corpora: a sampling weight per train_file corpus, in its order (OpenCLIP's "
+              "--train-data-upsampling-factors): epochs draw shards with replacement, a sample of corpus i "
+              "weight_i times as often as in the plain union (expected share weight_i x samples_i / "
+              "sum_j weight_j x samples_j); 0 leaves a corpus out; null: each sample once per epoch",
+        ge=0)
+    samples_per_epoch: Optional[int] = key(
+        None, "shard corpora: samples per epoch over all ranks, drawn with replacement and split over the "
+              "media types by their weighted sizes (OpenCLIP's --train-num-samples); null: the corpora's "
+              "total (with train_corpus_weights) or every sample once", ge=1)
     test_file: Dict[str, CorpusSpec] = key({}, "evaluation sets: `name: corpus` (open: add your own)")
     test_types: list[str] = key([], "the test_file entries evaluated (empty: all of them)")
     stop_key: Optional[str] = key(None, "the original's test_file entry that picks the best checkpoint; "

@@ -11,6 +11,7 @@ from .annotations import corpus_specs, load_corpus
 from .datasets import CaptionDataset, MCDataset, QADataset, RetrievalEvalDataset
 from .loader import CaptionCollate, MetaLoader, QACollate, make_loader
 from .media import ClipPlanner, MediaSource
+from .mixing import corpus_weights, epoch_samples
 from .readers import clip_pipeline
 from .shards import ShardStream, is_shard_source, shard_list
 from .transforms import build_transform, normalization
@@ -64,23 +65,41 @@ def dali_finish(config):
     return finish
 
 
-def shard_stream(config, specs, media_type, rank, world) -> ShardStream:
-    """The streaming dataset of a media type's shard corpora (their shards are read in one order)."""
+def shard_stream(config, specs, media_type, rank, world, weights=None, samples=None) -> ShardStream:
+    """The streaming dataset of a media type's shard corpora (their shards are read in one order); with
+    ``weights`` (one per corpus) and ``samples`` (this type's share of an epoch), drawn with replacement
+    (:mod:`.mixing`)."""
     if config.video_input.dali_device and media_type == "video":
         raise AnnotationError("video_input.dali_device: DALI batch decoding reads files; shard corpora "
                               "decode per sample (video_input.reader)")
-    return ShardStream([shard for spec in specs for shard in shard_list(spec[0], media_type)],
-                       media_source(config, media_type, train=True),
+    shards, shard_weights = [], []
+    for i, spec in enumerate(specs):
+        listed = shard_list(spec[0], media_type)
+        shards += listed
+        shard_weights += [weights[i] if weights is not None else 1.0] * len(listed)  # a shard: its corpus's
+    return ShardStream(shards, media_source(config, media_type, train=True),
                        per_media(config.batch_size, media_type), rank, world, seed=config.seed,
                        buffer=config.shard_shuffle_buffer,
                        has_multi_vision_gt=config.has_multi_vision_gt,
-                       is_paragraph_retrieval=config.is_paragraph_retrieval)
+                       is_paragraph_retrieval=config.is_paragraph_retrieval,
+                       weights=shard_weights if weights is not None else None, samples=samples)
+
+
+def weighted_epoch(config, specs):
+    """``(weights per corpus, samples per media type)`` of weighted shard corpora (:mod:`.mixing`), or
+    ``(None, None)`` unweighted."""
+    weights = corpus_weights(config, specs)
+    if weights is None:
+        return None, None
+    counts = [sum(n for _, n in shard_list(path, media_type)) for path, _, media_type in specs]
+    return weights, epoch_samples(weights, specs, counts, config.samples_per_epoch)
 
 
 def caption_train_datasets(config, rank: int = 0, world: int = 1) -> dict:
     """One dataset per media type of ``train_file`` (corpora of a type are concatenated): a
     CaptionDataset over annotation files, or a ShardStream over tar shards."""
     specs = corpus_specs(config.train_file)
+    weights, samples = weighted_epoch(config, specs)
     out = {}
     for media_type in sorted({spec[2] for spec in specs}):
         of_type = [spec for spec in specs if spec[2] == media_type]
@@ -89,7 +108,12 @@ def caption_train_datasets(config, rank: int = 0, world: int = 1) -> dict:
             if not all(sharded):
                 raise AnnotationError(f"config key 'train_file': the {media_type} corpora mix shards and "
                                       f"annotation files; give one kind per media type")
-            out[media_type] = shard_stream(config, of_type, media_type, rank, world)
+            if weights is None:
+                out[media_type] = shard_stream(config, of_type, media_type, rank, world)
+            elif samples[media_type] > 0:  # a type whose corpora all weigh 0 is not trained on
+                of_type_weights = [w for w, spec in zip(weights, specs) if spec[2] == media_type]
+                out[media_type] = shard_stream(config, of_type, media_type, rank, world, of_type_weights,
+                                               samples[media_type])
             continue
         store = load_corpus(of_type, media_outside_dir=config.media_outside_dir)
         out[media_type] = CaptionDataset(

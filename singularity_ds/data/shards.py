@@ -29,6 +29,7 @@ Streaming (one epoch, ``world`` ranks x ``W`` workers each):
 import contextlib
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -133,6 +134,23 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
     return index
 
 
+def draw_shards(shards, weights, samples: int, seed: int):
+    """The epoch's shard sequence ``[(url, samples)]`` holding exactly ``samples`` samples: shards drawn with
+    replacement from ``random.Random(seed)``, each with probability proportional to its weight (its
+    corpus's), the last one cut. Shards without samples or weight are never drawn."""
+    pool = [(s, w) for s, w in zip(shards, weights) if w > 0 and s[1] > 0]
+    if samples > 0 and not pool:
+        raise AnnotationError("config key 'train_corpus_weights': no shard with samples has a weight above 0")
+    cum = list(itertools.accumulate(w for _, w in pool))
+    rng, order, total = random.Random(seed), [], 0
+    while total < samples:
+        (url, n), _ = pool[rng.choices(range(len(pool)), cum_weights=cum)[0]]
+        n = min(n, samples - total)
+        order.append((url, n))
+        total += n
+    return order
+
+
 def _count_samples(path: str) -> int:
     """Samples in a local tar, grouped as :func:`read_shard` groups them (headers only, no data read)."""
     import tarfile
@@ -214,17 +232,23 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards, source: MediaSource, batch_size: int, rank: int = 0, world: int = 1,
                  seed: int = 0, shuffle: bool = True, buffer: int = 500, has_multi_vision_gt=False,
-                 is_paragraph_retrieval=False):
+                 is_paragraph_retrieval=False, weights=None, samples: int = None):
+        """``weights`` (one per shard) and ``samples`` (per epoch, over all ranks): each epoch's shard order
+        is drawn with replacement (:func:`draw_shards`, see :mod:`.mixing`) instead of shuffled."""
         self.shards, self.source, self.batch_size = list(shards), source, batch_size
         self.rank, self.world, self.seed = rank, world, seed
         self.shuffle, self.buffer = shuffle, max(1, buffer)
         self.multi_vision_gt, self.paragraph = has_multi_vision_gt, is_paragraph_retrieval
-        self.epoch, self.skip = 0, 0
-        self.per_rank = sum(n for _, n in self.shards) // world
+        self.weights, self.samples = (list(weights) if weights is not None else None), samples
+        self.epoch, self.skip, self._drawn = 0, 0, (None, None)
+        total = sum(n for _, n in self.shards) if samples is None else samples
+        self.per_rank = total // world
         self.batches = self.per_rank // batch_size
         if self.batches == 0:
+            share = " (its media type's share of samples_per_epoch)" if samples is not None else ""
             raise AnnotationError(f"shard corpus {self.shards[0][0] if self.shards else '(empty)'}...: "
-                                  f"{self.per_rank} samples per rank, fewer than one batch of {batch_size}")
+                                  f"{self.per_rank} samples per rank{share}, fewer than one batch of "
+                                  f"{batch_size}")
 
     @property
     def media_type(self):
@@ -243,6 +267,11 @@ class ShardStream(IterableDataset):
         return start, start + self.batch_size * counts[worker]
 
     def _order(self):
+        if self.weights is not None:  # drawn once per epoch and process (every worker asks several times)
+            if self._drawn[0] != self.epoch:
+                self._drawn = (self.epoch, draw_shards(self.shards, self.weights, self.samples,
+                                                       epoch_seed(self.seed, self.epoch)))
+            return self._drawn[1]
         order = list(self.shards)
         if self.shuffle:
             random.Random(epoch_seed(self.seed, self.epoch)).shuffle(order)

@@ -33,6 +33,7 @@ from ..config.args import split_run_args
 from ..data import corpus_specs
 from ..data.checks import preflight
 from ..data.loader import item_seed
+from ..data.mixing import corpus_weights
 from ..errors import CheckpointError, ConfigError, RankLostError
 from ..fileio import write_json
 from ..models.weights import export as export_model, plain_config
@@ -59,6 +60,7 @@ def preflight_data(config, task):
     """The cheap part of ``singularity-ds doctor``, before anything is written: media folders exist and the
     first media of each corpus too, for training and (when evaluated during training) the test sets."""
     preflight(corpus_specs(config.train_file), "train_file", task.train_annotations)
+    corpus_weights(config, corpus_specs(config.train_file))  # weights that do not fit the corpora: one line
     if task.evaluate_each_epoch:
         for name in config.test_types or config.test_file:
             preflight(corpus_specs(config.test_file[name], key=f"test_file.{name}"), f"test_file.{name}",
@@ -123,17 +125,25 @@ class Trainer:
         saved, current = state.get("stream_layout"), self._stream_layout()
         if saved and current and saved != current:
             raise ConfigError(f"resume from {tag}: its shard streams were split for {saved}, this run has "
-                              f"{current}; an epoch splits over ranks and loader workers, so resume with the "
-                              f"same ranks and num_workers")
+                              f"{current}; an epoch splits over ranks and loader workers (and is drawn from "
+                              f"the corpus weights), so resume with the same ranks and num_workers (and "
+                              f"train_corpus_weights, samples_per_epoch)")
         logger.info("resumed from %s: epoch %d, micro-step %d, global step %d", tag, state["epoch"],
                     state["micro_step"], state["global_step"])
         return {k: state[k] for k in fresh}
 
     def _stream_layout(self):
-        """How shard streams split an epoch (ranks x loader workers); None without shard corpora."""
+        """How shard streams split an epoch (ranks x loader workers) and, when weighted, what they draw it
+        from; None without shard corpora."""
         from torch.utils.data import IterableDataset
         streams = [ld for ld in self.loader.loaders.values() if isinstance(ld.dataset, IterableDataset)]
-        return dict(world=self.world, num_workers=streams[0].num_workers) if streams else None
+        if not streams:
+            return None
+        layout = dict(world=self.world, num_workers=streams[0].num_workers)
+        if self.config.train_corpus_weights is not None or self.config.samples_per_epoch is not None:
+            weights = corpus_weights(self.config, corpus_specs(self.config.train_file))
+            layout.update(train_corpus_weights=weights, samples_per_epoch=self.config.samples_per_epoch)
+        return layout
 
     def _save(self, epoch, micro_step, global_step):
         if self.nonfinite.in_streak:  # see NonFiniteSteps.in_streak; the same decision on every rank
