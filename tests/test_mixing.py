@@ -129,6 +129,16 @@ def test_weights_over_annotation_files_are_refused(corpus, tmp_path, capsys):
                         "make-shards)") and "\n" not in err
 
 
+def test_doctor_counts_the_steps_of_the_weighted_epoch(corpus, capsys):
+    """27 video + 13 image samples (see the training test below): 6 + 3 steps of 4; 12 + 2 unweighted."""
+    args = ["doctor", "pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml"),
+            "train_corpus=synthetic_shards", "batch_size.video=4", "batch_size.image=4", "--world", "1"]
+    assert main(args + ["train_corpus_weights=[1,3]", "samples_per_epoch=40"]) == 0
+    assert "steps per epoch: 9 optimizer steps with 1 rank(s)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "steps per epoch: 14 optimizer steps with 1 rank(s)" in capsys.readouterr().out
+
+
 @pytest.fixture
 def one_rank_in_process(monkeypatch):
     """`singularity-ds train` inside this process: rank variables and logging handlers put back after."""
