@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+from array import array
 from collections import Counter
 
 import numpy as np
@@ -77,7 +78,10 @@ class Tally:
         self.examples = {"missing": [], "broken": []}
         self.keys, self.captions, self.hashes, self.hashed_keys = set(), set(), set(), set()
         self.dup_keys = self.dup_captions = self.dup_content = 0
-        self.tokens, self.durations, self.frames, self.fps, self.sizes = [], [], [], [], []
+        # compact columns: a 10M-entry corpus stays in hundreds of MB
+        self.tokens, self.frames, self.shorter = array("l"), array("l"), array("l")
+        self.durations, self.fps = array("d"), array("d")
+        self.sizes = Counter()  # "WxH" -> media
         self.bytes = 0
         self._pending = []
 
@@ -116,7 +120,8 @@ class Tally:
                 self.hashes.add(info["sha"])
             self.bytes += info["bytes"]
         if status == "ok":
-            self.sizes.append((info["width"], info["height"]))
+            self.sizes[f"{info['width']}x{info['height']}"] += 1
+            self.shorter.append(min(info["width"], info["height"]))
             if "frames" in info:
                 self.frames.append(info["frames"])
                 self.fps.append(info["fps"])
@@ -126,12 +131,12 @@ class Tally:
     def flush(self):
         if self._pending:
             ids = self.tokenizer([pre_text(c) for c in self._pending], add_special_tokens=False).input_ids
-            self.tokens += [len(i) for i in ids]
+            self.tokens.extend(len(i) for i in ids)
             self._pending = []
 
 
 def _stats(values) -> dict:
-    if not values:
+    if not len(values):
         return None
     a = np.asarray(values, dtype=np.float64)
     p5, p50, p95 = np.percentile(a, [5, 50, 95])
@@ -153,21 +158,30 @@ def _scan_files(spec, tally, workers, source, media_outside_dir, progress):
     from tqdm import tqdm
     anno, media_dir, media_type = spec
     store = load_corpus([spec], "caption", media_outside_dir)
-    paths, entries = {}, []
-    for entry in store:  # each media file is read once, however many entries name it
-        media = entry["media"] if isinstance(entry["media"], list) else [entry["media"]]
-        ids = [paths.setdefault(p, len(paths)) for p in media]
-        entries.append((ids, entry[media_field(entry, media_type)], entry["caption"]))
-    infos = [None] * len(paths)
+
+    def media_of(entry):
+        return entry["media"] if isinstance(entry["media"], list) else [entry["media"]]
+
+    def unique_paths():  # each media file is read once, however many entries name it
+        seen = set()
+        for entry in store:
+            for path in media_of(entry):
+                if _digest(path) not in seen:
+                    seen.add(_digest(path))
+                    yield path
+
+    status = {}  # path digest -> status
+    total = len({_digest(p) for entry in store for p in media_of(entry)})
     with _mapper(source, workers) as imap:
-        bar = tqdm(imap(list(paths)), total=len(paths), disable=not progress,
-                   desc=f"corpus-stats {os.path.basename(anno)}", unit="file", dynamic_ncols=True)
-        for i, (path, info) in enumerate(zip(paths, bar)):
-            infos[i] = info
+        bar = tqdm(imap(unique_paths()), total=total, disable=not progress, unit="file", dynamic_ncols=True,
+                   desc=f"corpus-stats {os.path.basename(anno)}")
+        for path, info in zip(unique_paths(), bar):
+            status[_digest(path)] = info["status"]
             tally.media_file(os.path.relpath(path, media_dir) if media_dir else path, info)
-    for ids, key, caption in entries:
-        key = json.dumps(key) if isinstance(key, list) else key
-        tally.entry(key, caption, [infos[i]["status"] for i in ids])
+    for entry in store:
+        key = entry[media_field(entry, media_type)]
+        tally.entry(json.dumps(key) if isinstance(key, list) else key, entry["caption"],
+                    [status[_digest(p)] for p in media_of(entry)])
 
 
 def _scan_shards(spec, tally, workers, source, progress):
@@ -214,12 +228,12 @@ def _plot(tally, path: str, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [("duration (s)", tally.durations), ("frames", tally.frames),
-              ("shorter side (px)", [min(s) for s in tally.sizes]),
+              ("shorter side (px)", tally.shorter),
               (f"caption length (tokens; max_txt_l={tally.max_txt_l})", tally.tokens)]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     for ax, (name, values) in zip(axes, panels):
         ax.set_title(name, fontsize=10)
-        if values:
+        if len(values):
             ax.hist(values, bins=min(50, max(5, len(set(values)))), color="#4c72b0")
         else:
             ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
@@ -233,7 +247,6 @@ def _plot(tally, path: str, title: str):
 
 def summarize(tally, source: str, specs, expected=None) -> dict:
     tally.flush()
-    sizes = Counter(f"{w}x{h}" for w, h in tally.sizes)
     over = sum(t > tally.max_txt_l - 1 for t in tally.tokens)  # [CLS] takes one of max_txt_l
     out = dict(source=source, corpora=[dict(anno=a, media_dir=d or None, media_type=m) for a, d, m in specs],
                entries=tally.entries, usable_entries=tally.usable,
@@ -242,7 +255,7 @@ def summarize(tally, source: str, specs, expected=None) -> dict:
                bytes=tally.bytes, missing_examples=tally.examples["missing"],
                broken_examples=tally.examples["broken"],
                duration_s=_stats(tally.durations), frames=_stats(tally.frames), fps=_stats(tally.fps),
-               shorter_side_px=_stats([min(s) for s in tally.sizes]), resolutions=sizes.most_common(10),
+               shorter_side_px=_stats(tally.shorter), resolutions=tally.sizes.most_common(10),
                caption_unit=f"{tally.tokenizer_name} tokens without [CLS]",
                caption_tokens=_stats(tally.tokens), captions=len(tally.tokens),
                captions_truncated=int(over), max_txt_l=tally.max_txt_l,
