@@ -26,6 +26,7 @@ Streaming (one epoch, ``world`` ranks x ``W`` workers each):
 - resume: the samples of the batches already trained on are read again but not decoded, so a resumed
   run sees the same batches as an uninterrupted one (except near broken samples).
 """
+import bisect
 import contextlib
 import glob
 import hashlib
@@ -142,9 +143,10 @@ def draw_shards(shards, weights, samples: int, seed: int):
     if samples > 0 and not pool:
         raise AnnotationError("config key 'train_corpus_weights': no shard with samples has a weight above 0")
     cum = list(itertools.accumulate(w for _, w in pool))
+    mass, last = cum[-1] if cum else 0.0, len(cum) - 1
     rng, order, total = random.Random(seed), [], 0
-    while total < samples:
-        (url, n), _ = pool[rng.choices(range(len(pool)), cum_weights=cum)[0]]
+    while total < samples:  # random.choices(pool, cum_weights=cum) without its per-call overhead
+        (url, n), _ = pool[bisect.bisect(cum, rng.random() * mass, 0, last)]
         n = min(n, samples - total)
         order.append((url, n))
         total += n
