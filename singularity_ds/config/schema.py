@@ -133,8 +133,9 @@ class Scheduler:
 
 @dataclass
 class Wandb:
-    """Weights & Biases logging: the original's keys, never read (singularity-ds logs to TensorBoard)."""
-    enable: bool = key(False, "log to W&B")
+    """Weights & Biases logging (the original's keys): the scalars TensorBoard gets, to W&B too."""
+    enable: bool = key(False, "log the training / evaluation scalars to W&B as well as TensorBoard (needs "
+                              "`pip install singularity-ds[wandb]`; WANDB_MODE=offline: local run files)")
     entity: Optional[str] = key(None, "W&B user or team")
     project: str = key("pretrain", "W&B project")
 
