@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"engine"},
-    {"demo", "doctor"},
+    {"demo", "doctor", "hf_export"},
     {"cli", "__main__"},
 ]
 
