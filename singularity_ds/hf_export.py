@@ -178,7 +178,8 @@ def export_hf(checkpoint: str, out: str) -> str:
     towers = export_towers(model, out)
     digest = sha256(os.path.join(source, "model.safetensors") if os.path.isdir(source) else source)
     metrics = run_metrics(run_dir)
-    atomic_write(os.path.join(out, "README.md"), model_card(model.config, source, digest, metrics, towers))
+    card = model_card(model.config, checkpoint, digest, metrics, towers)
+    atomic_write(os.path.join(out, "README.md"), card)
     if metrics is not None:
         write_json(metrics[1], os.path.join(out, "eval_results.json"))
     return out
