@@ -3,9 +3,14 @@ the run's local transaction log is read back here. Nothing leaves the machine.""
 import glob
 import json
 import struct
+import sys
 
 import numpy as np
+import pytest
 
+from conftest import tiny_config
+from singularity_ds.engine.scalars import open_sinks
+from singularity_ds.errors import ConfigError
 from test_faults import one_rank_in_process, train, video_overlay  # noqa: F401  (a fixture, helpers)
 
 
@@ -62,3 +67,14 @@ def test_wandb_offline_gets_the_tensorboard_scalars(corpus, tmp_path, monkeypatc
     history = json.load(open(out / "history.json"))
     assert [r["loss"] for r in history] == [v for _, v in wb["train/loss"]]
     assert (out / "wandb" / "run_id").read_text() in glob.glob(str(out / "wandb" / "offline-run-*"))[0]
+
+
+def test_wandb_enable_without_the_package_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError (not installed)
+    with pytest.raises(ConfigError, match=r"^config key 'wandb.enable' is True but the wandb package is not "
+                                          r"installed: pip install 'singularity-ds\[wandb\]'"):
+        open_sinks(tiny_config(**{"wandb.enable": True}), str(tmp_path), 0)
+    sinks = open_sinks(tiny_config(), str(tmp_path), 0)  # off (the default): TensorBoard only
+    assert [type(s).__name__ for s in sinks] == ["TensorBoardSink"]
+    for s in sinks:
+        s.close()

@@ -46,9 +46,15 @@ class WandbSink:
         else:
             run_id = uuid.uuid4().hex[:8]  # W&B run ids: 8 lower-case letters/digits
             atomic_write(id_file, run_id)
-        self.run = wandb.init(project=config.wandb.project, entity=config.wandb.entity, dir=run_dir,
-                              id=run_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)),
-                              config=plain_config(config))
+        try:
+            self.run = wandb.init(project=config.wandb.project, entity=config.wandb.entity, dir=run_dir,
+                                  id=run_id, resume="allow", name=os.path.basename(os.path.abspath(run_dir)),
+                                  config=plain_config(config))
+        except Exception as e:  # not logged in, no network, a bad entity: W&B's own errors, in one line
+            raise ConfigError(f"config key 'wandb.enable': W&B could not start a run ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}); log in "
+                              f"(`wandb login` or WANDB_API_KEY), set WANDB_MODE=offline, or set "
+                              f"wandb.enable=False") from None
 
     def log(self, scalars: dict, step: int):
         self.run.log(dict(scalars), step=step)
