@@ -22,7 +22,7 @@ system-deps:
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,dali]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,dali,wandb]"
 	@echo "building DeepSpeed's CPU allreduce op once (about 2 minutes)"
 	$(PY) -c "from singularity_ds.dist import build_ops; build_ops()"
 	touch $(STAMP)

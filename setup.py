@@ -36,6 +36,7 @@ setup(
             "iscc-samples",         # one real clip in ~20 containers for reader tests
         ],
         "dali": ["nvidia-dali-cuda130>=2.0"],  # video_input.reader=dali (GPU decoding; CPU: VP8/VP9/MJPEG)
+        "wandb": ["wandb>=0.19"],  # wandb.enable=True: training scalars to Weights & Biases too
     },
     entry_points={"console_scripts": ["singularity-ds=singularity_ds.cli:main"]},
 )

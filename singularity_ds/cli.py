@@ -86,6 +86,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .hf_export import export_hf
+    print(export_hf(args.checkpoint, args.hf))
+    return 0
+
+
 def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     try:
@@ -174,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("kind", choices=["ret", "mc", "qa"])
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
+    x = sub.add_parser("export", help="CHECKPOINT --hf OUT: a folder to publish (load_model, transformers "
+                                      "towers, model card)")
+    x.add_argument("checkpoint", help="a run folder, an export folder or an original .pth")
+    x.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (new or empty)")
+    x.set_defaults(func=cmd_export)
     m = sub.add_parser("make-synthetic",
                        help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")

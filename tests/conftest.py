@@ -4,6 +4,9 @@ from pathlib import Path
 # Triton reads TRITON_INTERPRET when it is first imported (DeepSpeed imports it early): set it for the
 # whole session so the kernel tests run the kernels on CPU tensors; nothing else here uses Triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never reach the real Hugging Face Hub: a Hub repo id not in the cache is an error, not a download
+# (read when huggingface_hub is first imported). tests/test_hub.py downloads from a local Hub in children.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

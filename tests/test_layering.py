@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "singularity_ds"
 
 # Each layer may import only the layers before it (and itself).
 LAYERS = [
-    {"errors", "fileio", "dist", "heartbeat", "ds_configs"},
+    {"errors", "fileio", "dist", "heartbeat", "hub", "ds_configs"},
     {"config"},
     {"data"},
     {"kernels"},
@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"engine"},
-    {"demo", "doctor"},
+    {"demo", "doctor", "hf_export"},
     {"cli", "__main__"},
 ]
 

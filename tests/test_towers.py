@@ -68,8 +68,15 @@ def test_build_model_with_pretrained_towers_and_clear_error_without(minilm, tmp_
     hf = BertModel.from_pretrained(minilm).state_dict()
     assert torch.equal(model.text_encoder.bert.embeddings.word_embeddings.weight,
                        hf["embeddings.word_embeddings.weight"])
-    with pytest.raises(CheckpointError, match="'text_encoder': no local weights for 'bert-base-uncased'"):
+    # a Hub id offline (the tests set HF_HUB_OFFLINE) and not cached: what to do instead (tests/test_hub.py
+    # downloads from a local Hub)
+    with pytest.raises(CheckpointError, match="'text_encoder': HF_HUB_OFFLINE is set and 'bert-base-uncased' "
+                                              "is not in the local Hugging Face cache"):
         build_model(tiny_config(tower_init="pretrained", text_encoder="bert-base-uncased"))
+    # a path that does not exist is no Hub repo id either: said so, before any request
+    with pytest.raises(CheckpointError, match="'vit_name_or_pretrained_path': '/no/such/beit' is neither a "
+                                              "local folder nor a Hugging Face Hub repo id"):
+        build_model(tiny_config(vit_name_or_pretrained_path="/no/such/beit"))
 
 
 @pytest.mark.parametrize("kind", ["beit", "vit"])

@@ -134,8 +134,9 @@ class Scheduler:
 
 @dataclass
 class Wandb:
-    """Weights & Biases logging: the original's keys, never read (singularity-ds logs to TensorBoard)."""
-    enable: bool = key(False, "log to W&B")
+    """Weights & Biases logging (the original's keys): the scalars TensorBoard gets, to W&B too."""
+    enable: bool = key(False, "log the training / evaluation scalars to W&B as well as TensorBoard (needs "
+                              "`pip install singularity-ds[wandb]`; WANDB_MODE=offline: local run files)")
     entity: Optional[str] = key(None, "W&B user or team")
     project: str = key("pretrain", "W&B project")
 
@@ -194,7 +195,7 @@ class Config:
     task: Optional[str] = key(None, "set by `singularity-ds train TASK` (pretrain, train_ret, train_qa); a "
                                     "name ending in qa builds the QA model (answer decoder)")
     text_encoder: str = key("bert-base-uncased", "text tower: tokenizer name, and the local Hugging Face "
-                                                 "folder or cached name its weights load from "
+                                                 "folder or Hub repo id its weights load from "
                                                  "(tower_init=pretrained)")
     text_decoder: Optional[str] = key(None, "QA: the original's decoder name; unused here (the decoder is "
                                             "built from the text tower's config)")
@@ -214,16 +215,17 @@ class Config:
     vit_zoo: Dict[str, str] = key({"beit": "microsoft/beit-base-patch16-224-pt22k-ft22k"},
                                   "vit_type -> pretrained vision tower name (open: add your own)")
     vit_name_or_pretrained_path: str = key(
-        "${vit_zoo[${vit_type}]}", "vision tower: local Hugging Face folder or name (its architecture JSON "
-                                   "shipped or cached)")
+        "${vit_zoo[${vit_type}]}", "vision tower: local Hugging Face folder or Hub repo id (its "
+                                   "architecture JSON shipped, cached or downloaded)")
     beit_config_dict: Optional[Dict[str, Any]] = key(None, "inline BEiT architecture (as original "
                                                            "checkpoints store it); wins over "
                                                            "vit_name_or_pretrained_path")
     vit_config_dict: Optional[Dict[str, Any]] = key(None, "inline ViT/DeiT architecture; wins over "
                                                           "vit_name_or_pretrained_path")
     tower_init: str = key("pretrained", "where the towers start without pretrained_path: pretrained (from "
-                                        "text_encoder / vit_name_or_pretrained_path, local only, nothing is "
-                                        "downloaded) or random (BERT-style init)",
+                                        "text_encoder / vit_name_or_pretrained_path: local folders, or Hub "
+                                        "repo ids downloaded into the HF cache; HF_HUB_OFFLINE=1: the cache "
+                                        "only) or random (BERT-style init)",
                           choices=("pretrained", "random"))
     temporal_vision_encoder: TemporalVisionEncoder = group(TemporalVisionEncoder)
     add_temporal_embed: bool = key(False, "add learned temporal embeddings to the encoded frames")

@@ -11,6 +11,8 @@ from importlib import resources
 from tokenizers.processors import TemplateProcessing
 from transformers import AutoTokenizer
 
+from ..hub import tokenizer_folder
+
 SHIPPED = {"bert-base-uncased":
            resources.files("singularity_ds") / "configs" / "tokenizer" / "bert-base-uncased"}
 
@@ -29,14 +31,14 @@ def pre_text(text: str, max_l: int = None) -> str:
 
 
 def build_tokenizer(name: str = "bert-base-uncased"):
-    """``name``: a local tokenizer folder, or ``bert-base-uncased`` (its vocab ships in the package)."""
+    """``name``: a local tokenizer folder, ``bert-base-uncased`` (its vocab ships in the package), or a
+    Hugging Face Hub repo id (its tokenizer files from the HF cache, downloaded if needed: :mod:`..hub`)."""
     if os.path.isdir(str(name)):
         source = str(name)
     elif name in SHIPPED:
         source = str(SHIPPED[name])
     else:
-        raise ValueError(f"config key 'text_encoder': no tokenizer for {name!r} "
-                         f"(not a local folder; shipped: {sorted(SHIPPED)})")
+        source = tokenizer_folder(str(name))
     tok = AutoTokenizer.from_pretrained(source)
     cls, sep = tok.cls_token, tok.sep_token
     tok.backend_tokenizer.post_processor = TemplateProcessing(  # ALBEF's: no [SEP] after a single sequence

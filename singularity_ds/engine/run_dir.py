@@ -11,7 +11,8 @@ from ..errors import ConfigError
 from .checkpointing import complete_tags
 
 # what a run writes before its first checkpoint (checkpoints/ may hold the partial .tmp of a save)
-START_FILES = frozenset({"config.yaml", "ds_config.json", "train.log", "tb", "history.jsonl", "checkpoints"})
+START_FILES = frozenset({"config.yaml", "ds_config.json", "train.log", "tb", "wandb", "history.jsonl",
+                         "checkpoints"})
 
 
 def prepare_run_dir(config) -> str:

@@ -1,5 +1,5 @@
-"""What a run shows and keeps of its steps: TensorBoard scalars, the progress bar, ``train.log`` lines
-every ``log_freq`` steps, and the per-step history. Rank 0 only.
+"""What a run shows and keeps of its steps: scalars (TensorBoard, and W&B: :mod:`.scalars`), the progress
+bar, ``train.log`` lines every ``log_freq`` steps, and the per-step history. Rank 0 only.
 
 Nothing of a run is lost when it is killed and resumed: every step's record is appended to
 ``history.jsonl`` as it happens (``history.json``, written at the end, is all of them); a resumed run
@@ -15,6 +15,7 @@ import sys
 
 from ..errors import SingularityError
 from ..fileio import atomic_write
+from .scalars import open_sinks
 
 logger = logging.getLogger("singularity_ds.train")
 
@@ -81,23 +82,21 @@ def _read_history(path: str) -> list:
 
 class RunLog:
     def __init__(self, run_dir: str, rank: int, total_steps: int, first_step: int, desc: str, log_freq: int,
-                 force_progress_bar: bool):
+                 force_progress_bar: bool, config=None):
         """``first_step``: the optimizer step the run starts after (the resumed checkpoint's; 0 when fresh).
         ``history`` holds every step of the run on rank 0 (those before a resume too), this process's
-        steps on the others."""
+        steps on the others. ``config``: the run's (which scalar sinks: :func:`.scalars.open_sinks`)."""
         self.rank, self.log_freq, self.history = rank, max(1, log_freq), []
-        self.writer = self.progress = self._file = None
+        self.sinks, self.progress, self._file = [], None, None
         if rank != 0:
             return
-        from torch.utils.tensorboard import SummaryWriter
         from tqdm import tqdm
         path = os.path.join(run_dir, HISTORY)
         # steps past first_step were done by a run that stopped before saving them: they are replayed
         self.history = [r for r in _read_history(path) if r.get("step", 0) <= first_step]
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in self.history))
         self._file = open(path, "a")
-        # purge_step: TensorBoard drops the events of this folder at steps >= it (an earlier attempt's)
-        self.writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=first_step + 1)
+        self.sinks = open_sinks(config, run_dir, first_step)
         self.progress = tqdm(total=total_steps, initial=first_step, desc=desc, dynamic_ncols=True,
                              disable=not sys.stderr.isatty() and not force_progress_bar)
 
@@ -109,9 +108,9 @@ class RunLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         step = record["step"]
-        for k in list(loss_names) + list(STEP_SCALARS):
-            self.writer.add_scalar(f"train/{k}", record[k], step)
-        self.writer.add_scalar("train/broken_media", broken_media, step)
+        scalars = {f"train/{k}": record[k] for k in list(loss_names) + list(STEP_SCALARS)}
+        scalars["train/broken_media"] = broken_media
+        self._log(scalars, step)
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         if step % self.log_freq == 0 or step == 1:
@@ -119,15 +118,17 @@ class RunLog:
             logger.info("step %d epoch %d: %s", step, record["epoch"],
                         " ".join(f"{k}={record[k]:.4f}" for k in shown))
 
+    def _log(self, scalars: dict, step: int):
+        for sink in self.sinks:  # every sink gets the same tags, values and step
+            sink.log(scalars, step)
+
     def evaluation(self, scalars: dict, step: int):
-        if self.writer is not None:
-            for k, v in scalars.items():
-                self.writer.add_scalar(f"eval_{k}", v, step)
+        self._log({f"eval_{k}": v for k, v in scalars.items()}, step)
 
     def close(self):
         if self.progress is not None:
             self.progress.close()
-        if self.writer is not None:
-            self.writer.close()
+        for sink in self.sinks:
+            sink.close()
         if self._file is not None:
             self._file.close()

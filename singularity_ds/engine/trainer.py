@@ -196,7 +196,7 @@ class Trainer:
         total = epochs * self.steps_per_epoch if max_steps < 0 else min(max_steps,
                                                                         epochs * self.steps_per_epoch)
         log = RunLog(self.run_dir, self.rank, total, state["global_step"], self.task.name, cfg.log_freq,
-                     cfg.progress_bar)
+                     cfg.progress_bar, config=cfg)
         failures, global_step = 0, state["global_step"]
         per_epoch = self.steps_per_epoch * self.accumulation  # micro-batches used per epoch (whole windows)
         for epoch in range(state["epoch"], epochs):

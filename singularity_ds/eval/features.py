@@ -142,8 +142,10 @@ class Features:
 @torch.no_grad()
 def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat", batch_size: int = 32,
             store: str = "device", feature_dir: str = None, text_batch: int = 256,
-            name: str = "evaluation set") -> Features:
+            name: str = "evaluation set", text_inputs=None) -> Features:
     """Encode ``dataset``'s media, then its texts, this rank's shard of each, and gather the results.
+    ``text_inputs(indices) -> (input_ids, attention_mask)`` of those texts; by default ``dataset.text``
+    tokenised with ``tokenizer`` (``max_txt_l``); callers holding token ids pass their rows instead.
 
     The media come first: which of them are readable decides which texts are evaluated (broken media
     follow :mod:`.broken`; ``name`` labels the set in its errors). The readable media are encoded in
@@ -178,9 +180,11 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
     text_sink = _Sink(store, feature_dir, "text_tokens", rank)
     masks, text_feats = [], []
     mine = shard_range(len(texts), rank, world)
+    if text_inputs is None:
+        def text_inputs(chunk):
+            return tokenize(tokenizer, [dataset.text[t] for t in chunk], max_txt_l)
     for i in range(mine.start, mine.stop, text_batch):
-        chunk = [dataset.text[t] for t in texts[i:min(i + text_batch, mine.stop)]]
-        ids, mask = tokenize(tokenizer, chunk, max_txt_l)
+        ids, mask = text_inputs(texts[i:min(i + text_batch, mine.stop)])
         ids, mask = ids.to(device), mask.to(device)
         embeds, pooled = model.encode_text(ids, mask)
         text_sink.add(embeds)

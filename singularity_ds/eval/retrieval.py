@@ -34,8 +34,8 @@ from .metrics import itm_eval, topk_eval
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["evaluate", "itm_eval", "itm_scores", "itm_scores_cached", "video_cross_kv", "topk_blockwise",
-           "check_ensemble"]
+__all__ = ["evaluate", "ranked", "itm_eval", "itm_scores", "itm_scores_cached", "video_cross_kv",
+           "topk_blockwise", "check_ensemble"]
 
 
 def check_ensemble(model, ensemble: str, num_frames_test: int) -> None:
@@ -181,22 +181,45 @@ def _offload(model, feats: Features, k_test, ensemble, text_batch=256, block=819
     return itm, itc, stats
 
 
+def ranked(candidates: np.ndarray, scores: np.ndarray) -> dict:
+    """Each query's candidate list sorted by score, best first: {"index": (Q, k) ints, "score": (Q, k)}."""
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return dict(index=np.take_along_axis(candidates, order, axis=1).astype(np.int64),
+                score=np.take_along_axis(scores, order, axis=1).astype(np.float32))
+
+
+def _dense_topk(i2t, t2i, sim, k_test):
+    """The offloaded path's top-k lists from the dense matrices: ITM over each query's ``k_test`` ITC
+    candidates (the only pairs the fusion encoder scored), ITC ``max(k_test, 10)`` deep."""
+    def lists(matrix, k):
+        top = torch.from_numpy(np.ascontiguousarray(matrix)).topk(min(k, matrix.shape[1]), dim=1)
+        return ranked(top.indices.numpy(), top.values.numpy())
+
+    depth = max(k_test, 10)
+    return dict(itm=dict(i2t=lists(i2t, k_test), t2i=lists(t2i, k_test)),
+                itc=dict(i2t=lists(sim, depth), t2i=lists(sim.T, depth)))
+
+
 @torch.no_grad()
 def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat", batch_size=32,
              offload=False, feature_store=None, feature_dir=None, num_frames_test=None,
-             name="evaluation set"):
+             name="evaluation set", text_inputs=None):
     """-> {"itm": ITM re-ranked metrics, "itc": ITC-only metrics} (the original's ``x`` / ``emb``), the
     counts evaluated ("media", "texts") and left out ("skipped_media": the broken paths,
-    "skipped_texts": texts with no readable ground truth), plus "scores" (the dense matrices over the
-    evaluated media and texts: ITM ``i2t`` / ``t2i``, ITC ``i2t_itc``) in memory, or "stats" with the
-    offloaded path. ``feature_store``: device / cpu / disk (default: device, or cpu with ``offload``).
+    "skipped_texts": texts with no readable ground truth), "topk" (both paths: per query, its ranked
+    candidates and their scores, ``{"itm"|"itc": {"i2t"|"t2i": {"index", "score"}}}``: ITM over the
+    ``k_test`` ITC candidates, ITC ``max(k_test, 10)`` deep; rows and indices count the evaluated media and
+    texts), plus "scores" (the dense matrices: ITM ``i2t`` / ``t2i``, ITC ``i2t_itc``) in memory, or
+    "stats" with the offloaded path. ``feature_store``: device / cpu / disk (default: device, or cpu with
+    ``offload``). ``text_inputs``: see :func:`.features.extract` (:func:`.tensors.evaluate_tensors`).
 
     Broken media (``dataset.skip_broken``, from ``skip_broken_media_eval``) follow :mod:`.broken`: both
     paths give the metrics of the set whose annotation file lists none of them. ``name`` labels the set
     in errors (an empty set, broken media)."""
     check_ensemble(model, ensemble, num_frames_test or 1)
     store = feature_store or ("cpu" if offload else "device")
-    feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir, name=name)
+    feats = extract(model, dataset, tokenizer, max_txt_l, ensemble, batch_size, store, feature_dir, name=name,
+                    text_inputs=text_inputs)
     txt2img, img2txt = surviving_ground_truth(dataset.txt2img, dataset.img2txt, feats.text_index,
                                               feats.media_index)
     counts = dict(media=len(feats.media_index), texts=len(feats.text_index),
@@ -205,7 +228,10 @@ def evaluate(model, dataset, tokenizer, max_txt_l, k_test=128, ensemble="concat"
         i2t, t2i, sim = _dense(model, feats, k_test, ensemble)
         return dict(itm=itm_eval(i2t.numpy(), t2i.numpy(), txt2img, img2txt),
                     itc=itm_eval(sim.numpy(), sim.T.numpy(), txt2img, img2txt), **counts,
+                    topk=_dense_topk(i2t.numpy(), t2i.numpy(), sim.numpy(), k_test),
                     scores=dict(i2t=i2t, t2i=t2i, i2t_itc=sim))
     itm, itc, stats = _offload(model, feats, k_test, ensemble)
+    topk = {kind: {d: ranked(*lists[d]) for d in ("i2t", "t2i")}
+            for kind, lists in (("itm", itm), ("itc", itc))}
     return dict(itm=topk_eval(*itm["i2t"], *itm["t2i"], txt2img, img2txt),
-                itc=topk_eval(*itc["i2t"], *itc["t2i"], txt2img, img2txt), **counts, stats=stats)
+                itc=topk_eval(*itc["i2t"], *itc["t2i"], txt2img, img2txt), **counts, topk=topk, stats=stats)

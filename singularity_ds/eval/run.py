@@ -64,7 +64,7 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
                        feature_dir=config.eval_feature_dir or os.path.join(config.output_dir or ".",
                                                                                  "eval_features", name),
                        num_frames_test=config.video_input.num_frames_test, name=set_label(config, name))
-        results[name] = {k: v for k, v in res.items() if k != "scores"}
+        results[name] = {k: v for k, v in res.items() if k not in ("scores", "topk")}  # arrays, for the API
         logger.info("eval %s: %s", name, res["itm"])
     return results
 

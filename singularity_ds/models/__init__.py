@@ -5,12 +5,12 @@
     model = load_model("runs/x/export", video_input={"num_frames": 12})
 """
 import logging
-import os
 
 from omegaconf import OmegaConf
 
 from ..config import complete_config
 from ..errors import CheckpointError, ConfigError
+from ..hub import tower_folder
 from .qa import SingularityQA
 from .singularity import Singularity
 from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint
@@ -20,32 +20,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "CheckpointError"]
 
 
-def _local_folder(name: str):
-    """A local HF folder for ``name``: the path itself, or the local HF cache (never downloads)."""
-    if not name:
-        return None
-    if os.path.isdir(name):
-        return name
-    try:
-        from huggingface_hub import snapshot_download
-        return snapshot_download(name, local_files_only=True)
-    except Exception:
-        return None
-
-
 def init_towers(model: Singularity, config) -> None:
-    """``tower_init=pretrained``: load both towers from local Hugging Face folders, as the original
-    does from the hub. A name with no local copy is an error that says what to pass instead."""
+    """``tower_init=pretrained``: load both towers from local Hugging Face folders or, as the original,
+    Hub repo ids (downloaded into the HF cache, or read from it offline: :func:`..hub.tower_folder`)."""
     for key, loader in (("text_encoder", load_text_tower),
                         ("vit_name_or_pretrained_path", load_vision_tower)):
-        name = config[key]
-        folder = _local_folder(name)
-        if folder is None:
-            raise CheckpointError(
-                f"config key {key!r}: no local weights for {name!r} (models are never downloaded). Pass a "
-                f"local Hugging Face folder ({key}=/path/to/folder), a checkpoint (pretrained_path=...), "
-                f"or tower_init=random")
-        loader(model, folder)
+        if not config[key]:
+            raise CheckpointError(f"config key {key!r} is empty: tower_init=pretrained needs a folder or Hub "
+                                  f"repo id, or set tower_init=random")
+        loader(model, tower_folder(config[key], key))
 
 
 def build_model(config, model_class=Singularity, strict: bool = True) -> Singularity:

@@ -1,4 +1,4 @@
-"""Resolve the two towers' architecture configs offline, as ``transformers`` config objects.
+"""Resolve the two towers' architecture configs, as ``transformers`` config objects.
 
 Sources, first match wins:
 - BERT: ``bert_config_dict`` (inline, as the reference fixtures carry), else the ``bert_config`` JSON
@@ -6,6 +6,8 @@ Sources, first match wins:
   ``configs/config_bert.json``), else ``config.json`` of a local ``text_encoder`` folder.
 - Vision: ``beit_config_dict`` / ``vit_config_dict``, else ``vit_name_or_pretrained_path`` as a local
   HF folder, or a hub name whose architecture JSON is shipped (e.g. BEiT-base pt22k-ft22k).
+- Otherwise a Hub repo id's ``config.json`` (``bert_config: null`` + ``text_encoder``, or
+  ``vit_name_or_pretrained_path``) from the Hugging Face cache, downloaded if online (:mod:`..hub`).
 ``image_size`` always follows ``image_res``; ``encoder_width`` follows the vision width.
 """
 import json
@@ -14,6 +16,8 @@ from importlib import resources
 
 from omegaconf import OmegaConf
 from transformers import BeitConfig, BertConfig, ViTConfig
+
+from ..hub import tower_folder
 
 ARCH_DIR = resources.files("singularity_ds") / "configs" / "arch"
 
@@ -52,6 +56,9 @@ def bert_config(config) -> BertConfig:
             d = _packaged(path)
         elif enc and os.path.isfile(os.path.join(enc, "config.json")):
             d = _read_json(os.path.join(enc, "config.json"), "text_encoder")
+        elif enc and not path and not os.path.isdir(enc):  # a Hub repo id: its config.json (cached/fetched)
+            d = _read_json(os.path.join(tower_folder(enc, "text_encoder", weights=False), "config.json"),
+                           "text_encoder")
         else:
             raise ValueError(f"config key 'bert_config': no architecture file {path!r} (not on disk, not "
                              f"shipped in {ARCH_DIR}), and text_encoder={enc!r} is not a local folder")
@@ -73,6 +80,9 @@ def vision_config(config):
             d = _read_json(os.path.join(name, "config.json"), "vit_name_or_pretrained_path")
         elif name and _packaged(name) is not None:
             d = _packaged(name)
+        elif name and not os.path.isdir(name):  # a Hub repo id: its config.json (cached or fetched)
+            d = _read_json(os.path.join(tower_folder(name, "vit_name_or_pretrained_path", weights=False),
+                                        "config.json"), "vit_name_or_pretrained_path")
         else:
             raise ValueError(f"config key 'vit_name_or_pretrained_path': {name!r} is neither a local folder "
                              f"with config.json nor a shipped architecture in {ARCH_DIR}")

