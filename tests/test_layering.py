@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"engine"},
-    {"demo", "doctor"},
+    {"demo", "doctor", "gpu_check", "gpu_wheels"},
     {"cli", "__main__"},
 ]
 
