@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import xml.etree.ElementTree as ET
 
@@ -52,9 +53,10 @@ SIZES = {
                 shard_size="8MB", eval=[], kernels=[], total=470,
                 budget=dict(gpu_tests=60, bench_train=110, corpus=100, train_e2e=150, eval_itm=40,
                             kernels=40)),
-    "dry": dict(overlay=["tiny"], batch=4, bench=["--steps", "2", "--warmup", "1"], compile=True,
+    # compile=False: inductor takes minutes on 2 busy cores; the GPU run compiles (as docs/benchmarks.md)
+    "dry": dict(overlay=["tiny"], batch=4, bench=["--steps", "2", "--warmup", "1"], compile=False,
                 train_steps=6, workers=2, distinct=18, res=224, shard_size="100KB",
-                eval=["--n", "60", "--frames", "2", "--k", "8"], kernels=["--reps", "1"], total=1200,
+                eval=["--n", "32", "--frames", "2", "--k", "4"], kernels=["--reps", "1"], total=1200,
                 budget=dict(gpu_tests=180, bench_train=300, corpus=120, train_e2e=300, eval_itm=120,
                             kernels=180)),
 }
@@ -93,8 +95,13 @@ def environment(dry: bool) -> dict:
         env["cpu_model"] = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read()).group(1)
     except (OSError, IndexError, AttributeError):
         env["cpu_flags"], env["cpu_model"] = [], platform.processor()
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    env["commit"] = git.stdout.strip() or "unknown (no .git: a copied working tree)"
+    try:
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                             text=True)
+        env["commit"] = git.stdout.strip()
+    except OSError:  # no git there
+        env["commit"] = ""
+    env["commit"] = env["commit"] or "unknown (no .git: a copied working tree)"
     return env
 
 
@@ -166,14 +173,16 @@ class Step:
     def __init__(self, name, title, cmd, budget, numbers, env=None, background=False, needs=None):
         self.name, self.title, self.cmd, self.budget = name, title, cmd, budget
         self.numbers, self.env, self.background, self.needs = numbers, env or {}, background, needs
-        self.proc = self.log = self.started = None
+        self.proc = self.log = self.started = self.ended = None
 
 
 def plan(dry: bool, work: str) -> list:
     """The steps, in order, for the GPU or the CPU dry run."""
     s = SIZES["dry" if dry else "gpu"]
     b, ov = s["batch"], s["overlay"]
-    train_args = [f"batch_size.video={b}", f"batch_size.image={b}", "max_txt_l.video=32",
+    # the best one-GPU setting measured so far (docs/benchmarks.md): ZeRO-0 (ZeRO-1/2 only add
+    # partitioning on one device), amp_bf16, compile, batch 256
+    train_args = [f"batch_size.video={b}", f"batch_size.image={b}", "max_txt_l.video=32", "ds_config=zero0",
                   "precision=amp_bf16", f"compile={s['compile']}"]
     corpus = os.path.join(work, "corpus")
     clips = b * (s["train_steps"] + 2)  # one epoch covers every step: no worker restart mid-run
@@ -191,12 +200,18 @@ def plan(dry: bool, work: str) -> list:
     bench_train_json = os.path.join(work, "bench_train.json")
     eval_json, kernels_json = os.path.join(work, "eval_itm.json"), os.path.join(work, "kernels.json")
     junit = os.path.join(work, "junit.xml")
+    # only the files that use the marker: collecting the whole suite takes a minute on 2 cores, and a
+    # module importing a package the GPU machine lacks would be an error unrelated to these tests
+    tests_dir = os.path.join(REPO, "tests")
+    gpu_files = sorted(os.path.join("tests", f) for f in os.listdir(tests_dir) if f.startswith("test_")
+                       and f.endswith(".py") and "mark.gpu" in open(os.path.join(tests_dir, f)).read()) \
+        if os.path.isdir(tests_dir) else []
     return [
         Step("gpu_tests", "`pytest -m gpu`",
-             [PY, "-m", "pytest", "-q", "-m", "gpu", "tests", "--continue-on-collection-errors",
-              "-p", "no:cacheprovider", f"--junitxml={junit}"],
+             [PY, "-m", "pytest", "-q", "-m", "gpu", *(gpu_files or ["tests"]),
+              "--continue-on-collection-errors", "-p", "no:cacheprovider", f"--junitxml={junit}"],
              s["budget"]["gpu_tests"], lambda: junit_numbers(junit)),
-        Step("bench_train", "`bench train pretrain` amp_bf16 + compile",
+        Step("bench_train", f"`bench train pretrain` amp_bf16{' + compile' if s['compile'] else ''}",
              [PY, "-m", "singularity_ds", "bench", "train", "pretrain", *ov, *train_args, *s["bench"],
               "--json", bench_train_json],
              s["budget"]["bench_train"], lambda: _json(bench_train_json)),
@@ -204,7 +219,8 @@ def plan(dry: bool, work: str) -> list:
              [PY, "-c", build, corpus, str(clips), str(s["distinct"]), str(s["res"]), s["shard_size"],
               str(s["workers"])],
              s["budget"]["corpus"], lambda: _json(os.path.join(corpus, "corpus.json")), background=True),
-        Step("train_e2e", "`train pretrain` from the shards, decord workers",
+        Step("train_e2e", f"`train pretrain` from the shards, decord workers"
+                          f"{', compile' if s['compile'] else ''}",
              [PY, "-m", "singularity_ds", "train", "pretrain", *ov, *train_args,
               f"train_file=[[{os.path.join(shards, 'index.json')},null,video]]",
               f"num_workers={s['workers']}", "video_input.reader=decord", f"max_steps={s['train_steps']}",
@@ -228,9 +244,15 @@ def _start(step: Step, base_env: dict, logs: str):
     with open(step.log, "w") as log:
         log.write("$ " + " ".join(step.cmd) + "\n")
         log.flush()
-        # a session of its own: a timeout ends the step with everything it started (loader workers too)
+        # a process group of its own: a timeout ends the step with everything it started (loader workers
+        # too). Not a new session: the device machine ends a command's leftovers except new sessions.
         step.proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     process_group=0)
+
+    def note_end():  # a background step's own time, not the time until it is waited for
+        step.proc.wait()
+        step.ended = time.monotonic()
+    threading.Thread(target=note_end, daemon=True).start()
 
 
 def _stop(proc):
@@ -262,7 +284,8 @@ def _finish(step: Step, deadline: float) -> dict:
     except subprocess.TimeoutExpired:
         _stop(step.proc)
         rc = None
-    seconds = round(time.monotonic() - step.started, 1)
+    time.sleep(0.05)  # let note_end record the exit
+    seconds = round((step.ended or time.monotonic()) - step.started, 1)
     res = dict(name=step.name, title=step.title, command=" ".join(step.cmd), budget_s=step.budget,
                seconds=seconds)
     if rc is None:
@@ -300,6 +323,32 @@ def run_steps(steps, dry: bool, work: str, total: float, progress=True) -> list:
         if step.background:
             _start(step, base, logs)
     bar = tqdm(total=len(steps), desc="gpu-check", unit="step", disable=not progress)
+
+    def stopped(signum, frame):
+        raise _Stopped(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, stopped)
+    try:
+        _run_all(steps, results, base, logs, deadline, total, bar)
+    except (_Stopped, KeyboardInterrupt) as e:  # a killed check still reports what it has
+        for step in steps:
+            if step.proc is not None and step.proc.poll() is None:
+                _stop(step.proc)
+            if step.name not in results:
+                results[step.name] = dict(name=step.name, title=step.title, command=" ".join(step.cmd),
+                                          budget_s=step.budget, seconds=0, status="not run",
+                                          error=f"the check was stopped ({type(e).__name__} {e})")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    bar.close()
+    return [results[s.name] for s in steps]
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _run_all(steps, results, base, logs, deadline, total, bar):
     for step in steps:
         bar.set_postfix_str(step.name)
         skip = None
@@ -315,8 +364,6 @@ def run_steps(steps, dry: bool, work: str, total: float, progress=True) -> list:
                 _start(step, base, logs)
             results[step.name] = _finish(step, deadline)
         bar.update(1)
-    bar.close()
-    return [results[s.name] for s in steps]
 
 
 # ---------------------------------------------------------------- the report
@@ -341,11 +388,17 @@ def goals(results: list, dry: bool) -> list:
 
 
 def _summary(r: dict) -> str:
-    """The numbers of a step in one table cell."""
+    """The numbers of a step in one table cell (the JSON itself if a benchmark's output changed shape)."""
     n = r.get("numbers")
     if not n:
         return r.get("error", "")
-    name = r["name"]
+    try:
+        return _cell(r["name"], n)
+    except (KeyError, TypeError):
+        return json.dumps({k: v for k, v in n.items() if not isinstance(v, (list, dict))})[:400]
+
+
+def _cell(name: str, n: dict) -> str:
     if name == "gpu_tests":
         return (f"{n['passed']} passed, {n['failed']} failed, {n['errors']} errors, {n['skipped']} skipped"
                 + (f"; modules that did not import: {', '.join(n['collection_errors_tests'])}"
@@ -427,6 +480,8 @@ def plot(numbers: dict, path: str, title: str):
     ax2.plot(steps, [100 * p["data_wait"] for p in numbers["per_step"]], color="tab:red")
     ax2.axhline(100 * GOALS["data_wait"], color="tab:red", ls=":", lw=1)
     ax2.set_ylabel("data wait, % of the step", color="tab:red")
+    ax.axvspan(steps[len(steps) // 2] - 0.5, steps[-1] + 0.5, color="0.9", zorder=0, label="steady state")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
