@@ -133,9 +133,12 @@ def history_numbers(path: str, batch: int) -> dict:
         raise ConfigError(f"{path}: no steps recorded")
     windows = [batch / r["samples_per_s"] for r in records]  # one rank, no accumulation: batch per step
 
+    def sig(x):  # 4 significant digits: 1585.0 on a GPU, 0.7268 on a CPU
+        return float(f"{x:.4g}")
+
     def over(lo):
         w = windows[lo:]
-        return dict(samples_per_s=round(batch * len(w) / sum(w), 2),
+        return dict(samples_per_s=sig(batch * len(w) / sum(w)),
                     data_wait=round(sum(r["data_wait"] * x for r, x in zip(records[lo:], w)) / sum(w), 4))
 
     steady = over(len(records) // 2)
@@ -144,7 +147,7 @@ def history_numbers(path: str, batch: int) -> dict:
                 data_wait=steady["data_wait"], steady_steps=len(records) - len(records) // 2,
                 memory_mb=round(max(r["memory_mb"] for r in records)),
                 loss_last=round(records[-1]["loss"], 4),
-                per_step=[dict(step=r["step"], samples_per_s=round(r["samples_per_s"], 2),
+                per_step=[dict(step=r["step"], samples_per_s=sig(r["samples_per_s"]),
                                data_wait=round(r["data_wait"], 4)) for r in records])
 
 
