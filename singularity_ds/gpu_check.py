@@ -250,7 +250,7 @@ def _start(step: Step, base_env: dict, logs: str):
         # a process group of its own: a timeout ends the step with everything it started (loader workers
         # too). Not a new session: the device machine ends a command's leftovers except new sessions.
         step.proc = subprocess.Popen(step.cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                     process_group=0)
+                                     preexec_fn=os.setpgrp)
 
     def note_end():  # a background step's own time, not the time until it is waited for
         step.proc.wait()
@@ -292,8 +292,12 @@ def _finish(step: Step, deadline: float) -> dict:
     res = dict(name=step.name, title=step.title, command=" ".join(step.cmd), budget_s=step.budget,
                seconds=seconds)
     if rc is None:
-        return dict(res, status="timeout", error=f"stopped after {seconds:.0f} s (budget {step.budget} s); "
-                                                 f"last line: {_error_line(step.log)}")
+        res = dict(res, status="timeout", error=f"stopped after {seconds:.0f} s (budget {step.budget} s); "
+                                                f"last line: {_error_line(step.log)}")
+        try:  # the end-to-end run records every step as it goes: what it did before the stop still counts
+            return dict(res, numbers=step.numbers(), error=res["error"] + "; numbers from what it did")
+        except (OSError, ValueError, KeyError, ET.ParseError, SingularityError):
+            return res
     if rc != 0:
         return dict(res, status="failed", exit_code=rc, error=_error_line(step.log))
     try:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -153,3 +154,29 @@ def test_the_gpu_sized_steps_are_valid_runs(tmp_path):
     assert sum(s.budget for s in steps.values() if not s.background) <= SIZES["gpu"]["total"] <= 480
     assert steps["corpus"].background and steps["corpus"].budget <= sum(steps[k].budget for k in
                                                                           ("gpu_tests", "bench_train"))
+
+
+def test_a_failed_or_stopped_step_is_recorded_and_the_others_run(tmp_path):
+    """Real subprocesses: one outlives its budget (it and the child it started are ended), one fails with
+    the project's one-line error, one needs the failed one, and the last still runs."""
+    from singularity_ds.gpu_check import Step, run_steps
+    pid_file = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
+            f"time.sleep(60)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
+    fail = "import sys; print('working'); sys.exit('singularity-ds: error: anno.json: entry 3: missing key')"
+    steps = [Step("hang", "hangs", [sys.executable, "-c", hang], 3, lambda: {}),
+             Step("fail", "fails", [sys.executable, "-c", fail], 30, lambda: {}),
+             Step("after", "needs fail", [sys.executable, "-c", "pass"], 30, lambda: {}, needs="fail"),
+             Step("last", "runs", [sys.executable, "-c", "print('done')"], 30, lambda: {"x": 1})]
+    results = {r["name"]: r for r in run_steps(steps, dry=True, work=str(tmp_path), total=60, progress=False)}
+    assert results["hang"]["status"] == "timeout" and results["hang"]["error"].startswith("stopped after 3 s")
+    child = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # the step's own child went with it
+        for _ in range(50):
+            os.kill(child, 0)
+            time.sleep(0.1)
+    assert (results["fail"]["status"], results["fail"]["exit_code"], results["fail"]["error"]) == (
+        "failed", 1, "singularity-ds: error: anno.json: entry 3: missing key")
+    assert (results["after"]["status"], results["after"]["error"]) == (
+        "not run", "needs step fail, which did not finish")
+    assert (results["last"]["status"], results["last"]["numbers"]) == ("ok", {"x": 1})
