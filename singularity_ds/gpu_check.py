@@ -338,13 +338,16 @@ def run_steps(steps, dry: bool, work: str, total: float, progress=True) -> list:
     try:
         _run_all(steps, results, base, logs, deadline, total, bar)
     except (_Stopped, KeyboardInterrupt) as e:  # a killed check still reports what it has
+        why = f"the check was stopped ({e or 'Ctrl-C'})"
         for step in steps:
-            if step.proc is not None and step.proc.poll() is None:
+            running = step.proc is not None and step.proc.poll() is None
+            if running:
                 _stop(step.proc)
             if step.name not in results:
                 results[step.name] = dict(name=step.name, title=step.title, command=" ".join(step.cmd),
-                                          budget_s=step.budget, seconds=0, status="not run",
-                                          error=f"the check was stopped ({type(e).__name__} {e})")
+                                          budget_s=step.budget, status="stopped" if running else "not run",
+                                          seconds=round(time.monotonic() - step.started, 1) if running else 0,
+                                          error=why)
     finally:
         signal.signal(signal.SIGTERM, previous)
     bar.close()
@@ -379,17 +382,18 @@ def goals(results: list, dry: bool) -> list:
     """The issue's GPU goals against what was measured (on a dry run: not measured)."""
     by = {r["name"]: r.get("numbers") or {} for r in results}
     rows = [("MFU, 1-frame pretraining (bench train, amp_bf16 + compile, batch 256)", ">= 50%",
-             by["bench_train"].get("mfu"), lambda v: v >= GOALS["mfu"], lambda v: f"{100 * v:.1f}%"),
+             by.get("bench_train", {}).get("mfu"), lambda v: v >= GOALS["mfu"], lambda v: f"{100 * v:.1f}%"),
             ("data-wait fraction, end-to-end train pretrain (steady state)", "< 10%",
-             by["train_e2e"].get("data_wait"), lambda v: v < GOALS["data_wait"], lambda v: f"{100 * v:.1f}%"),
+             by.get("train_e2e", {}).get("data_wait"), lambda v: v < GOALS["data_wait"],
+             lambda v: f"{100 * v:.1f}%"),
             ("end-to-end samples/s: the data path keeps up with 1,500 samples/s", ">= 1500",
-             by["train_e2e"].get("samples_per_s"), lambda v: v >= GOALS["samples_per_s"],
+             by.get("train_e2e", {}).get("samples_per_s"), lambda v: v >= GOALS["samples_per_s"],
              lambda v: f"{v:.0f}")]
     out = []
     for goal, target, value, met, fmt in rows:
-        shown = "step failed" if value is None else fmt(value)
-        verdict = ("not measured (dry run on CPU)" if dry else "not measured (step failed)" if value is None
-                   else "yes" if met(value) else "no")
+        shown = "-" if value is None else fmt(value)
+        verdict = ("not measured (dry run on CPU)" if dry else "not measured (step failed or not run)"
+                   if value is None else "yes" if met(value) else "no")
         out.append(dict(goal=goal, target=target, measured=value, shown=shown, met=verdict))
     return out
 
