@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # The venv's bin first on PATH: DeepSpeed's JIT ops (ninja) and the console script come from there.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps lint test test-fast demo demo-qa clean
+.PHONY: install system-deps lint test test-fast demo demo-qa gpu-check gpu-wheels clean
 
 install: system-deps $(STAMP)
 
@@ -42,6 +42,17 @@ demo: install
 
 demo-qa: install  # after `make demo`: video QA from its single-frame pretraining (~3 min)
 	$(VENV)/bin/singularity-ds demo --qa
+
+# One report (gpu-check/gpu_check.md + .json): gpu tests, bench train (MFU), end-to-end train from shards
+# (data-wait), bench eval itm, bench kernels; <= 8 min on one H200 (docs/gpu-check.md). DRY=1: every step at
+# CPU size, here. No install step: on the GPU machine the packages come as wheels (`make gpu-wheels`).
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m singularity_ds.gpu_check --out $(or $(OUT),gpu-check) $(if $(filter 1,$(DRY)),--dry)
+
+# The wheels the GPU machine lacks, packed into loads of < 64 MiB per device call; DALI=1 adds DALI (~200 MB).
+gpu-wheels: install
+	$(PY) -m singularity_ds.gpu_wheels prepare $(if $(filter 1,$(DALI)),--dali)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -16,7 +16,7 @@ LAYERS = [
     {"eval"},
     {"tasks"},
     {"engine"},
-    {"demo", "doctor", "hf_export"},
+    {"demo", "doctor", "hf_export", "gpu_check", "gpu_wheels"},
     {"cli", "__main__"},
 ]
 

@@ -25,13 +25,16 @@ import time
 from ..fileio import write_json
 
 
-def build_corpus(root, clips, distinct, res):
+def build_corpus(root, clips, distinct, res, shard_size="256MB", workers=2):
+    """``clips`` files (``distinct`` rendered clips, copied) with one annotation entry each, and their tar
+    shards (``shard_size`` each: a loader with many workers needs many more shards than workers).
+    -> (annotation file, media folder, shard folder). Reruns reuse what is there."""
     from .shards import make_shards
     from .synthetic import make_synthetic
     seed_dir = os.path.join(root, "seed")
     if not os.path.isfile(os.path.join(seed_dir, "synthetic.json")):
         make_synthetic(seed_dir, num_clips=distinct, size=res, frames=16, fps=8,
-                       num_images=2, workers=2, shards=False)
+                       num_images=2, workers=workers, shards=False)
     entries = json.load(open(os.path.join(seed_dir, "anno", "pretrain_video.json")))
     videos = os.path.join(root, "videos")
     os.makedirs(videos, exist_ok=True)
@@ -45,7 +48,7 @@ def build_corpus(root, clips, distinct, res):
     anno = os.path.join(root, "anno.json")
     write_json(out, anno, indent=None)
     if not os.path.isfile(os.path.join(root, "shards", "index.json")):
-        make_shards(anno, videos, os.path.join(root, "shards"), "256MB", overwrite=True)
+        make_shards(anno, videos, os.path.join(root, "shards"), shard_size, overwrite=True)
     return anno, videos, os.path.join(root, "shards")
 
 

@@ -114,7 +114,7 @@ class RunLog:
         self.progress.update(1)
         self.progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         if step % self.log_freq == 0 or step == 1:
-            shown = list(loss_names) + ["loss", "lr", "grad_norm", "samples_per_s"]
+            shown = list(loss_names) + ["loss", "lr", "grad_norm", "samples_per_s", "data_wait"]
             logger.info("step %d epoch %d: %s", step, record["epoch"],
                         " ".join(f"{k}={record[k]:.4f}" for k in shown))
 
