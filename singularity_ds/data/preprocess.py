@@ -19,6 +19,7 @@ import re
 import sys
 from fractions import Fraction
 
+from ..config.args import positive
 from ..fileio import write_json
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".gif"}
@@ -150,15 +151,6 @@ def remove_stale_temps(dst: str) -> None:
         for name in files:
             if TMP_RE.search(name):
                 os.remove(os.path.join(root, name))
-
-
-def positive(cast):
-    def parse(text):
-        value = cast(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
 
 
 def main(argv=None) -> int:

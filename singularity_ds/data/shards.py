@@ -125,6 +125,11 @@ class ShardWriter:
         if self.writer.tarstream.fileobj.tell() >= self.limit:
             self._finish()
 
+    @property
+    def next_url(self) -> str:
+        """The shard the next :meth:`write` goes to."""
+        return self.current["url"] if self.writer is not None else self.name(len(self.shards))
+
     def _finish(self):
         self.writer.close()
         path = os.path.join(self.out_dir, self.current["url"])
