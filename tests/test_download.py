@@ -197,18 +197,19 @@ def test_cc3m_tsv_without_header_images(corpus, tmp_path):
         rows = [(f"a picture {i}", f"{srv.url}/ok/{n}", "ok") for i, n in enumerate(images)]
         rows += [("a dead link", f"{srv.url}/html/{images[0]}", "not_media"),
                  ("a missing one", f"{srv.url}/missing/x.jpg", "http_404"),
-                 ("a broken jpeg", f"{srv.url}/ok/cut.jpg", "decode_error")]
+                 ("a broken jpeg", f"{srv.url}/ok/cut.jpg", "decode_error"),
+                 ("a local mirror", (corpus / "images" / images[1]).as_uri(), "ok")]  # --allow-file-urls
         (tmp_path / "cc3m.tsv").write_text("".join(f"{c}\t{u}\n" for c, u, _ in rows))
         out = tmp_path / "out"
         assert main(["download", str(tmp_path / "cc3m.tsv"), str(out), "--media-type", "image",
-                     "--size", "24", "--decoders", "1", "--no-progress", "--retries", "0"]) == 0
+                     "--size", "24", "--decoders", "1", "--no-progress", "--retries", "0",
+                     "--allow-file-urls"]) == 0
     report = sorted(read_report(out / "report.parquet"), key=lambda r: r["row"])
     assert [r["status"] for r in report] == [s for _, _, s in rows], report
     samples = shard_samples(out)
-    assert sorted(samples) == [0, 1, 2]
+    assert sorted(samples) == [0, 1, 2, 6]
     for row, s in samples.items():
-        assert json.loads(s["json"]) == {"image": f"{row}.jpg", "caption": f"a picture {row}",
-                                         "url": rows[row][1]}
+        assert json.loads(s["json"]) == {"image": f"{row}.jpg", "caption": rows[row][0], "url": rows[row][1]}
         path = tmp_path / "x.jpg"
         path.write_bytes(s["jpg"])
         with Image.open(path) as img:

@@ -12,6 +12,7 @@ crashed or hung).
 import glob
 import json
 import os
+from collections import Counter
 
 FIELDS = (("row", "int64"), ("url", "string"), ("id", "string"), ("status", "string"),
           ("error", "string"), ("http", "int32"), ("attempts", "int32"), ("bytes", "int64"),
@@ -22,16 +23,17 @@ def status_files(out_dir: str):
     return sorted(glob.glob(os.path.join(out_dir, "status", "chunk-*.json")))
 
 
-def write_report(out_dir: str, chunks) -> str:
-    """``report.parquet`` from the completed chunks' records (one row group per chunk)."""
+def write_report(out_dir: str, paths) -> str:
+    """``report.parquet`` from the completed chunks' status files (one row group each, read one at a
+    time)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     schema = pa.schema([(name, getattr(pa, kind)()) for name, kind in FIELDS])
     path = os.path.join(out_dir, "report.parquet")
     tmp = path + ".part"
     with pq.ParquetWriter(tmp, schema) as writer:
-        for chunk in chunks:
-            writer.write_table(pa.Table.from_pylist(chunk["results"], schema=schema))
+        for status in paths:
+            writer.write_table(pa.Table.from_pylist(load_chunk(status)["results"], schema=schema))
     os.replace(tmp, path)
     return path
 
@@ -42,24 +44,21 @@ def read_report(path: str) -> list:
     return pq.read_table(path).to_pylist()
 
 
-def summary_table(chunks, run_results, seconds: float) -> str:
-    """Counts per status over the whole corpus so far, bytes, and this run's rate."""
-    counts, fetched, stored, shards = {}, 0, 0, 0
-    for chunk in chunks:
-        shards += len(chunk["shards"])
-        stored += sum(s["bytes"] for s in chunk["shards"])
-        for r in chunk["results"]:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-            fetched += r["bytes"] or 0
+def summary_table(chunks, run, seconds: float) -> str:
+    """Counts per status over the whole list so far (``chunks``: ``{"counts", "fetched", "shards"}``
+    each), bytes, and this run's rate (``run``: this run's status counts)."""
+    counts = sum((c["counts"] for c in chunks), Counter())
+    fetched = sum(c["fetched"] for c in chunks)
+    stored = sum(s["bytes"] for c in chunks for s in c["shards"])
+    shards = sum(len(c["shards"]) for c in chunks)
     total = sum(counts.values())
     order = sorted(counts, key=lambda s: (s != "ok", -counts[s], s))
     lines = [f"{'status':<18}{'urls':>10}{'%':>8}"]
     lines += [f"{s:<18}{counts[s]:>10}{100 * counts[s] / max(total, 1):>8.1f}" for s in order]
     lines.append(f"{'total':<18}{total:>10}")
-    ok_now = sum(r["status"] == "ok" for r in run_results)
     lines.append(f"downloaded {fetched / 1e6:.1f} MB, wrote {stored / 1e6:.1f} MB in {shards} shard(s); "
-                 f"this run: {len(run_results)} URLs in {seconds:.1f} s, {ok_now / max(seconds, 1e-9):.2f} "
-                 f"ok samples/s")
+                 f"this run: {sum(run.values())} URLs in {seconds:.1f} s, "
+                 f"{run['ok'] / max(seconds, 1e-9):.2f} ok samples/s")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from fractions import Fraction
 
@@ -85,6 +86,13 @@ def _fetch_and_decode(row, opts, pool, slots, tmp_dir):
         record["seconds"] = round(time.time() - start, 3)
 
 
+def _summary(chunk: dict) -> dict:
+    """What a run keeps of a finished chunk (its records stay in its status file: 10M URLs would not
+    fit in memory)."""
+    return dict(shards=chunk["shards"], counts=Counter(r["status"] for r in chunk["results"]),
+                fetched=sum(r["bytes"] or 0 for r in chunk["results"]))
+
+
 def _done_chunks(out_dir: str) -> dict:
     """{chunk id: its status record} for chunks whose status file and every shard are intact; the
     leftovers of others are removed."""
@@ -95,7 +103,7 @@ def _done_chunks(out_dir: str) -> dict:
             os.path.isfile(os.path.join(out_dir, s["url"]))
             and os.path.getsize(os.path.join(out_dir, s["url"])) == s["bytes"] for s in chunk["shards"])
         if ok:
-            done[chunk["chunk"]] = chunk
+            done[chunk["chunk"]] = _summary(chunk)
         else:
             os.remove(path)
     keep = {s["url"] for c in done.values() for s in c["shards"]}
@@ -155,10 +163,10 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
         chunks = [done[c] for c in sorted(done)]
         write_index(out_dir, [s for c in chunks for s in c["shards"]], media_type, "caption", url_list, [],
                     anno_sha256=sha, report="report.parquet",
-                    failed=sum(r["status"] != "ok" for c in chunks for r in c["results"]))
+                    failed=sum(n for c in chunks for st, n in c["counts"].items() if st != "ok"))
 
-    open_chunks, run_results, start = {}, [], time.time()
-    bar = tqdm(total=total, initial=sum(len(c["results"]) for c in done.values()), unit="url",
+    open_chunks, run, start = {}, Counter(), time.time()  # run: this run's statuses
+    bar = tqdm(total=total, initial=sum(sum(c["counts"].values()) for c in done.values()), unit="url",
                desc=f"download {media_type}s", disable=not progress, smoothing=0.05)
 
     def finish_ready():
@@ -168,7 +176,7 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
             record = dict(chunk=cid, rows=[st["first"], st["last"] + 1], shards=shards,
                           results=sorted(st["results"], key=lambda r: r["row"]))
             write_json(record, os.path.join(out_dir, "status", f"chunk-{cid:06d}.json"), indent=None)
-            done[cid] = record
+            done[cid] = _summary(record)
             update_index()
 
     def handle(future):
@@ -182,10 +190,9 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
         del st["captions"][record["row"]]
         st["results"].append(record)
         st["pending"] -= 1
-        run_results.append(record)
+        run[record["status"]] += 1
         bar.update(1)
-        bar.set_postfix(ok=sum(r["status"] == "ok" for r in run_results),
-                        failed=sum(r["status"] != "ok" for r in run_results), refresh=False)
+        bar.set_postfix(ok=run["ok"], failed=sum(run.values()) - run["ok"], refresh=False)
 
     pool = DecodePool(decoders or os.cpu_count() or 1, decode_timeout)
     slots = HostSlots(per_host)
@@ -231,15 +238,12 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
     seconds = time.time() - start
     chunks = [done[c] for c in sorted(done)]
     update_index()
-    report = write_report(out_dir, chunks)
+    report = write_report(out_dir, status_files(out_dir))
     shutil.rmtree(tmp_dir, ignore_errors=True)
-    counts = {}
-    for c in chunks:
-        for r in c["results"]:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-    return dict(counts=counts, urls=sum(counts.values()), seconds=seconds, run_urls=len(run_results),
-                run_ok=sum(r["status"] == "ok" for r in run_results), report=report,
-                index=os.path.join(out_dir, INDEX), table=summary_table(chunks, run_results, seconds))
+    counts = sum((c["counts"] for c in chunks), Counter())
+    return dict(counts=dict(counts), urls=sum(counts.values()), seconds=seconds, run_urls=sum(run.values()),
+                run_ok=run["ok"], report=report, index=os.path.join(out_dir, INDEX),
+                table=summary_table(chunks, run, seconds))
 
 
 def main(args) -> int:
