@@ -116,6 +116,9 @@ def cmd_bench(args) -> int:
     if args.what == "eval":
         from .eval.benchmark import main as bench_eval
         return bench_eval(args.rest)
+    if args.what == "download":
+        from .data.download.benchmark import main as bench_download
+        return bench_download(args.rest)
     if args.what == "train":
         from .engine.benchmark import main as bench_train
         return bench_train(args.rest)
@@ -255,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
                                      "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
                                      "training the tiny model), stream (files vs shards loader, 10M-entry "
-                                     "annotation memory)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream"])
+                                     "annotation memory), download (clips/s from a local HTTP server)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream", "download"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p
