@@ -10,6 +10,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from fractions import Fraction
 from typing import NamedTuple, Optional
 
@@ -31,6 +32,7 @@ class Decoded(NamedTuple):
     status: str
     error: str
     duration: Optional[float]   # the output's seconds (videos)
+    cpu: Optional[float] = None  # CPU seconds the worker spent (all its threads); None if it died
 
 
 def _probe_video(src: str, job: Job) -> Optional[Decoded]:
@@ -105,7 +107,8 @@ def _serve(conn) -> None:
             return
         if job is None:
             return
-        conn.send(decode(job))
+        start = time.process_time()
+        conn.send(decode(job)._replace(cpu=round(time.process_time() - start, 4)))
 
 
 class _Worker:

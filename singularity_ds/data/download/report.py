@@ -16,7 +16,8 @@ from collections import Counter
 
 FIELDS = (("row", "int64"), ("url", "string"), ("id", "string"), ("status", "string"),
           ("error", "string"), ("http", "int32"), ("attempts", "int32"), ("bytes", "int64"),
-          ("duration", "float64"), ("shard", "string"), ("seconds", "float64"))
+          ("duration", "float64"), ("shard", "string"), ("seconds", "float64"),
+          ("decode_cpu", "float64"))
 
 
 def status_files(out_dir: str):

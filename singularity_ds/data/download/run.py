@@ -56,7 +56,7 @@ def _fetch_and_decode(row, opts, pool, slots, tmp_dir):
     src = os.path.join(tmp_dir, f"{row.row}.download")
     dst = os.path.join(tmp_dir, f"{row.row}.{EXT[opts['media_type']]}")
     record = dict(row=row.row, url=row.url, id=row.id, status="", error="", http=None, attempts=0,
-                  bytes=0, duration=None, shard=None, seconds=0.0)
+                  bytes=0, duration=None, shard=None, seconds=0.0, decode_cpu=None)
     data = None
     try:
         if not row.caption.strip():
@@ -74,7 +74,8 @@ def _fetch_and_decode(row, opts, pool, slots, tmp_dir):
             return record, None
         decoded = pool.run(Job(opts["media_type"], src, dst, opts["size"], opts["fps"], opts["trim"],
                                opts["min_duration"], opts["max_duration"]))
-        record.update(status=decoded.status, error=decoded.error, duration=decoded.duration)
+        record.update(status=decoded.status, error=decoded.error, duration=decoded.duration,
+                      decode_cpu=decoded.cpu)
         if decoded.status == "ok":
             with open(dst, "rb") as f:
                 data = f.read()
@@ -94,7 +95,7 @@ def _summary(chunk: dict) -> dict:
 
 
 def _done_chunks(out_dir: str) -> dict:
-    """{chunk id: its status record} for chunks whose status file and every shard are intact; the
+    """{chunk id: its summary} for chunks whose status file and every shard are intact; the
     leftovers of others are removed."""
     done = {}
     for path in status_files(out_dir):
@@ -165,7 +166,7 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
                     anno_sha256=sha, report="report.parquet",
                     failed=sum(n for c in chunks for st, n in c["counts"].items() if st != "ok"))
 
-    open_chunks, run, start = {}, Counter(), time.time()  # run: this run's statuses
+    open_chunks, run, run_cpu, start = {}, Counter(), [0.0], time.time()  # this run's statuses, CPU s
     bar = tqdm(total=total, initial=sum(sum(c["counts"].values()) for c in done.values()), unit="url",
                desc=f"download {media_type}s", disable=not progress, smoothing=0.05)
 
@@ -191,6 +192,7 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
         st["results"].append(record)
         st["pending"] -= 1
         run[record["status"]] += 1
+        run_cpu[0] += record["decode_cpu"] or 0
         bar.update(1)
         bar.set_postfix(ok=run["ok"], failed=sum(run.values()) - run["ok"], refresh=False)
 
@@ -241,9 +243,9 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
     report = write_report(out_dir, status_files(out_dir))
     shutil.rmtree(tmp_dir, ignore_errors=True)
     counts = sum((c["counts"] for c in chunks), Counter())
-    return dict(counts=dict(counts), urls=sum(counts.values()), seconds=seconds, run_urls=sum(run.values()),
-                run_ok=run["ok"], report=report, index=os.path.join(out_dir, INDEX),
-                table=summary_table(chunks, run, seconds))
+    return dict(counts=dict(counts), urls=sum(counts.values()), seconds=seconds,
+                run_urls=sum(run.values()), run_ok=run["ok"], run_decode_cpu=run_cpu[0], report=report,
+                index=os.path.join(out_dir, INDEX), table=summary_table(chunks, run, seconds))
 
 
 def main(args) -> int:
