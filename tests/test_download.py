@@ -236,6 +236,9 @@ def test_url_lists_in_every_format_and_column_errors(tmp_path):
         list(read_url_list(str(tmp_path / "l.csv"), caption_col="nope"))
     with pytest.raises(AnnotationError, match=r"l.csv: no caption column .*name it with --caption-col"):
         list(read_url_list(str(tmp_path / "l.csv")))
+    (tmp_path / "bad.tsv").write_bytes(b"caption\thttp://h/a.jpg\n\xff\xfe\tx\n")
+    with pytest.raises(AnnotationError, match=r"bad.tsv: unreadable TSV \(UnicodeDecodeError: "):
+        list(read_url_list(str(tmp_path / "bad.tsv")))
     (tmp_path / "l.txt").write_text("x")
     with pytest.raises(AnnotationError, match=r"l.txt: unknown URL list format '.txt'"):
         read_url_list(str(tmp_path / "l.txt"))

@@ -94,6 +94,14 @@ def _rows_of(records, columns, path, url_col, caption_col, id_col, headerless) -
 
 
 def _text_rows(path, fmt, url_col, caption_col, id_col):
+    try:
+        yield from _text_rows_unchecked(path, fmt, url_col, caption_col, id_col)
+    except (csv.Error, UnicodeDecodeError, EOFError, OSError) as e:  # a broken line, encoding, .gz
+        raise AnnotationError(f"{path}: unreadable {fmt.upper()} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _text_rows_unchecked(path, fmt, url_col, caption_col, id_col):
     with _open_text(path) as f:
         reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",",
                             quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
@@ -148,8 +156,12 @@ def _parquet_rows(path, url_col, caption_col, id_col):
                         _pick(columns, id_col, ID_NAMES, "id", path, required=False)) if c is not None]
 
     def records():
-        for batch in pf.iter_batches(columns=keep, batch_size=65536):
-            yield from batch.to_pylist()
+        import pyarrow as pa
+        try:
+            for batch in pf.iter_batches(columns=keep, batch_size=65536):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as e:  # a damaged file: one line
+            raise AnnotationError(f"{path}: unreadable parquet ({type(e).__name__}: {e})") from None
     yield from _rows_of(records(), columns, path, url_col, caption_col, id_col, headerless=False)
 
 
