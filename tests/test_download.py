@@ -283,6 +283,8 @@ def test_a_rerun_skips_finished_chunks_and_refuses_other_settings(corpus, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.startswith("singularity-ds: error: ") and "\n" not in err
     assert "a download with other settings is there (urls_per_chunk: 2 -> 3)" in err
+    assert main(["download", str(tmp_path / "nope.csv"), str(tmp_path / "o2")]) == 2
+    assert capsys.readouterr().err == f"singularity-ds: error: {tmp_path / 'nope.csv'}: URL list not found\n"
 
 
 # ------------------------------------------------------------------------ slow: kill, resume, train
