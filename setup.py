@@ -26,6 +26,7 @@ setup(
         "matplotlib>=3.7", # the recall@K plot saved with every retrieval evaluation
         "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
         "ijson>=3.2",      # annotation lists parsed one entry at a time (10M+ entries in bounded memory)
+        "pyarrow>=14",     # `download`: parquet URL lists (CC12M, LAION) and the per-URL report.parquet
     ],
     extras_require={
         "dev": [

@@ -2,11 +2,12 @@
 import argparse
 import logging
 import sys
+from fractions import Fraction
 
 from omegaconf.errors import OmegaConfBaseException
 
 from .config import load_config
-from .config.args import split_run_args, strip_launcher_args
+from .config.args import positive, split_run_args, strip_launcher_args
 from .errors import ConfigError, SingularityError
 
 
@@ -114,6 +115,11 @@ def cmd_preprocess(args) -> int:
     return preprocess([args.kind, *args.rest])
 
 
+def cmd_download(args) -> int:
+    from .data.download import main as download
+    return download(args)
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from .data.benchmark import main as bench_data
@@ -121,6 +127,9 @@ def cmd_bench(args) -> int:
     if args.what == "eval":
         from .eval.benchmark import main as bench_eval
         return bench_eval(args.rest)
+    if args.what == "download":
+        from .data.download.benchmark import main as bench_download
+        return bench_download(args.rest)
     if args.what == "train":
         from .engine.benchmark import main as bench_train
         return bench_train(args.rest)
@@ -225,12 +234,55 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("kind", choices=["videos", "images"])
     pp.add_argument("rest", nargs=argparse.REMAINDER)
     pp.set_defaults(func=cmd_preprocess)
+    dl = sub.add_parser(
+        "download", help="download a URL list (WebVid CSV, CC3M TSV, JSON lines, parquet) into tar shards "
+                         "for train_corpus, re-encoded as preprocess does; resumable, a status per URL",
+        description="Download a URL list (CSV, TSV, JSON lines, parquet) into WebDataset tar shards plus "
+                    "index.json, re-encoded as `preprocess` does; resumable; every URL's status in "
+                    "OUT_DIR/report.parquet. README: 'Downloading a corpus'.")
+    dl.add_argument("url_list", metavar="URL_LIST")
+    dl.add_argument("out_dir", metavar="OUT_DIR")
+    dl.add_argument("--url-col", help="URL column (name, or position in a list without header); "
+                                      "default: contentUrl/url/URL/..., or the column holding URLs")
+    dl.add_argument("--caption-col", help="caption column; default: name/caption/TEXT/text/..., or the "
+                                          "other column of a headerless list")
+    dl.add_argument("--id-col", help="id column (the sample's media name); default: videoid/id/key if "
+                                     "present, else the row number")
+    dl.add_argument("--media-type", default="video", choices=["video", "image"])
+    dl.add_argument("--fps", type=positive(Fraction), default=Fraction(2), help="output frame rate (videos)")
+    dl.add_argument("--size", type=positive(int), default=224, help="output shorter side, pixels")
+    dl.add_argument("--trim", type=positive(Fraction), metavar="SECONDS",
+                    help="keep the first SECONDS of each video")
+    dl.add_argument("--workers", type=positive(int), default=16, metavar="N", help="parallel downloads")
+    dl.add_argument("--per-host", type=positive(int), default=8, metavar="N",
+                    help="parallel downloads from one host")
+    dl.add_argument("--decoders", type=positive(int), metavar="N",
+                    help="re-encoding processes (default: the CPU count)")
+    dl.add_argument("--timeout", type=positive(float), default=30, metavar="S",
+                    help="seconds without an answer or data before a try fails")
+    dl.add_argument("--retries", type=int, default=3, metavar="K",
+                    help="retries of a transient failure (5xx, 429, timeout, reset, short body)")
+    dl.add_argument("--retry-wait", type=positive(float), default=1.0, metavar="S",
+                    help="first backoff wait, doubled at each retry")
+    dl.add_argument("--shard-size", default="1GB", help="start a new shard past this size")
+    dl.add_argument("--urls-per-chunk", type=positive(int), default=10000, metavar="N",
+                    help="rows per unit of resume (a killed run redoes only the chunks in progress)")
+    dl.add_argument("--max-size", default="200MB", help="refuse a download over this size")
+    dl.add_argument("--max-duration", type=positive(float), default=600, metavar="S",
+                    help="refuse videos longer than this (before --trim)")
+    dl.add_argument("--min-duration", type=float, default=0, metavar="S", help="refuse videos shorter")
+    dl.add_argument("--decode-timeout", type=positive(float), default=300, metavar="S",
+                    help="kill a decoder busy with one file longer than this")
+    dl.add_argument("--allow-file-urls", action="store_true",
+                    help="also accept file:// URLs (tests, local mirrors); never as a redirect target")
+    dl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dl.set_defaults(func=cmd_download)
     b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode "
                                      "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
                                      "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
                                      "training the tiny model), stream (files vs shards loader, 10M-entry "
-                                     "annotation memory)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream"])
+                                     "annotation memory), download (clips/s from a local HTTP server)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream", "download"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

@@ -4,6 +4,7 @@ Every entry point that takes configs (``train``, ``eval``, ``summary``, ``bench 
 arguments through :func:`split_run_args`, so the launcher's ``--local_rank`` is dropped, config names
 and ``key=value`` overrides are told apart, and flags are recognised the same way everywhere.
 """
+import argparse
 from typing import Dict, List, NamedTuple, Sequence
 
 from ..errors import ConfigError
@@ -48,3 +49,16 @@ def split_run_args(argv: Sequence[str], value_flags: Sequence[str] = (),
             configs.append(a)
         i += 1
     return RunArgs(configs, overrides, flags)
+
+
+def positive(cast):
+    """An argparse ``type`` for numbers that must be > 0 (``positive(int)``, ``positive(Fraction)``)."""
+    def parse(text):
+        try:
+            value = cast(text)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse

@@ -19,6 +19,7 @@ import re
 import sys
 from fractions import Fraction
 
+from ..config.args import positive
 from ..fileio import write_json
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".gif"}
@@ -49,7 +50,24 @@ def compress_image(src: str, dst: str, size: int) -> None:
         img.resize(scaled_size(img.width, img.height, size), Image.BICUBIC).save(dst, "JPEG", quality=95)
 
 
-def compress_video(src: str, dst: str, size: int, fps: Fraction, trim: Fraction = None) -> None:
+class TooLong(ValueError):
+    """The video runs past ``max_duration`` while decoding, whatever its header said."""
+
+
+def reencode(media_type: str, src: str, dst: str, size: int, fps: Fraction = Fraction(2), trim=None,
+             max_duration=None):
+    """The one re-encoding rule, shared by ``preprocess`` and ``download``: ``media_type`` ``video``
+    (H.264 ``dst``, returns its duration in seconds) or ``image`` (JPEG ``dst``, returns None)."""
+    if media_type == "video":
+        return compress_video(src, dst, size, fps, trim, max_duration)
+    compress_image(src, dst, size)
+    return None
+
+
+def compress_video(src: str, dst: str, size: int, fps: Fraction, trim: Fraction = None,
+                   max_duration=None) -> float:
+    """-> the output's duration in seconds. Past ``max_duration`` of input: :class:`TooLong` (decoding
+    stops there, so a file whose header lies about its length costs no more than that)."""
     import av
     step = 1 / fps  # Fractions throughout: "timestamp <= k/fps" is compared exactly
     with av.open(src) as source, av.open(dst, "w", format="mp4") as out:
@@ -79,6 +97,8 @@ def compress_video(src: str, dst: str, size: int, fps: Fraction, trim: Fraction 
             if trim is not None and t >= trim:
                 end = trim  # the input goes on past it
                 break
+            if max_duration is not None and t > max_duration:
+                raise TooLong(f"longer than {float(max_duration):g} s")
             if stream_out is None:
                 stream_out = out.add_stream("libx264", rate=fps)
                 stream_out.width, stream_out.height = scaled_size(frame.width, frame.height, size, even=True)
@@ -93,6 +113,7 @@ def compress_video(src: str, dst: str, size: int, fps: Fraction, trim: Fraction 
             raise ValueError("no decodable video frames")
         emit_until(min(end, trim) if trim is not None else end)
         out.mux(stream_out.encode())  # flush the encoder
+        return float(k * step)
 
 
 def process(job) -> tuple:
@@ -101,10 +122,7 @@ def process(job) -> tuple:
     tmp = temp_name(dst)
     try:
         os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if kind == "videos":
-            compress_video(src, tmp, size, fps, trim)
-        else:
-            compress_image(src, tmp, size)
+        reencode(kind.rstrip("s"), src, tmp, size, fps, trim)  # videos|images -> video|image
         os.replace(tmp, dst)  # the output appears only once complete
         return rel, None
     except Exception as e:  # any decoder/encoder error: record it, keep going
@@ -133,15 +151,6 @@ def remove_stale_temps(dst: str) -> None:
         for name in files:
             if TMP_RE.search(name):
                 os.remove(os.path.join(root, name))
-
-
-def positive(cast):
-    def parse(text):
-        value = cast(text)
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
 
 
 def main(argv=None) -> int:

@@ -79,10 +79,7 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
 
     Entries whose media file is missing are left out and listed in the index (``skipped``). Each shard is
     written under a temporary name and renamed when complete; the index is written last."""
-    import webdataset as wds
     from tqdm import tqdm
-
-    from ..fileio import write_json
     limit = parse_size(shard_size)
     index_path = os.path.join(out_dir, INDEX)
     if os.path.exists(index_path) and not overwrite:
@@ -90,22 +87,11 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
                               f"pass --overwrite to replace it")
     # validated, streamed into the compact store
     entries = load_corpus([(anno, media_dir, media_type)], kind, media_outside_dir)
-    digest = hashlib.sha256()
-    with open(anno, "rb") as f:
-        for chunk in iter(lambda: f.read(2 ** 20), b""):
-            digest.update(chunk)
     os.makedirs(out_dir, exist_ok=True)
     # --overwrite: no stale shard stays for a glob
     for old in glob.glob(os.path.join(out_dir, "shard-*.tar")):
         os.remove(old)
-    shards, skipped, writer, current = [], [], None, None
-
-    def close():
-        writer.close()
-        os.replace(current["tmp"], os.path.join(out_dir, current["url"]))
-        shards.append(dict(url=current["url"], samples=current["samples"],
-                           bytes=os.path.getsize(os.path.join(out_dir, current["url"]))))
-
+    skipped, writer = [], ShardWriter(out_dir, limit)
     for i, entry in enumerate(tqdm(entries, desc="make-shards", unit="sample", disable=not progress)):
         media = entry.pop("media")
         if isinstance(media, list):
@@ -114,24 +100,69 @@ def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media
         if not os.path.isfile(media):
             skipped.append(dict(idx=i, file=media, reason="no such file"))
             continue
-        if writer is None:
-            url = f"shard-{len(shards):06d}.tar"
-            current = dict(url=url, tmp=os.path.join(out_dir, f".{url}.tmp"), samples=0)
-            writer = wds.TarWriter(current["tmp"])
         ext = os.path.splitext(media)[1].lstrip(".").lower() or "bin"
         with open(media, "rb") as f:
-            data = f.read()
-        writer.write({"__key__": f"{i:09d}", ext: data, "json": json.dumps(entry).encode()})
-        current["samples"] += 1
-        if writer.tarstream.fileobj.tell() >= limit:
-            close()
-            writer = None
-    if writer is not None:
-        close()
+            writer.write(f"{i:09d}", ext, f.read(), entry)
+    return write_index(out_dir, writer.close(), media_type, kind, anno, skipped)
+
+
+class ShardWriter:
+    """Samples into tar shards of about ``limit`` bytes (a shard ends once it reaches it). Each shard is
+    written under a temporary name (``.NAME.tmp``) and renamed when complete, so a shard file that
+    exists is whole. ``name(n)`` names the n-th shard."""
+
+    def __init__(self, out_dir: str, limit: int, name=lambda n: f"shard-{n:06d}.tar"):
+        self.out_dir, self.limit, self.name = out_dir, limit, name
+        self.shards, self.writer, self.current = [], None, None
+
+    def write(self, key: str, ext: str, data: bytes, meta: dict) -> None:
+        """One sample: the media bytes as ``key.ext`` and ``meta`` as ``key.json``."""
+        import webdataset as wds
+        if self.writer is None:
+            url = self.name(len(self.shards))
+            self.current = dict(url=url, tmp=os.path.join(self.out_dir, f".{url}.tmp"), samples=0)
+            self.writer = wds.TarWriter(self.current["tmp"])
+        self.writer.write({"__key__": key, ext: data, "json": json.dumps(meta).encode()})
+        self.current["samples"] += 1
+        if self.writer.tarstream.fileobj.tell() >= self.limit:
+            self._finish()
+
+    @property
+    def next_url(self) -> str:
+        """The shard the next :meth:`write` goes to."""
+        return self.current["url"] if self.writer is not None else self.name(len(self.shards))
+
+    def _finish(self):
+        self.writer.close()
+        path = os.path.join(self.out_dir, self.current["url"])
+        os.replace(self.current["tmp"], path)
+        self.shards.append(dict(url=self.current["url"], samples=self.current["samples"],
+                                bytes=os.path.getsize(path)))
+        self.writer = None
+
+    def close(self) -> list:
+        """Finish the open shard; -> ``[{"url", "samples", "bytes"}]`` of every shard written."""
+        if self.writer is not None:
+            self._finish()
+        return self.shards
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2 ** 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_index(out_dir: str, shards: list, media_type: str, kind: str, anno: str, skipped: list,
+                anno_sha256: str = None, **extra) -> dict:
+    """``out_dir/index.json``: the shards (``ShardWriter.close()``'s list) and their source file."""
+    from ..fileio import write_json
     index = dict(format="webdataset", version=1, media_type=media_type, kind=kind,
-                 annotation=os.path.abspath(anno), annotation_sha256=digest.hexdigest(),
-                 samples=sum(s["samples"] for s in shards), shards=shards, skipped=skipped)
-    write_json(index, index_path)
+                 annotation=os.path.abspath(anno), annotation_sha256=anno_sha256 or file_sha256(anno),
+                 samples=sum(s["samples"] for s in shards), shards=shards, skipped=skipped, **extra)
+    write_json(index, os.path.join(out_dir, INDEX))
     return index
 
 
