@@ -52,7 +52,7 @@ def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
     model = load_model(os.path.join(export, "export"))
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg],
                       TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
-    tok = build_tokenizer()
+    tok = build_tokenizer(model.config.text_encoder)
     out = {"itm": {}, "itc": {}}
     for name, ds in eval_datasets(cfg, list(splits)).items():  # the offloaded (large-set) path
         res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", offload=True, num_frames_test=frames)
@@ -77,12 +77,17 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def ensure_corpus(run_dir, num_clips=300) -> str:
-    """The demo's synthetic corpus in <run_dir>/data (generated once; seeded, so always the same)."""
+def ensure_corpus(run_dir, num_clips=432, test_fraction=0.25) -> str:
+    """The demo's synthetic corpus in <run_dir>/data (generated once; seeded, so always the same): every
+    colour x shape x background group; a quarter of them (one per colour and shape) are the test split,
+    108 motion/order captions."""
     data = os.path.join(run_dir, "data")
-    if not os.path.isfile(os.path.join(data, "shards", "image", "index.json")):
+    meta = os.path.join(data, "synthetic.json")
+    want = dict(num_clips=num_clips, size=64, frames=16, test_fraction=test_fraction)
+    if not (os.path.isfile(os.path.join(data, "shards", "image", "index.json")) and os.path.isfile(meta)
+            and all(json.load(open(meta)).get(k) == v for k, v in want.items())):
         shutil.rmtree(data, ignore_errors=True)
-        make_synthetic(data, num_clips=num_clips, size=64, frames=16, workers=2)
+        make_synthetic(data, workers=2, **want)
     return data
 
 
@@ -98,15 +103,18 @@ def stage_args(data, shards=False):
     return pt_args, ret_args, ret_cfg
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300, shards=False) -> str:
+def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, shards=False, seed=42,
+             extra=()) -> str:
     """``shards``: the pretraining stages stream the corpus from its tar shards
-    (``train_corpus=synthetic_shards``)."""
+    (``train_corpus=synthetic_shards``); ``seed``: every stage's (the corpus is always the same);
+    ``extra``: more ``key=value`` for every stage."""
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
-    data = ensure_corpus(run_dir, num_clips)
+    data = ensure_corpus(run_dir)
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
     pt_args, ret_args, ret_cfg = stage_args(data, shards)
+    pt_args, ret_args = [*pt_args, f"seed={seed}", *extra], [*ret_args, f"seed={seed}", *extra]
     pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
     pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
                                  f"pretrained_path={pt1}/export"], run_dir)

@@ -35,9 +35,10 @@ def _local_folder(name: str):
 
 def init_towers(model: Singularity, config) -> None:
     """``tower_init=pretrained``: load both towers from local Hugging Face folders, as the original
-    does from the hub. A name with no local copy is an error that says what to pass instead."""
-    for key, loader in (("text_encoder", load_text_tower),
-                        ("vit_name_or_pretrained_path", load_vision_tower)):
+    does from the hub (``pretrained_text``: the text tower only). A name with no local copy is an error
+    that says what to pass instead."""
+    towers = [("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)]
+    for key, loader in towers[:1] if config.tower_init == "pretrained_text" else towers:
         name = config[key]
         folder = _local_folder(name)
         if folder is None:
@@ -56,7 +57,7 @@ def build_model(config, model_class=Singularity, strict: bool = True) -> Singula
     if path:
         state, _ = read_checkpoint(path)
         load_into(model, state, strict=strict, source=path)
-    elif config.tower_init == "pretrained":
+    elif config.tower_init != "random":
         init_towers(model, config)
     return model
 
