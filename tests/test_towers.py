@@ -72,6 +72,18 @@ def test_build_model_with_pretrained_towers_and_clear_error_without(minilm, tmp_
         build_model(tiny_config(tower_init="pretrained", text_encoder="bert-base-uncased"))
 
 
+def test_pretrained_text_loads_the_text_tower_only(minilm):
+    """tower_init=pretrained_text (the demo's): MiniLM text tower, the tiny vision tower random (it has no
+    weights anywhere: with tower_init=pretrained the same config stops)."""
+    cfg = dict(text_encoder=minilm, bert_config="None", fusion_layer=5)
+    model = build_model(tiny_config(tower_init="pretrained_text", **cfg))
+    hf = BertModel.from_pretrained(minilm).state_dict()
+    assert torch.equal(model.text_encoder.bert.encoder.layer[2].output.dense.weight,
+                       hf["encoder.layer.2.output.dense.weight"])
+    with pytest.raises(CheckpointError, match="'vit_name_or_pretrained_path': no local weights for 'beit-ti"):
+        build_model(tiny_config(tower_init="pretrained", **cfg))
+
+
 @pytest.mark.parametrize("kind", ["beit", "vit"])
 def test_vision_tower_matches_transformers(kind, tmp_path):
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
