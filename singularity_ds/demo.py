@@ -33,8 +33,9 @@ TINY = ["image_res=32", "num_workers=0", "optimizer.lr=1e-3", "optimizer.weight_
         "scheduler.warmup_epochs=1", "log_freq=50", "save_every_epochs=10"]
 # the text tower starts from MiniLM (lr 1e-4); what starts random (vision tower, temporal modules, the
 # projections, the ITM head and the new cross-attention) learns at 1e-3; no MLM (the tower knows English)
-TEXT_TOWER = ["bert_config=None", "fusion_layer=5", "tower_init=pretrained_text", "loss_weight.mlm=0",
-              "optimizer.lr=1e-4", "optimizer.different_lr.enable=True", "optimizer.different_lr.lr=1e-3",
+TEXT_ARCH = ["bert_config=None", "fusion_layer=5"]  # MiniLM's own config.json; its last layer fuses
+TEXT_TOWER = [*TEXT_ARCH, "tower_init=pretrained_text", "loss_weight.mlm=0", "optimizer.lr=1e-4",
+              "optimizer.different_lr.enable=True", "optimizer.different_lr.lr=1e-3",
               "optimizer.different_lr.module_names=[vision,temp,proj,itm_head,crossattention]"]
 SEARCH = "a red square moves from left to right"  # one clip of the motion test split matches it
 TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vision_encoder.enable=True",
@@ -208,7 +209,8 @@ def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:
     qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16",
                        "max_a_len=6", "k_test=16", f"scheduler.epochs={epochs}", "optimizer.lr=1e-3",
                        "scheduler.warmup_epochs=1", "batch_size.video=32", "log_freq=50",
-                       "save_every_epochs=10", f"pretrained_path={pretrained}"],
+                       "save_every_epochs=10", f"pretrained_path={pretrained}",
+                       f"text_encoder={minilm()}", *TEXT_ARCH],
                 run_dir)
     with open(os.path.join(qa, "eval_final.json")) as f:
         res = json.load(f)["test"]
