@@ -84,6 +84,17 @@ def test_pretrained_text_loads_the_text_tower_only(minilm):
         build_model(tiny_config(tower_init="pretrained", **cfg))
 
 
+def test_temporal_encoder_on_a_narrower_vision_tower(minilm):
+    """The temporal encoder takes the text tower's config at the vision width: with MiniLM (384 wide, 12
+    heads of 32) on the 128-wide tiny ViT it keeps the head size (4 heads) and the FFN ratio (4x)."""
+    model = Singularity(tiny_config(text_encoder=minilm, bert_config="None", fusion_layer=5, image_res=32,
+                                    **{"video_input.num_frames": 4, "temporal_vision_encoder.enable": True}))
+    layer = model.temporal_vision_encoder.layer[0]
+    assert layer.attention.num_heads == 4 and layer.intermediate.dense.weight.shape == (512, 128)
+    tokens, pooled = model.encode_image(torch.randn(2, 4, 3, 32, 32))
+    assert tokens.shape == (2, 4 * 5, 128) and pooled.shape == (2, 4, 128)
+
+
 @pytest.mark.parametrize("kind", ["beit", "vit"])
 def test_vision_tower_matches_transformers(kind, tmp_path):
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
