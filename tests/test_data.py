@@ -416,8 +416,10 @@ def test_demo_corpus_motion_split_has_over_100_captions():
     assert len(test) == 108 and len({(c["color"], c["shape"]) for c in test}) == 18
     assert 106 <= len({temporal_caption(c) for c in test}) <= 108
     assert sum(c["split"] == "val" for c in clips) == 42 and sum(c["split"] == "train" for c in clips) == 282
-    train_appearance = {(c["color"], c["shape"], c["background"]) for c in clips if c["split"] == "train"}
-    assert not train_appearance & {(c["color"], c["shape"], c["background"]) for c in test}
+    def groups(split):  # a group's appearance: its motion clips' colour, shape and background
+        return {(c["color"], c["shape"], c["background"]) for c in clips
+                if c["split"] == split and c["kind"] == "motion"}
+    assert len(groups("test")) == 18 and not groups("train") & groups("test")
 
 
 def test_qa_train_loader_batches_questions_and_weighted_answers(corpus64):
