@@ -95,6 +95,24 @@ def test_temporal_encoder_on_a_narrower_vision_tower(minilm):
     assert tokens.shape == (2, 4 * 5, 128) and pooled.shape == (2, 4, 128)
 
 
+def test_qa_decoder_from_a_minilm_checkpoint_without_mlm(minilm):
+    """`make demo-qa` after the demo: the answer decoder takes MiniLM's fusion layer; what the text tower
+    cannot give keeps its fresh init (no MLM head; cross-attention to 384-wide questions, not 128-wide
+    video)."""
+    from singularity_ds.models import SingularityQA
+    from singularity_ds.models.weights import load_into
+    cfg = dict(text_encoder=minilm, bert_config="None", fusion_layer=5, **{"loss_weight.mlm": 0})
+    state = Singularity(tiny_config(**cfg)).state_dict()
+    qa = SingularityQA(tiny_config(**cfg))
+    key = "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"
+    fresh = qa.state_dict()[key].clone()
+    load_into(qa, state)
+    own = qa.state_dict()
+    assert torch.equal(own["text_decoder.bert.encoder.layer.0.attention.self.query.weight"],
+                       state["text_encoder.bert.encoder.layer.5.attention.self.query.weight"])
+    assert own[key].shape == (384, 384) and torch.equal(own[key], fresh)
+
+
 @pytest.mark.parametrize("kind", ["beit", "vit"])
 def test_vision_tower_matches_transformers(kind, tmp_path):
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
