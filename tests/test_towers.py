@@ -79,6 +79,45 @@ def test_build_model_with_pretrained_towers_and_clear_error_without(minilm, tmp_
         build_model(tiny_config(vit_name_or_pretrained_path="/no/such/beit"))
 
 
+def test_pretrained_text_loads_the_text_tower_only(minilm):
+    """tower_init=pretrained_text (the demo's): the MiniLM text tower; the tiny vision tower (an
+    architecture with no weights anywhere) is not looked up and starts random."""
+    cfg = dict(text_encoder=minilm, bert_config="None", fusion_layer=5)
+    model = build_model(tiny_config(tower_init="pretrained_text", **cfg))
+    hf = BertModel.from_pretrained(minilm).state_dict()
+    assert torch.equal(model.text_encoder.bert.encoder.layer[2].output.dense.weight,
+                       hf["encoder.layer.2.output.dense.weight"])
+
+
+def test_temporal_encoder_on_a_narrower_vision_tower(minilm):
+    """The temporal encoder takes the text tower's config at the vision width: with MiniLM (384 wide, 12
+    heads of 32) on the 128-wide tiny ViT it keeps the head size (4 heads) and the FFN ratio (4x)."""
+    model = Singularity(tiny_config(text_encoder=minilm, bert_config="None", fusion_layer=5, image_res=32,
+                                    **{"video_input.num_frames": 4, "temporal_vision_encoder.enable": True}))
+    layer = model.temporal_vision_encoder.layer[0]
+    assert layer.attention.num_heads == 4 and layer.intermediate.dense.weight.shape == (512, 128)
+    tokens, pooled = model.encode_image(torch.randn(2, 4, 3, 32, 32))
+    assert tokens.shape == (2, 4 * 5, 128) and pooled.shape == (2, 4, 128)
+
+
+def test_qa_decoder_from_a_minilm_checkpoint_without_mlm(minilm):
+    """`make demo-qa` after the demo: the answer decoder takes MiniLM's fusion layer; what the text tower
+    cannot give keeps its fresh init (no MLM head; cross-attention to 384-wide questions, not 128-wide
+    video)."""
+    from singularity_ds.models import SingularityQA
+    from singularity_ds.models.weights import load_into
+    cfg = dict(text_encoder=minilm, bert_config="None", fusion_layer=5, **{"loss_weight.mlm": 0})
+    state = Singularity(tiny_config(**cfg)).state_dict()
+    qa = SingularityQA(tiny_config(**cfg))
+    key = "text_decoder.bert.encoder.layer.0.crossattention.self.key.weight"
+    fresh = qa.state_dict()[key].clone()
+    load_into(qa, state)
+    own = qa.state_dict()
+    assert torch.equal(own["text_decoder.bert.encoder.layer.0.attention.self.query.weight"],
+                       state["text_encoder.bert.encoder.layer.5.attention.self.query.weight"])
+    assert own[key].shape == (384, 384) and torch.equal(own[key], fresh)
+
+
 @pytest.mark.parametrize("kind", ["beit", "vit"])
 def test_vision_tower_matches_transformers(kind, tmp_path):
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,

@@ -225,8 +225,9 @@ class Config:
     tower_init: str = key("pretrained", "where the towers start without pretrained_path: pretrained (from "
                                         "text_encoder / vit_name_or_pretrained_path: local folders, or Hub "
                                         "repo ids downloaded into the HF cache; HF_HUB_OFFLINE=1: the cache "
-                                        "only) or random (BERT-style init)",
-                          choices=("pretrained", "random"))
+                                        "only), pretrained_text (the text tower so, the vision tower random: "
+                                        "the demo's MiniLM) or random (BERT-style init)",
+                          choices=("pretrained", "pretrained_text", "random"))
     temporal_vision_encoder: TemporalVisionEncoder = group(TemporalVisionEncoder)
     add_temporal_embed: bool = key(False, "add learned temporal embeddings to the encoded frames")
     image_res: int = key(224, "input resolution in pixels (square; a multiple of the patch size)", ge=1)

@@ -2,12 +2,13 @@
 
 Each clip is a coloured shape on a textured background. Two caption families:
 - **appearance** ("a red square on a striped background"): one frame answers it;
-- **motion / order** ("a square moves from left to right", "a circle appears after a square"): only
-  several frames in order do. Like SSV2's templates they name no colour or background, so many clips
-  share one caption (retrieval with several ground-truth videos, ``has_multi_vision_gt``) and a
-  caption's negatives differ from it in motion or order. Motion clips are centred at mid-clip and
-  order clips show both shapes there, so the middle frame alone cannot tell them apart -- the
-  miniature of the original's SSV2 finding.
+- **motion / order** ("a red square moves from left to right", "a blue circle appears after a red
+  square"): only several frames in order do. They name no background, so clips of one colour and shape
+  on different backgrounds share a caption (retrieval with several ground-truth videos,
+  ``has_multi_vision_gt``), and a test caption's hardest negatives are the clips of its own group: the
+  same appearance in another motion or order. Motion clips are centred at mid-clip, and a group's two
+  order clips show the same two shapes at the same places there (which appears first differs), so the
+  middle frame alone cannot tell a group's clips apart -- the miniature of the original's SSV2 finding.
 
 ``make_synthetic(out_dir)`` writes H.264 MP4 clips (PyAV), a few still images, and annotations in the
 original's formats (pretraining, retrieval train/val/test with ``appearance`` and ``motion`` test
@@ -74,11 +75,13 @@ def render(clip: dict, size: int, frames: int) -> np.ndarray:
         if clip["kind"] == "motion":
             (x0, y0), (x1, y1) = DIRECTIONS[clip["direction"]]
             draw(img, clip["shape"], COLORS[clip["color"]], (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t), RADIUS)
-        else:  # order: first shape appears at 20% of the clip, second at 40% (both visible mid-clip)
+        else:  # order: first shape appears at 20% of the clip, second at 40% (both visible mid-clip);
+            # the first one's side alternates within a group, so the side does not tell the order
+            first, second = (0.28, 0.72) if clip.get("first_left", True) else (0.72, 0.28)
             if t >= 0.2:
-                draw(img, clip["shape"], COLORS[clip["color"]], (0.28, 0.5), RADIUS)
+                draw(img, clip["shape"], COLORS[clip["color"]], (first, 0.5), RADIUS)
             if t >= 0.4:
-                draw(img, clip["shape2"], COLORS[clip["color2"]], (0.72, 0.5), RADIUS)
+                draw(img, clip["shape2"], COLORS[clip["color2"]], (second, 0.5), RADIUS)
         out[f] = np.clip(img, 0, 255).astype(np.uint8)
     return out
 
@@ -114,8 +117,8 @@ def appearance_caption(c):
 
 def temporal_caption(c):
     if c["kind"] == "motion":
-        return f"a {c['shape']} moves from {c['direction']}"
-    return f"a {c['shape2']} appears after a {c['shape']}"
+        return f"{_a(c['color'])} {c['shape']} moves from {c['direction']}"
+    return f"{_a(c['color2'])} {c['shape2']} appears after {_a(c['color'])} {c['shape']}"
 
 
 def questions(c):
@@ -130,11 +133,18 @@ def questions(c):
 
 
 # ---------------------------------------------------------------------- corpus
-def plan_clips(num_clips: int, seed: int):
-    """Test clips come in groups that share appearance and differ only in motion or order."""
+def plan_clips(num_clips: int, seed: int, test_fraction: float = 0.15):
+    """Clips come in groups that share appearance (colour, shape, background) and differ only in
+    motion or order; ``test_fraction`` of the groups are the test split, then 10% validation. The
+    first groups cover every colour and shape once before one repeats (on another background), so up
+    to 18 test groups have no motion caption in common."""
     rng = random.Random(seed)
     combos = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
     rng.shuffle(combos)
+    round_of, seen = {}, {}
+    for combo in combos:  # the how-many-th time this colour and shape comes
+        round_of[combo] = seen[combo[:2]] = seen.get(combo[:2], -1) + 1
+    combos.sort(key=round_of.get)  # stable: still shuffled within a round
     clips = []
     for color, shape, bg in combos:
         for direction in DIRECTIONS:
@@ -142,17 +152,20 @@ def plan_clips(num_clips: int, seed: int):
         others = [(c2, s2) for c2 in COLORS for s2 in SHAPES if s2 != shape]
         color2, shape2 = rng.choice(others)
         clips.append(dict(kind="order", color=color, shape=shape, color2=color2,
-                          shape2=shape2, background=bg))
+                          shape2=shape2, background=bg, first_left=True))
         clips.append(dict(kind="order", color=color2, shape=shape2, color2=color,
-                          shape2=shape, background=bg))
+                          shape2=shape, background=bg, first_left=False))
         if len(clips) >= num_clips:
             break
     clips = clips[:num_clips]
     groups = [clips[i:i + 6] for i in range(0, len(clips), 6)]  # one appearance combination each
     if len(groups) < 3:
         raise ValueError(f"num_clips={num_clips}: need at least 18 clips (3 groups of 6) for train/val/test")
-    n_test = max(1, round(len(groups) * 0.15))
+    n_test = max(1, round(len(groups) * test_fraction))
     n_val = max(1, round(len(groups) * 0.1))
+    if n_test + n_val >= len(groups):
+        raise ValueError(f"num_clips={num_clips}, test_fraction={test_fraction}: {n_test} test and {n_val} "
+                         f"validation groups of {len(groups)} leave none for training")
     for i, group in enumerate(groups):
         split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
         for c in group:
@@ -169,13 +182,13 @@ def _yaml(lines, path):
 
 def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: int = 16, fps: int = 8,
                    num_images: int = 24, seed: int = 0, codec: str = "libx264", workers: int = 1,
-                   shards: bool = True) -> dict:
+                   shards: bool = True, test_fraction: float = 0.15) -> dict:
     out_dir = os.path.abspath(out_dir)
     vdir, idir, adir, cdir = (os.path.join(out_dir, d) for d in ("videos", "images", "anno", "configs"))
     for d in (vdir, idir, adir, cdir):
         os.makedirs(d, exist_ok=True)
     ext = {"libx264": ".mp4", "mjpeg": ".avi", "libvpx-vp9": ".webm"}.get(codec, ".mp4")
-    clips = plan_clips(num_clips, seed)
+    clips = plan_clips(num_clips, seed, test_fraction)
     for c in clips:
         c["video"] = c["video"].replace(".mp4", ext)
     jobs = [(os.path.join(vdir, c["video"]), c, size, frames, fps, codec) for c in clips]
@@ -241,7 +254,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
             wrong.append(temporal_caption(dict(c, shape=rng.choice([s for s in SHAPES if s != c["shape"]]))))
         else:  # the reverse order, and other shapes
             wrong = [temporal_caption(dict(c, shape=c["shape2"], shape2=c["shape"]))]
-            wrong += [f"a {s2} appears after a {s1}" for s1 in SHAPES for s2 in SHAPES
+            wrong += [temporal_caption(dict(c, shape=s1, shape2=s2)) for s1 in SHAPES for s2 in SHAPES
                       if s1 != s2 and {s1, s2} != {c["shape"], c["shape2"]}][:3]
         options = [right] + wrong
         rng.shuffle(options)
@@ -297,6 +310,7 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "test_file:",
            f"  mc: {corpus('mc_test')}"], os.path.join(cdir, "mc.yaml"))
     meta = dict(num_clips=len(clips), size=size, frames=frames, fps=fps, seed=seed, codec=codec,
+                test_fraction=test_fraction,
                 splits={s: len(v) for s, v in by_split.items()}, files=files, videos=vdir, images=idir)
     write_json(meta, os.path.join(out_dir, "synthetic.json"))
     return meta

@@ -22,12 +22,13 @@ __all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "Checkpo
 
 def init_towers(model: Singularity, config) -> None:
     """``tower_init=pretrained``: load both towers from local Hugging Face folders or, as the original,
-    Hub repo ids (downloaded into the HF cache, or read from it offline: :func:`..hub.tower_folder`)."""
-    for key, loader in (("text_encoder", load_text_tower),
-                        ("vit_name_or_pretrained_path", load_vision_tower)):
+    Hub repo ids (downloaded into the HF cache, or read from it offline: :func:`..hub.tower_folder`).
+    ``pretrained_text``: the text tower only (the vision tower starts random)."""
+    towers = [("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)]
+    for key, loader in towers[:1] if config.tower_init == "pretrained_text" else towers:
         if not config[key]:
-            raise CheckpointError(f"config key {key!r} is empty: tower_init=pretrained needs a folder or Hub "
-                                  f"repo id, or set tower_init=random")
+            raise CheckpointError(f"config key {key!r} is empty: tower_init={config.tower_init} needs a "
+                                  f"folder or Hub repo id, or set tower_init=random")
         loader(model, tower_folder(config[key], key))
 
 
@@ -39,7 +40,7 @@ def build_model(config, model_class=Singularity, strict: bool = True) -> Singula
     if path:
         state, _ = read_checkpoint(path)
         load_into(model, state, strict=strict, source=path)
-    elif config.tower_init == "pretrained":
+    elif config.tower_init != "random":
         init_towers(model, config)
     return model
 

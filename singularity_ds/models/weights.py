@@ -171,7 +171,7 @@ def normalise_keys(state: dict, model) -> dict:
                                           f"this model ties them (as the original)")
                 del out[tied]
     if hasattr(model, "text_decoder") and not any(k.startswith("text_decoder.") for k in out):
-        out = decoder_from_text_tower(out, model.text_encoder.config.fusion_layer)
+        out = decoder_from_text_tower(out, model.text_encoder.config.fusion_layer, model.state_dict())
     if not model.has_mlm_head:
         dropped = [k for k in out if k.startswith("text_encoder.cls.")]
         for k in dropped:
@@ -196,10 +196,14 @@ def normalise_keys(state: dict, model) -> dict:
 RETRIEVAL_HEADS = ("vision_proj.", "text_proj.", "itm_head.", "vision_encoder.pooler.")  # and "temp"
 
 
-def decoder_from_text_tower(state: dict, fusion_layer: int) -> dict:
+def decoder_from_text_tower(state: dict, fusion_layer: int, own: dict = None) -> dict:
     """QA from a retrieval/pretraining checkpoint, as the original's ``setup_model(has_decoder=True)``:
     the answer decoder gets the text tower's embeddings, its fusion layers ``[fusion_layer, N)`` as
-    layers ``0..`` and the MLM head (which moves: the question encoder has none)."""
+    layers ``0..`` and the MLM head (which moves: the question encoder has none). With the model's
+    ``own`` state, decoder tensors the text tower cannot give keep their fresh init, as in the
+    original's non-strict load: the MLM head of a checkpoint pretrained without MLM, and cross-attention
+    keys/values where the vision tower is narrower than the text tower (the decoder attends to the
+    question, the text tower's fusion layers to the video; the original's towers are equally wide)."""
     out = {}
     for k, v in state.items():
         if k.startswith("text_encoder.cls."):
@@ -215,6 +219,14 @@ def decoder_from_text_tower(state: dict, fusion_layer: int) -> dict:
                 out[".".join(["text_decoder"] + parts[1:])] = v
     logger.info("answer decoder initialised from the text tower's embeddings, layers [%d, N) and MLM head",
                 fusion_layer)
+    if own is not None:
+        fresh = [k for k in own if k.startswith("text_decoder.") and ".cls.predictions.decoder." not in k
+                 and (k not in out or out[k].shape != own[k].shape)]  # the tied output layer is not a key
+        for k in fresh:
+            out[k] = own[k]
+        if fresh:
+            logger.warning("answer decoder: %d tensors newly initialised (not in the text tower, or of "
+                           "another width): %s", len(fresh), ", ".join(fresh[:8]))
     return out
 
 
