@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .benchmark import OursStep, timed_step
+from .train_step import OursStep, timed_step
 
 PARTS = ("forward", "backward", "optimizer", "step")
 
