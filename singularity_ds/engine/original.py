@@ -154,6 +154,9 @@ class OriginalStep:
                                        attention_mask=batch["attention_mask"].to(device)))
         self.idx = batch["idx"].to(device)
 
+    def parameters(self):
+        return self.model.parameters()
+
     def forward(self):
         losses = self.model(self.image, self.text, idx=self.idx)
         return sum(losses.values())

@@ -122,7 +122,9 @@ def run(argv, original: str, steps: int = 3, warmup: int = 1) -> dict:
                frames=ours.config.video_input.num_frames, threads=torch.get_num_threads(), steps=steps,
                process_base_gib=_gib(base))
     for name in models:
+        params = {id(p): p.numel() for p in models[name].parameters()}  # tied weights once
         res[name] = dict(_summary(times[name], cpu[name], micro, flops[name]),
+                         parameters=sum(params.values()),
                          state_gib=state[name], step_peak_gib=peak[name],
                          peak_gib=(None if peak[name] is None or state[name] is None
                                    else round(res["process_base_gib"] + state[name] + peak[name], 2)))

@@ -37,6 +37,9 @@ class OursStep:
         self.cpu_batch = self.task.synthetic_batch(config, self.micro)
         self.batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in self.cpu_batch.items()}
 
+    def parameters(self):
+        return self.engine.module.parameters()
+
     def forward(self):
         return sum(self.task.losses(self.engine, self.batch, self.dtype, self.device).values())
 
