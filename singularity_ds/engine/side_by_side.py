@@ -107,13 +107,17 @@ def run(argv, original: str, steps: int = 3, warmup: int = 1) -> dict:
     times = {k: [] for k in models}
     cpu = {k: [] for k in models}
     from tqdm import tqdm
-    for i in tqdm(range(max(0, warmup - 1) + steps), desc="bench train --original", unit="step pair"):
+    bar = tqdm(range(max(0, warmup - 1) + steps), desc="bench train --original", unit="step pair")
+    for i in bar:
         for name in (("ours", "original") if i % 2 == 0 else ("original", "ours")):
             c0 = time.process_time()
             t, _ = timed_step(models[name], device)
             if i >= max(0, warmup - 1):
                 times[name].append(t)
                 cpu[name].append(time.process_time() - c0)
+            # each step as it ends: a long run on a busy machine still leaves its numbers if stopped
+            bar.write(f"step {i} {name}: forward / backward / optimizer / step "
+                      f"{' / '.join(f'{x:.2f}' for x in t)} s, CPU {time.process_time() - c0:.2f} s")
     peak = {name: step_peak_gib(m, device) for name, m in models.items()}
     state = dict(ours=_gib(None if base is None else ours_state - base),
                  original=_gib(None if base is None else orig_state - ours_state))
