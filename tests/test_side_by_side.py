@@ -36,7 +36,8 @@ def test_side_by_side_builds_the_original_with_our_architecture(tmp_path, free_p
     env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port), DS_ACCELERATOR="cpu")
     proc = subprocess.run([sys.executable, "-m", "singularity_ds", "bench", "train", "pretrain", str(overlay),
-                           "precision=fp32", "batch_size.video=3", "--steps", "1", "--warmup", "1",
+                           "precision=fp32", "ds_config=zero0", "batch_size.video=3",
+                           "--steps", "1", "--warmup", "1",
                            "--original", ORIGINAL, "--json", str(out)],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
