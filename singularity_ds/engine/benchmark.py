@@ -8,6 +8,9 @@ the analytic training FLOPs per sample (the task's, :mod:`singularity_ds.models.
 TFLOP/s, MFU against the device's measured matmul peak for the dtype (a large GEMM, measured once and
 cached in ``~/.cache/singularity_ds/peak.json``), and peak memory (CUDA max allocated, or the process RSS).
 Towers start random (no weights are read): speed does not depend on them.
+
+``--original PATH``: the original code's step as well, from the user's clone, in turn with ours in one
+process (:mod:`.side_by_side`).
 """
 import argparse
 import json
@@ -19,17 +22,11 @@ import time
 import torch
 
 from .. import dist
-from ..data import per_media
 from ..fileio import write_json
-from .build import build_engine
-from .ds_config import COMPUTE_DTYPE, WEIGHT_DTYPE, build_ds_config, resolve_precision
+from .ds_config import COMPUTE_DTYPE
+from .train_step import OursStep, sync as _sync, timed_step
 
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "singularity_ds", "peak.json")
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device, dtype, n: int = None) -> float:
@@ -60,39 +57,16 @@ def matmul_peak(device, dtype, n: int = None) -> float:
 
 
 def run(argv, steps=10, warmup=3) -> dict:
-    from omegaconf import OmegaConf
-
-    from .trainer import parse_train_args
-    task, config = parse_train_args(list(argv) + ["tower_init=random", "pretrained_path=None"])
-    precision = resolve_precision(config)
-    micro = per_media(config.batch_size, "video")  # synthetic video batches: no corpus is read
-    ds_cfg = build_ds_config(config, micro, precision)
-    info = dist.setup()
-    device, world = info["device"], info["world"]
-    dtype = WEIGHT_DTYPE[precision]
-    torch.manual_seed(0)
-    model = task.build_model(OmegaConf.merge(config, {"pretrained_path": None}))
-    engine, _ = build_engine(model, config, ds_cfg, steps_per_epoch=100)
-    batch = {k: v.to(device) if torch.is_tensor(v) else v
-             for k, v in task.synthetic_batch(config, micro).items()}
+    ours = OursStep(argv)
+    task, config, device, world, micro = ours.task, ours.config, ours.device, ours.world, ours.micro
+    precision = ours.precision
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(warmup + steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        losses = task.losses(engine, batch, dtype, device)
-        loss = sum(losses.values())
-        _sync(device)
-        t1 = time.perf_counter()
-        engine.backward(loss)
-        _sync(device)
-        t2 = time.perf_counter()
-        engine.step()
-        _sync(device)
-        t3 = time.perf_counter()
+        t, loss = timed_step(ours, device)
         if i >= warmup:
-            times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+            times.append(t)
     step = [t[3] for t in times]
     median = statistics.median(step)
     deciles = statistics.quantiles(step, n=10) if len(step) > 1 else [median] * 9
@@ -123,7 +97,20 @@ def main(argv) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--json")
+    p.add_argument("--original", metavar="PATH",
+                   help="also time the ORIGINAL code's step from this clone of "
+                        "github.com/jayleicn/singularity, in turn with ours in this process, and print both "
+                        "side by side "
+                        "(pretrain task, one CPU process; see docs/benchmarks.md)")
     args, rest = p.parse_known_args(argv)
+    if args.original:
+        from .side_by_side import run as side_by_side, table
+        res = side_by_side(rest, args.original, args.steps, args.warmup)
+        print(json.dumps(res, indent=1))
+        print(table(res))
+        if args.json:
+            write_json(res, args.json)
+        return 0
     res = run(rest, args.steps, args.warmup)
     dist.release_cpu_shm()
     if int(os.environ.get("RANK", "0")) == 0:

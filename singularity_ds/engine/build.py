@@ -12,6 +12,11 @@ def build_engine(model, config, ds_cfg: dict, steps_per_epoch: int):
     scheduler = build_scheduler(optimizer, config.scheduler, steps_per_epoch)
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                    config=ds_cfg)
+    if engine.dp_world_size == 1 and not engine.zero_optimization():
+        # One data-parallel rank: ZeRO-0's "all-reduce" of the gradients is a flatten of every gradient
+        # into a fresh buffer, a multiplication by 1, a one-rank all-reduce and a copy back (three passes
+        # over all parameters, ~0.3 s of a base fp32 CPU step) that leaves every gradient as it was.
+        engine.enable_backward_allreduce = False
     if config.compile:
         engine.compile()  # nn.Module.compile in place (inductor): checkpoint keys unchanged
     return engine, scheduler

@@ -37,7 +37,8 @@ def check_attention_impl(impl: str) -> str:
     """``auto``: the Triton kernel for forward-only attention on CUDA where it supports the inputs, SDPA
     otherwise (training, and always on CPU);
     ``triton``: the kernel wherever it can run (CPU only under ``TRITON_INTERPRET=1``); ``sdpa``;
-    ``math`` (explicit softmax, the reference)."""
+    ``math`` (explicit softmax in fp32, the reference). On CPU, attention SDPA cannot fuse (dropout, a
+    bias that needs its gradient) runs :func:`_explicit` under ``auto`` and ``sdpa``."""
     if impl not in ATTENTION_IMPLS:  # the schema checks configs; this, direct callers
         from ..errors import ConfigError
         raise ConfigError(f"attention_impl={impl!r}; expected one of {', '.join(ATTENTION_IMPLS)}")
@@ -97,7 +98,24 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
         return (probs @ v.float()).to(q.dtype)
     if bias is not None:
         bias = bias.to(q.dtype)
+    if not q.is_cuda and (dropout_p > 0 or _needs_grad(bias)):
+        return _explicit(q, k, v, bias, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+
+def _explicit(q, k, v, bias, dropout_p: float) -> torch.Tensor:
+    """Training attention on CPU where SDPA has no fused kernel (dropout, or a bias that needs its
+    gradient: BEiT's relative-position table). SDPA's math fallback there scales q and k separately and
+    runs a "safe" softmax (isneginf + all + where: three more passes over the (Lq, Lk) scores, forward
+    and backward); this is the original's computation, in its dtype: one scaling of q (the same bits
+    as scaling the scores when 1/sqrt(d) is a power of two, d = 64), bias, softmax, dropout."""
+    scores = (q * (1.0 / math.sqrt(q.shape[-1]))) @ k.transpose(-1, -2)
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, dropout_p)
+    return probs @ v
 
 
 def split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
