@@ -86,6 +86,22 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .search.embed import embed_main
+    embed_main(args.rest)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search.index import search_main
+    return search_main(args.rest)
+
+
+def cmd_serve(args) -> int:
+    from .search.serve import serve_main
+    return serve_main(args.rest)
+
+
 def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     try:
@@ -169,6 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("kind", choices=["ret", "mc", "qa"])
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
+    em = sub.add_parser("embed", help="embed videos/images into a search index: CHECKPOINT SOURCE "
+                                      "OUT_DIR [--frames 4] [--batch N] [--dtype fp16|fp32] [--tokens] "
+                                      "[key=value ...]",
+                        add_help=False)
+    em.add_argument("rest", nargs=argparse.REMAINDER)
+    em.set_defaults(func=cmd_embed)
+    se = sub.add_parser("search", help='search an index: INDEX "text" [-k 10] [--rerank K] [--json] '
+                                       "[--like VIDEO]", add_help=False)
+    se.add_argument("rest", nargs=argparse.REMAINDER)
+    se.set_defaults(func=cmd_search)
+    sv = sub.add_parser("serve", help="a search page over an index: INDEX [--port 8080] [--host 127.0.0.1]",
+                        add_help=False)
+    sv.add_argument("rest", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=cmd_serve)
     m = sub.add_parser("make-synthetic",
                        help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")

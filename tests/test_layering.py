@@ -15,6 +15,7 @@ LAYERS = [
     {"models"},
     {"eval"},
     {"tasks"},
+    {"search"},
     {"engine"},
     {"demo", "doctor"},
     {"cli", "__main__"},
