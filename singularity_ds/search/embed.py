@@ -22,7 +22,6 @@ rank 0 merges them into the index folder:
 import argparse
 import json
 import logging
-import math
 import os
 
 import numpy as np
@@ -92,7 +91,8 @@ def build(model, source, out_dir: str, config, frames: int = 4, batch_size: int 
     rank, world = rank_world()
     model.eval()
     dataset = MediaItems(source, config)
-    n, parts = len(dataset), math.ceil(len(dataset) / part_size)
+    bounds = _parts(source.items, part_size)
+    n, parts = len(dataset), len(bounds)
     from ..models.weights import plain_config
     run = dict(checkpoint or {}, frames=frames, dtype=dtype, tokens=tokens, part_size=part_size,
                config=plain_config(model.config))
@@ -106,13 +106,13 @@ def build(model, source, out_dir: str, config, frames: int = 4, batch_size: int 
     done = [os.path.exists(_part(out_dir, p, "done.json")) for p in range(parts)]
     if rank == 0 and any(done):
         logger.info("%s: %d of %d parts already embedded; embedding the rest", out_dir, sum(done), parts)
-    bar = tqdm(total=n, initial=sum(min(part_size, n - p * part_size) for p in range(parts) if done[p]),
+    bar = tqdm(total=n, initial=sum(stop - start for (start, stop), d in zip(bounds, done) if d),
                desc="embed", unit="item", dynamic_ncols=True, disable=not progress or rank != 0)
     store_dtype = getattr(torch, {"fp16": "float16", "fp32": "float32"}[dtype])
     for p in range(parts):
         if done[p]:
             continue
-        start, stop = p * part_size, min(n, (p + 1) * part_size)
+        start, stop = bounds[p]
         mine = shard_range(stop - start, rank, world)
         reading = Reading(dataset, range(start + mine.start, start + mine.stop), batch_size)
         info = {}
@@ -142,6 +142,19 @@ def build(model, source, out_dir: str, config, frames: int = 4, batch_size: int 
     return meta if rank == 0 else _read_json(os.path.join(out_dir, META))
 
 
+def _parts(items, part_size: int) -> list:
+    """[(start, stop)] of each part: ``part_size`` items at most, all of one media type (a batch stacks
+    clips of one shape; the sources list each type's items together)."""
+    bounds, start = [], 0
+    while start < len(items):
+        stop, kind = start + 1, items[start].media_type
+        while stop < len(items) and stop - start < part_size and items[stop].media_type == kind:
+            stop += 1
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
 def _part(out_dir, p, name=""):
     return os.path.join(out_dir, "parts", f"{p:05d}", name)
 
@@ -159,6 +172,7 @@ def _finish_part(out_dir, p, gathered, world, dtype):
     mean = per_frame.mean(1)
     norm = mean.norm(dim=-1).clamp_min(1e-12)
     info = {k: v for r in gathered for k, v in r[2].items()}
+    os.makedirs(_part(out_dir, p), exist_ok=True)
     np.save(_part(out_dir, p, "embeddings.npy"), (mean / norm[:, None]).numpy().astype(DTYPES[dtype]))
     write_json(dict(rows=[dict(info[i], index=i, itc_norm=float(x)) for i, x in zip(rows, norm.tolist())],
                     broken=[dict(path=path, reason=reason) for r in gathered for path, reason in r[3]],

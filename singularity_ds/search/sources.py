@@ -105,7 +105,14 @@ def _shards(path: str) -> Source:
 
 def open_source(source: str, media_dir: str = None) -> Source:
     """SOURCE of ``embed`` -> its items: a shard index (``index.json``, or a folder holding one), an
-    annotation file (``.json``; media below ``media_dir``, default the file's folder), or a folder."""
+    annotation file (``.json``; media below ``media_dir``, default the file's folder), or a folder.
+    Images come before videos (a batch holds one media type), each in the source's order."""
+    found = _open(source, media_dir)
+    found.items.sort(key=lambda it: it.media_type)  # stable: the order within a type stays
+    return found
+
+
+def _open(source: str, media_dir: str = None) -> Source:
     if not os.path.exists(source):
         raise AnnotationError(f"{source}: no such file or folder")
     if os.path.isdir(source):

@@ -28,7 +28,7 @@ class VectorIndex:
         self.rows, self.dim = embeddings.shape
         self.exact = self.rows < exact_below
         if self.exact:
-            self.matrix = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
+            self.matrix = torch.from_numpy(np.array(embeddings, dtype=np.float32))  # a copy: writable
         else:
             self.graph = self._graph(embeddings, cache)
 
@@ -54,7 +54,7 @@ class VectorIndex:
         return graph
 
     def search(self, queries: np.ndarray, k: int):
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        queries = np.array(np.atleast_2d(queries), dtype=np.float32)  # a writable copy (rows of a memory map)
         k = min(k, self.rows)
         if self.exact:
             scores, ids = topk_blockwise(torch.from_numpy(queries), self.matrix, k)
