@@ -76,8 +76,8 @@ def test_search_scores_are_the_evaluations_two_stage_scores(corpus, built):
     meta = json.loads((built["index"] / "meta.json").read_text())
     assert meta["checkpoint"] == built["ckpt"] and len(meta["sha256"]) == 64
     assert meta["config"]["image_res"] == 32 and meta["frames"] == FRAMES
-    ds, scores = _eval_scores(corpus, built["ckpt"], str(corpus / "anno" / "ret_train.json"))
-    for t in (0, 1, 17):
+    ds, scores = _eval_scores(corpus, built["ckpt"], str(corpus / "anno" / "ret_test_motion.json"))
+    for t in range(0, len(ds.text), 2):
         hits = index.search(ds.text[t], k=36, rerank=36)  # everything re-ranked: the final order is ITM's
         by_path = {h["path"]: h for h in hits}
         for m, path in enumerate(ds.media):
@@ -153,6 +153,8 @@ def test_broken_media_are_listed_not_fatal(corpus, built, tmp_path):
                        atol=2e-3)
 
 
+@pytest.mark.multiproc  # kills a process group
+@pytest.mark.slow
 def test_embed_resumes_after_a_kill(corpus, built, tmp_path):
     """A run killed after its first parts: the rerun embeds only the rest, and the index equals an
     uninterrupted one."""
