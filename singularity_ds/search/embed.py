@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import torch
@@ -139,7 +140,8 @@ def build(model, source, out_dir: str, config, frames: int = 4, batch_size: int 
     if rank == 0:
         meta = _merge(out_dir, source, parts, run)
     barrier()
-    return meta if rank == 0 else _read_json(os.path.join(out_dir, META))
+    meta = meta if rank == 0 else _read_json(os.path.join(out_dir, META))
+    return dict(meta, embedded_now=sum(stop - start for (start, stop), d in zip(bounds, done) if not d))
 
 
 def _parts(items, part_size: int) -> list:
@@ -254,10 +256,14 @@ def embed_main(argv) -> dict:
     config.vit_type = model.vit_type
     ident = checkpoint_id(args.checkpoint) if rank_world()[0] == 0 else None
     ident = all_gather(ident)[0]
+    t0 = time.perf_counter()
     meta = build(model, source, args.out_dir, config, args.frames, args.batch, args.dtype, args.tokens,
                  args.part_size, ident)
     if rank_world()[0] == 0:
-        print(f"embedded {meta['items']} items into {args.out_dir} ({meta['broken']} broken, listed in "
+        took = time.perf_counter() - t0
+        now = meta["embedded_now"]
+        print(f"embedded {meta['items']} items into {args.out_dir} ({now} in this run: {took:.1f} s, "
+              f"{now / took:.1f} items/s; {meta['broken']} broken, listed in "
               f"{os.path.join(args.out_dir, BROKEN)})")
     return meta
 
