@@ -83,7 +83,7 @@ def test_search_scores_are_the_evaluations_two_stage_scores(corpus, built):
         for m, path in enumerate(ds.media):
             hit = by_path[os.path.basename(path)]
             # stage 1: evaluation's ITC (mean of per-frame cosines) = cosine with the normalised mean x norm
-            assert hit["itc"] * hit["itc_norm"] == pytest.approx(float(scores["i2t_itc"][m, t]), abs=1e-5)
+            assert hit["itc"] == pytest.approx(float(scores["i2t_itc"][m, t]), abs=1e-5)
             assert hit["itm"] == pytest.approx(float(scores["t2i"][t, m]), abs=1e-4)  # stage 2, same pair
         assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     # ITC only: the stored cosines, best first, and re-ranking only the first few keeps the rest in ITC order
@@ -226,6 +226,14 @@ def test_approximate_vector_index_equals_exact_on_small_data(tmp_path):
     assert np.array_equal(ei[:, 0], np.arange(50))  # each query's own row first
     cached = VectorIndex(mapped, cache=str(tmp_path / "v.faiss"), exact_below=0)  # read back, not rebuilt
     assert np.array_equal(cached.search(queries, 10)[1], gi)
+    # per-row weights (a text query: cosine x the row's norm): exact, and the graph's re-scored candidates
+    weights = rng.uniform(0.8, 1.0, len(data)).astype(np.float32)
+    ws, wi = exact.search(queries, 10, weights)
+    full = (queries @ data.T) * weights
+    assert np.array_equal(wi, np.argsort(-full, axis=1, kind="stable")[:, :10])
+    assert np.allclose(ws, np.sort(full, axis=1)[:, ::-1][:, :10], atol=1e-5)
+    gws, gwi = graph.search(queries, 10, weights)
+    assert np.array_equal(gwi, wi) and np.allclose(gws, ws, atol=1e-5)
 
 
 class _Server:

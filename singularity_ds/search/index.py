@@ -6,7 +6,8 @@
     for hit in index.search("a dog catches a frisbee", k=10, rerank=32): print(hit["path"], hit["score"])
     index.like("my_videos/beach.mp4", k=5)                      # video -> video
 
-Text queries rank by ITC (cosine with the stored embeddings; exact or approximate: :mod:`.vectors`);
+Text queries rank by the evaluation's ITC score (the mean over frames of per-frame cosines: the stored
+cosine times the row's ``itc_norm``; exact or approximate: :mod:`.vectors`);
 ``rerank=K`` then scores the first K with the ITM head over the stored token features, with the
 evaluation's own scoring (:func:`~singularity_ds.eval.retrieval.itm_scores`), and orders them by it
 (the rest follow in ITC order), exactly as the evaluation's second stage orders a text's candidates.
@@ -50,6 +51,7 @@ class Index:
         self.vectors = VectorIndex(self.embeddings, cache=os.path.join(path, "vectors.faiss"))
         self._model, self._device, self._tokens = model, device, None
         self.by_path = {it["path"]: row for row, it in enumerate(self.items)}
+        self.norms = np.array([it["itc_norm"] for it in self.items], dtype=np.float32)
 
     @classmethod
     def load(cls, path: str, model=None, device=None) -> "Index":
@@ -127,14 +129,14 @@ class Index:
     @torch.no_grad()
     def search(self, text: str, k: int = 10, rerank: int = 0) -> List[dict]:
         """Top ``k`` items for ``text``: dicts with the item's fields (path, caption, thumb, duration, ...),
-        rank, row, score (ITM logit when re-ranked, else ITC cosine) and ``itc`` (``itm`` when
+        rank, row, score (ITM logit when re-ranked, else the ITC score) and ``itc`` (``itm`` when
         re-ranked)."""
         if k < 1 or rerank < 0:
             raise ConfigError(f"search: -k must be >= 1 and --rerank >= 0 (got {k}, {rerank})")
         if not self.items:
             return []
         embeds, mask, feat = self.encode_text(text)
-        itc, rows = self.vectors.search(feat.cpu().numpy(), max(k, rerank))
+        itc, rows = self.vectors.search(feat.cpu().numpy(), max(k, rerank), weights=self.norms)
         itc, rows = itc[0], rows[0]
         keep = rows >= 0  # an approximate index may return fewer than asked
         itc, rows = itc[keep], rows[keep]

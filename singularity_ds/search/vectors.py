@@ -1,21 +1,22 @@
-"""Nearest neighbours over an index's embeddings by inner product (cosine: the rows are L2-normalised).
+"""Nearest neighbours over an index's embeddings by inner product (cosine: the rows are L2-normalised),
+optionally weighted per row (``weights``: a text query's ITC score is the cosine times the row's norm,
+:mod:`.embed`).
 
-Below ``EXACT_BELOW`` rows the search is exact: a blockwise matrix product and top-k, the evaluation's
-:func:`~singularity_ds.eval.retrieval.topk_blockwise`. Above it, a faiss HNSW graph (approximate; the
-choice and its numbers: README "Search your videos", docs/benchmarks.md), built once and cached
-beside the embeddings as ``vectors.faiss``."""
+Below ``EXACT_BELOW`` rows the search is exact: one matrix product and top-k. Above it, a faiss HNSW
+graph (approximate; the choice and its numbers: README "Search your videos", docs/benchmarks.md),
+built once and cached beside the embeddings as ``vectors.faiss``; with weights, the graph's
+``WEIGHTED_DEPTH`` x k best cosines are re-scored."""
 import logging
 import os
 
 import numpy as np
 import torch
 
-from ..eval.retrieval import topk_blockwise
-
 logger = logging.getLogger(__name__)
 
 # rows from which a query's exact matrix product costs more than the graph search (docs/benchmarks.md)
 EXACT_BELOW = 200_000
+WEIGHTED_DEPTH = 4
 HNSW_M, EF_CONSTRUCTION, EF_SEARCH = 32, 128, 128
 
 
@@ -53,11 +54,21 @@ class VectorIndex:
             os.replace(cache + ".part", cache)
         return graph
 
-    def search(self, queries: np.ndarray, k: int):
+    def search(self, queries: np.ndarray, k: int, weights: np.ndarray = None):
+        """-> (scores, row ids), each (q, k), best first: by ``query . row`` (x ``weights[row]``)."""
         queries = np.array(np.atleast_2d(queries), dtype=np.float32)  # a writable copy (rows of a memory map)
         k = min(k, self.rows)
+        w = None if weights is None else torch.as_tensor(np.asarray(weights, dtype=np.float32))
         if self.exact:
-            scores, ids = topk_blockwise(torch.from_numpy(queries), self.matrix, k)
-            return scores.numpy(), ids.numpy().astype(np.int64)
-        scores, ids = self.graph.search(queries, k)
-        return scores, ids
+            scores = torch.from_numpy(queries) @ self.matrix.T
+            if w is not None:
+                scores *= w
+            top = scores.topk(k, dim=1)
+            return top.values.numpy(), top.indices.numpy().astype(np.int64)
+        depth = min(self.rows, k * WEIGHTED_DEPTH) if w is not None else k
+        scores, ids = self.graph.search(queries, depth)
+        if w is None:
+            return scores, ids
+        scores = np.where(ids >= 0, scores * w.numpy()[np.maximum(ids, 0)], -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)
