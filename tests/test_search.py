@@ -153,6 +153,29 @@ def test_broken_media_are_listed_not_fatal(corpus, built, tmp_path):
                        atol=2e-3)
 
 
+def test_embed_reads_a_shard_corpus_in_place(corpus, built, tmp_path):
+    """Each sample's media is read straight from its tar (no unpacking): the same embedding as the file."""
+    import tarfile
+
+    from singularity_ds.cli import main
+    from singularity_ds.search import Index
+    shards = corpus / "shards" / "video"
+    assert main(["embed", built["ckpt"], str(shards / "index.json"), str(tmp_path / "idx"), "--frames",
+                 str(FRAMES), "--dtype", "fp32"]) == 0
+    index, files = Index.load(str(tmp_path / "idx")), Index.load(str(built["index"]))
+    names = {}  # "shard-000000.tar#000000017" -> the clip the sample holds
+    for tar_path in sorted(shards.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                if m.name.endswith(".json"):
+                    names[f"{tar_path.name}#{m.name[:-5]}"] = json.load(tar.extractfile(m))["video"]
+    assert sorted(it["path"] for it in index.items) == sorted(names)
+    assert all(it["caption"] for it in index.items)  # the sample's annotation caption
+    for row, it in enumerate(index.items):
+        same_clip = files.by_path[names[it["path"]]]
+        assert np.allclose(index.embeddings[row], files.embeddings[same_clip], atol=1e-5)
+
+
 @pytest.mark.multiproc  # kills a process group
 @pytest.mark.slow
 def test_embed_resumes_after_a_kill(corpus, built, tmp_path):
