@@ -135,6 +135,9 @@ def cmd_bench(args) -> int:
     if args.what == "stream":
         from .data.stream_benchmark import main as bench_stream
         return bench_stream(args.rest)
+    if args.what == "vectors":
+        from .search.benchmark import main as bench_vectors
+        return bench_vectors(args.rest)
     if args.what == "precision":
         q = argparse.ArgumentParser(prog="singularity-ds bench precision",
                                     description="bf16 correctness guard: the demo's single-frame stages "
@@ -236,8 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
                                      "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
                                      "training the tiny model), stream (files vs shards loader, 10M-entry "
-                                     "annotation memory)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream"])
+                                     "annotation memory), vectors (faiss vs usearch vs exact search)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream", "vectors"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

@@ -107,6 +107,20 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def main(argv) -> int:
+    import argparse
+    p = argparse.ArgumentParser(prog="singularity-ds bench vectors",
+                                description="faiss-cpu vs usearch vs exact search on random unit vectors")
+    p.add_argument("--rows", type=int, default=1_000_000, help="rows for exact search")
+    p.add_argument("--graph-rows", type=int, default=1_000_000, help="rows for the HNSW graphs (their builds "
+                                                                       "dominate the time)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=100)
+    a = p.parse_args(argv)
+    print(table(run(a.rows, a.graph_rows, a.dim, a.queries)))
+    return 0
+
+
 if __name__ == "__main__":  # python -m singularity_ds.search.benchmark [ROWS [GRAPH_ROWS]]
     import sys
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
