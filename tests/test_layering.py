@@ -15,6 +15,7 @@ LAYERS = [
     {"models"},
     {"eval"},
     {"tasks"},
+    {"search"},
     {"engine"},
     {"demo", "doctor", "hf_export", "gpu_check", "gpu_wheels"},
     {"cli", "__main__"},

@@ -7,16 +7,14 @@ the damaged file is named before DeepSpeed reads anything, and ``resume=auto`` c
 older intact checkpoint. sha256 runs at ~1.5 GB/s per core (hardware SHA); the files are hashed in
 parallel threads (hashlib releases the GIL), so a checkpoint costs about one extra read of its files.
 """
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from ..fileio import write_json
+from ..fileio import sha256, write_json
 
 MANIFEST = "manifest.json"
-CHUNK = 1 << 22
 
 
 def _files(folder: str, skip=()) -> list:
@@ -28,14 +26,6 @@ def _files(folder: str, skip=()) -> list:
             if rel not in skip:
                 out.append(rel)
     return sorted(out)
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _hash_all(folder: str, names) -> list:

@@ -140,6 +140,47 @@ class Features:
 
 
 @torch.no_grad()
+def encode_texts(model, tokenizer, texts: List[str], max_txt_l: int):
+    """-> (token states of the text-only layers (n, L, D), mask (n, L), normalised ITC projections
+    (n, d) float32), on the model's device: evaluation's texts and a search query alike."""
+    return encode_text_ids(model, *tokenize(tokenizer, texts, max_txt_l))
+
+
+def encode_text_ids(model, ids, mask):
+    """:func:`encode_texts` for token ids the caller holds (``evaluate_tensors``)."""
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    embeds, pooled = model.encode_text(ids, mask)
+    return embeds, mask, model.project_text(pooled).float()
+
+
+@torch.no_grad()
+def encode_media(model, reading: Reading, ensemble: str = "concat", add_tokens=None):
+    """Encode the readable media of ``reading`` (a :class:`Reading` over this rank's items), batch by
+    batch -> (indices read, (n, T, d) normalised per-frame ITC projections, float32 on the host).
+
+    The fusion encoder's inputs go to ``add_tokens`` per batch, (batch, clips, Lv, D): clips = 1 for
+    ``concat`` (all frames' tokens, temporal modelling included), T for the late ensembles. The
+    evaluation's extraction and ``singularity-ds embed`` both encode through here."""
+    model.eval()
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    feats, readable = [], []
+    for batch in reading:
+        readable += [i for i, _ in batch]
+        media = torch.stack([item["media"] for _, item in batch]).to(device, dtype)
+        if ensemble == "concat":
+            tokens, pooled = model.encode_image(media)
+            tokens = tokens.unsqueeze(1)
+        else:
+            tokens, pooled = model.encode_frames(media)
+        if add_tokens is not None:
+            add_tokens(tokens)
+        feats.append(model.project_image(pooled).float().cpu())
+    return readable, (torch.cat(feats) if feats else torch.zeros(0))
+
+
+@torch.no_grad()
 def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat", batch_size: int = 32,
             store: str = "device", feature_dir: str = None, text_batch: int = 256,
             name: str = "evaluation set", text_inputs=None) -> Features:
@@ -156,23 +197,12 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
         raise ValueError("the disk feature store needs a feature_dir")
     check_not_empty(dataset, name)
     model.eval()
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
+    device = next(model.parameters()).device
     rank, world = rank_world()
 
     video_sink = _Sink(store, feature_dir, "video_tokens", rank)
-    video_feats, readable = [], []
     reading = Reading(dataset, shard_range(len(dataset), rank, world), batch_size)
-    for batch in reading:
-        readable += [i for i, _ in batch]
-        media = torch.stack([item["media"] for _, item in batch]).to(device, dtype)
-        if ensemble == "concat":
-            tokens, pooled = model.encode_image(media)
-            tokens = tokens.unsqueeze(1)
-        else:
-            tokens, pooled = model.encode_frames(media)
-        video_sink.add(tokens)
-        video_feats.append(model.project_image(pooled).float().cpu())
+    readable, video_feats = encode_media(model, reading, ensemble, video_sink.add)
     skipped = reading.settle(name)
     readable = np.concatenate(all_gather(np.asarray(readable, dtype=np.int64)))  # ranks hold ascending runs
     texts = texts_with_media(dataset.txt2img, readable) if skipped else np.arange(len(dataset.text))
@@ -184,18 +214,16 @@ def extract(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "concat",
         def text_inputs(chunk):
             return tokenize(tokenizer, [dataset.text[t] for t in chunk], max_txt_l)
     for i in range(mine.start, mine.stop, text_batch):
-        ids, mask = text_inputs(texts[i:min(i + text_batch, mine.stop)])
-        ids, mask = ids.to(device), mask.to(device)
-        embeds, pooled = model.encode_text(ids, mask)
+        embeds, mask, feat = encode_text_ids(model, *text_inputs(texts[i:min(i + text_batch, mine.stop)]))
         text_sink.add(embeds)
         masks.append(mask.cpu())
-        text_feats.append(model.project_text(pooled).float().cpu())
+        text_feats.append(feat.cpu())
 
     def gathered(parts):
-        local = torch.cat(parts) if parts else None
+        local = torch.cat(parts) if len(parts) else None
         return torch.cat([p for p in all_gather(local) if p is not None]).to(device)
 
     return Features(text_tokens=text_sink.finish(device, world), text_mask=gathered(masks),
                     text_feat=gathered(text_feats), video_tokens=video_sink.finish(device, world),
-                    video_feat=gathered(video_feats), text_index=texts, media_index=readable,
-                    skipped_media=skipped)
+                    video_feat=gathered([video_feats] if len(video_feats) else []), text_index=texts,
+                    media_index=readable, skipped_media=skipped)

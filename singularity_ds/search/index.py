@@ -1,0 +1,242 @@
+"""The search index of ``singularity-ds embed`` (:mod:`.embed` describes the folder), and
+``singularity-ds search``.
+
+    index = Index.build(model, "my_videos/", "my_index")        # or: singularity-ds embed ...
+    index = Index.load("my_index")                              # the model from the index's checkpoint
+    for hit in index.search("a dog catches a frisbee", k=10, rerank=32): print(hit["path"], hit["score"])
+    index.like("my_videos/beach.mp4", k=5)                      # video -> video
+
+Text queries rank by the evaluation's ITC score (the mean over frames of per-frame cosines: the stored
+cosine times the row's ``itc_norm``; exact or approximate: :mod:`.vectors`);
+``rerank=K`` then scores the first K with the ITM head over the stored token features, with the
+evaluation's own scoring (:func:`~singularity_ds.eval.retrieval.itm_scores`), and orders them by it
+(the rest follow in ITC order), exactly as the evaluation's second stage orders a text's candidates.
+"""
+import argparse
+import json
+import logging
+import os
+from typing import List
+
+import numpy as np
+import torch
+
+from ..data.builders import per_media
+from ..data.text import build_tokenizer
+from ..errors import CheckpointError, ConfigError
+from ..eval.features import TokenStore, encode_media, encode_texts, open_shards
+from ..eval.retrieval import itm_scores
+from .embed import BROKEN, EMBEDDINGS, ITEMS, META
+from .sources import Item, MediaItems, Source
+from .vectors import VectorIndex
+
+logger = logging.getLogger(__name__)
+
+
+class Index:
+    """A loaded index folder: ``items`` (list of dicts, one per row), ``embeddings`` (N, d), ``meta``;
+    the model (text encoder, ITM head) comes from the checkpoint the index was built with."""
+
+    def __init__(self, path: str, model=None, device=None):
+        import pyarrow.parquet as pq
+        self.path = path
+        meta_file = os.path.join(path, META)
+        if not os.path.isfile(meta_file):
+            raise ConfigError(f"{path}: not a finished index (no {META}); run `singularity-ds embed ... "
+                              f"{path}` (a rerun resumes)")
+        with open(meta_file) as f:
+            self.meta = json.load(f)
+        self.items = pq.read_table(os.path.join(path, ITEMS)).to_pylist()
+        self.embeddings = np.load(os.path.join(path, EMBEDDINGS), mmap_mode="r")
+        self.vectors = VectorIndex(self.embeddings, cache=os.path.join(path, "vectors.faiss"))
+        self._model, self._device, self._tokens = model, device, None
+        self.by_path = {it["path"]: row for row, it in enumerate(self.items)}
+        self.norms = np.array([it["itc_norm"] for it in self.items], dtype=np.float32)
+
+    @classmethod
+    def load(cls, path: str, model=None, device=None) -> "Index":
+        return cls(path, model, device)
+
+    @classmethod
+    def build(cls, model, source: str, out_dir: str, frames: int = 4, batch_size: int = 32,
+              dtype: str = "fp16", tokens: bool = False, media_dir: str = None, part_size: int = 256,
+              **overrides) -> "Index":
+        """Embed ``source`` (folder, annotation file or shard index) with ``model`` into ``out_dir``
+        (resumable; on every rank when distributed) and load the result. ``overrides``: model config keys
+        for the media transform (dotted names, e.g. ``**{"video_input.sample_type_test": "uniform"}``)."""
+        from omegaconf import OmegaConf
+
+        from .embed import build
+        from .sources import open_source
+        config = model.config.copy()
+        for key, value in dict(overrides, **{"video_input.num_frames_test": frames}).items():
+            OmegaConf.update(config, key, value, merge=True)
+        config.vit_type = model.vit_type
+        build(model, open_source(source, media_dir), out_dir, config, frames, batch_size, dtype, tokens,
+              part_size)
+        return cls(out_dir, model)
+
+    # ------------------------------------------------------------------ the model, loaded when needed
+    @property
+    def model(self):
+        if self._model is None:
+            from ..models import load_model
+            ckpt = self.meta.get("checkpoint")
+            if not ckpt or not os.path.exists(ckpt):
+                raise CheckpointError(f"{self.path}: its checkpoint {ckpt} is gone; pass the model "
+                                      f"(Index.load(path, model=...)) or restore the file")
+            if "size" in self.meta and self._weights_size(ckpt) != self.meta["size"]:
+                raise CheckpointError(f"{ckpt}: changed since {self.path} was built (size differs); "
+                                      f"embed again")
+            self._model = load_model(ckpt, **{"video_input.num_frames_test": self.meta["frames"]})
+            self._model.to(self._device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return self._model
+
+    @staticmethod
+    def _weights_size(path):
+        from .embed import checkpoint_id
+        if os.path.isdir(path):
+            return checkpoint_id(path)["size"]
+        return os.path.getsize(path)
+
+    @property
+    def tokens(self) -> TokenStore:
+        if self._tokens is None:
+            parts = self.meta.get("token_parts") or []
+            if not self.meta.get("tokens"):
+                raise ConfigError(f"{self.path}: built without --tokens, so it cannot re-rank with ITM; "
+                                  f"embed again with --tokens (or search without --rerank)")
+            shards = [s for p in parts
+                      for s in open_shards(os.path.join(self.path, p["folder"]), "video_tokens", p["world"])]
+            self._tokens = TokenStore(shards, next(self.model.parameters()).device)
+        return self._tokens
+
+    # ------------------------------------------------------------------ queries
+    def encode_text(self, text: str):
+        model = self.model
+        cfg = model.config
+        tokenizer = build_tokenizer(cfg.text_encoder)
+        return encode_texts(model, tokenizer, [text], per_media(cfg.max_txt_l, "video"))
+
+    def _hits(self, rows, scores, extra=None) -> List[dict]:
+        out = []
+        for rank, (row, score) in enumerate(zip(rows, scores)):
+            hit = dict(self.items[int(row)], rank=rank + 1, row=int(row), score=float(score))
+            hit.update({k: float(v[rank]) for k, v in (extra or {}).items() if v is not None})
+            out.append(hit)
+        return out
+
+    @torch.no_grad()
+    def search(self, text: str, k: int = 10, rerank: int = 0) -> List[dict]:
+        """Top ``k`` items for ``text``: dicts with the item's fields (path, caption, thumb, duration, ...),
+        rank, row, score (ITM logit when re-ranked, else the ITC score) and ``itc`` (``itm`` when
+        re-ranked)."""
+        if k < 1 or rerank < 0:
+            raise ConfigError(f"search: -k must be >= 1 and --rerank >= 0 (got {k}, {rerank})")
+        if not self.items:
+            return []
+        embeds, mask, feat = self.encode_text(text)
+        itc, rows = self.vectors.search(feat.cpu().numpy(), max(k, rerank), weights=self.norms)
+        itc, rows = itc[0], rows[0]
+        keep = rows >= 0  # an approximate index may return fewer than asked
+        itc, rows = itc[keep], rows[keep]
+        if not rerank:
+            return self._hits(rows[:k], itc[:k], dict(itc=itc[:k]))
+        itm = self.itm(embeds, mask, rows[:rerank])
+        order = np.argsort(-itm, kind="stable")
+        rows = np.concatenate([rows[:rerank][order], rows[rerank:]])[:k]
+        itc = np.concatenate([itc[:rerank][order], itc[rerank:]])[:k]
+        itm = np.concatenate([itm[order], np.full(max(0, len(rows) - rerank), np.nan)])[:k]
+        score = np.where(np.isnan(itm), itc, itm)
+        return self._hits(rows, score, dict(itc=itc, itm=itm))
+
+    @torch.no_grad()
+    def itm(self, text_embeds, text_mask, rows) -> np.ndarray:
+        """ITM logits (class 1) of one text against the items ``rows``: the evaluation's scoring."""
+        model = self.model
+        dtype = next(model.parameters()).dtype
+        videos = self.tokens.rows(rows).to(dtype)
+        n = len(rows)
+        return itm_scores(model, text_embeds[:1].expand(n, -1, -1), text_mask[:1].expand(n, -1), videos,
+                          "concat").float().cpu().numpy()
+
+    @torch.no_grad()
+    def like(self, path: str, k: int = 10) -> List[dict]:
+        """Items nearest to a video / image: one of the index (its path as listed, relative to the media
+        root, or the file's own path) by its stored embedding, or any other file, encoded now."""
+        row = self.row_of(path)
+        if row is not None:
+            query = np.asarray(self.embeddings[row], dtype=np.float32)
+        else:
+            query = self.encode_media_file(path)
+        scores, rows = self.vectors.search(query[None], k)
+        keep = rows[0] >= 0
+        return self._hits(rows[0][keep], scores[0][keep])
+
+    def row_of(self, path: str):
+        if path in self.by_path:
+            return self.by_path[path]
+        root = self.meta["media_root"]
+        full = os.path.realpath(path)
+        rel = os.path.relpath(full, os.path.realpath(root))
+        return self.by_path.get(rel)
+
+    def encode_media_file(self, path: str) -> np.ndarray:
+        from ..errors import MediaError
+        from ..eval.broken import Reading
+        from .sources import IMAGE_EXTENSIONS
+        model = self.model
+        config = model.config
+        config.vit_type = model.vit_type
+        kind = "image" if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS else "video"
+        items = MediaItems(Source("file", os.path.dirname(os.path.abspath(path)),
+                                  [Item(os.path.basename(path), kind)]), config)
+        reading = Reading(items, range(1))
+        _, feats = encode_media(model, reading, "concat")
+        if reading.failures:
+            raise MediaError(*reading.failures[0])
+        mean = feats.mean(1)[0]
+        return (mean / mean.norm().clamp_min(1e-12)).numpy()
+
+    @property
+    def broken(self) -> List[dict]:
+        with open(os.path.join(self.path, BROKEN)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def format_table(hits: List[dict]) -> str:
+    """Hits as an aligned text table."""
+    rows = [("#", "score", "itc", "itm", "dur s", "path", "caption")]
+    for h in hits:
+        itm = h.get("itm")
+        rows.append((str(h["rank"]), f"{h['score']:.3f}", f"{h.get('itc', h['score']):.3f}",
+                     "" if itm is None or itm != itm else f"{itm:.3f}", f"{h['duration']:.1f}", h["path"],
+                     (h["caption"] or "")[:60]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def search_main(argv) -> int:
+    p = argparse.ArgumentParser(prog="singularity-ds search",
+                                description="Search an index built by `singularity-ds embed`: text -> "
+                                            "videos (ITC, optionally re-ranked with ITM), or video -> videos "
+                                            "(--like).")
+    p.add_argument("index")
+    p.add_argument("text", nargs="?")
+    p.add_argument("-k", type=int, default=10, help="results to show")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-rank the ITC top K with ITM (needs an index embedded with --tokens)")
+    p.add_argument("--like", metavar="VIDEO", help="items similar to this video/image instead of a text")
+    p.add_argument("--json", action="store_true", help="print the hits as JSON")
+    args = p.parse_args(list(argv))
+    if (args.text is None) == (args.like is None):
+        raise ConfigError('search: give a text query or --like VIDEO (one of them): '
+                          'singularity-ds search INDEX "a dog catches a frisbee"')
+    index = Index.load(args.index)
+    hits = index.like(args.like, args.k) if args.like else index.search(args.text, args.k, args.rerank)
+    if args.json:
+        print(json.dumps([{k: (None if isinstance(v, float) and v != v else v) for k, v in h.items()}
+                          for h in hits], indent=1))
+    else:
+        print(format_table(hits))
+    return 0
