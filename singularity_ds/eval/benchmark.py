@@ -136,9 +136,13 @@ def main(argv) -> int:
     p.add_argument("--dim", type=int, default=256)
     p.add_argument("--block", type=int, default=None, help="tile side (default 16384 on CUDA, 8192 on CPU)")
     p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: torch's); 1 on a shared machine makes CPU seconds count work")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", help="also write the result here")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.what == "itm":
         names = list(ITM_SETTINGS) if args.setting == "both" else [args.setting]
         res = {}
