@@ -430,9 +430,10 @@ def _cell(name: str, n: dict) -> str:
                 f"{n['steady_steps']} of {n['steps']} steps (all after the first: "
                 f"{n['all_after_first']['samples_per_s']} samples/s, "
                 f"{100 * n['all_after_first']['data_wait']:.1f}%); first step {n['first_step_s']} s")
-    if name == "eval_itm":
-        return (f"{n['texts']}x{n['videos']}, {n['frames']} frames: original {n['original_s']} s, offloaded "
-                f"{n['offload_s']} s ({n['speedup']}x), stage 1 {n['stage1_s']} s")
+    if name == "eval_itm":  # one result per setting (frames12, few_tokens)
+        return "; ".join(f"{setting} {r['texts']}x{r['videos']}, {r['frames']} frames: original "
+                         f"{r['original_s']} s, offloaded {r['offload_s']} s ({r['speedup']}x), stage 1 "
+                         f"{r['stage1_s']} s" for setting, r in n.items())
     if name == "kernels":
         cells = []
         for shape, impls in n["shapes"].items():

@@ -54,7 +54,13 @@ def test_two_stage_scores_equal_all_pairs_itm_when_k_covers_everything(corpus, e
 from singularity_ds.errors import ConfigError  # noqa: E402
 from singularity_ds.eval.features import extract  # noqa: E402
 from singularity_ds.eval.metrics import topk_eval  # noqa: E402
-from singularity_ds.eval.retrieval import itm_scores, itm_scores_cached, topk_blockwise, video_cross_kv  # noqa: E402
+from singularity_ds.eval.retrieval import (  # noqa: E402
+    itm_scores,
+    itm_scores_shared,
+    text_fusion_state,
+    topk_blockwise,
+    videos_cross_kv,
+)
 
 
 def test_topk_metrics_equal_dense_metrics_with_several_ground_truths():
@@ -95,7 +101,7 @@ def _eval_setup(root, task="ret_msrvtt", **overrides):
 
 
 @pytest.mark.parametrize("ensemble", ["concat", "lse"])
-def test_cached_itm_equals_uncached(corpus, ensemble):
+def test_text_shared_itm_equals_uncached(corpus, ensemble):
     cfg, model = _eval_setup(corpus)
     ds = eval_datasets(cfg, ["motion"])["motion"]
     tok = build_tokenizer()
@@ -107,10 +113,13 @@ def test_cached_itm_equals_uncached(corpus, ensemble):
             clips = model.encode_image(media)[0].unsqueeze(1)
         else:
             clips = model.encode_frames(media)[0]
+        state = text_fusion_state(model, te, mask)
+        video_kv = videos_cross_kv(model, clips.flatten(0, 1))  # all 3 videos' clips in one batch
         for v in range(3):
             plain = itm_scores(model, te, mask, clips[v:v + 1].expand(len(te), -1, -1, -1), ensemble)
-            cached = itm_scores_cached(model, te, mask, video_cross_kv(model, clips[v]), ensemble)
-            assert torch.allclose(plain, cached, atol=1e-5), (plain - cached).abs().max()
+            shared = itm_scores_shared(model, state, mask, video_kv, torch.arange(len(te)),
+                                       torch.full((len(te),), v), ensemble, clips=clips.shape[1])
+            assert torch.allclose(plain, shared, atol=1e-5), (plain - shared).abs().max()
 
 
 @pytest.mark.parametrize("store", ["cpu", "disk"])
@@ -277,3 +286,98 @@ def test_eval_x_only_scores_every_pair_instead_of_crashing(corpus):
     cfg.eval_offload = True
     assert evaluate_sets(model, cfg, tok)["motion"]["stats"]["pairs"] == len(ds) * len(ds.text)
     assert evaluate(model, ds, tok, 16, k_test=3, offload=True)["stats"]["pairs"] < len(ds) * len(ds.text)
+
+
+# ---------------------------------------------------------------------- text-shared re-ranking (issue 19)
+from singularity_ds.eval.features import Features, TokenStore  # noqa: E402
+from singularity_ds.eval.retrieval import _dense, _offload  # noqa: E402
+
+
+def _assert_offloaded_equals_original(model, feats, k_test, txt2img, img2txt, **batching):
+    """The offloaded re-rank (text-shared, batched across videos) gives the original algorithm's scores
+    (every pair it scored, within 1e-5) and the same metrics (which needs k_test >= 10: the dense matrices
+    rank the unscored -100 entries too)."""
+    i2t, t2i, _ = _dense(model, feats, k_test, "concat")
+    itm, _, stats = _offload(model, feats, k_test, "concat", progress=False, **batching)
+    for dense, (cand, scores) in ((i2t, itm["i2t"]), (t2i, itm["t2i"])):
+        want = dense.gather(1, torch.from_numpy(cand))
+        assert (want != -100).all()  # the original scored exactly these candidates
+        assert torch.allclose(torch.from_numpy(scores), want, atol=1e-5), (torch.from_numpy(scores)
+                                                                           - want).abs().max()
+    if k_test >= 10:
+        assert topk_eval(*itm["i2t"], *itm["t2i"], txt2img, img2txt) == itm_eval(i2t.numpy(), t2i.numpy(),
+                                                                                txt2img, img2txt)
+    return stats
+
+
+def test_text_shared_rerank_equals_original_on_reference_checkpoint(tiny_ref):
+    """The ORIGINAL code's checkpoint (temporal, 4 frames, 1 fusion layer): on its recorded inputs the
+    offloaded scores also match the original code's own evaluation scores; on more random inputs, the
+    original algorithm's, in batches that split videos and blocks of texts."""
+    from singularity_ds.models import load_model
+    model = load_model(str(tiny_ref["path"] / "checkpoint.pth")).eval()
+    inp = tiny_ref["inputs"]
+    with torch.no_grad():
+        te, text_pooled = model.encode_text(inp["input_ids"], inp["attention_mask"])
+        vid, video_pooled = model.encode_image(inp["video"])
+        vf, tf = model.project(video_pooled, text_pooled)
+    feats = Features(TokenStore([te], "cpu"), inp["attention_mask"], tf, TokenStore([vid[:, None]], "cpu"),
+                     vf)
+    gt = {i: i for i in range(3)}
+    _assert_offloaded_equals_original(model, feats, 2, gt, gt, pair_batch=2, text_block=2)
+    itm, _, _ = _offload(model, feats, 3, "concat", progress=False)
+    original = tiny_ref["expected"]["eval_concat_i2t_scores_x"]  # (videos, texts), the original's code
+    want = original.gather(1, torch.from_numpy(itm["i2t"][0]))
+    assert torch.allclose(torch.from_numpy(itm["i2t"][1]), want, atol=1e-4)  # test_fidelity's tolerance
+
+    # more videos and texts (random pixels and token ids, a third of the texts padded), two-stage
+    torch.manual_seed(0)
+    n = 16
+    ids = torch.randint(1, model.text_encoder.config.vocab_size, (n, 12))
+    mask = torch.ones(n, 12, dtype=torch.long)
+    mask[::3, 7:] = 0
+    with torch.no_grad():
+        te, text_pooled = model.encode_text(ids, mask)
+        vid, video_pooled = model.encode_image(torch.randn(n, 4, 3, 32, 32))
+        vf, tf = model.project(video_pooled, text_pooled)
+    feats = Features(TokenStore([te], "cpu"), mask, tf, TokenStore([vid[:, None]], "cpu"), vf)
+    gt = {i: i for i in range(n)}
+    stats = _assert_offloaded_equals_original(model, feats, 10, gt, gt, pair_batch=7, text_block=5)
+    assert stats["pairs"] < stats["pairs_both_directions"] and stats["pairs"] < n * n  # two-stage
+
+
+@pytest.mark.parametrize("fusion_layer", [2, 1])
+def test_text_shared_rerank_equals_original_on_temporal_model(corpus, fusion_layer):
+    """tiny + 4 frames + temporal embeddings and encoder, with 1 and 2 fusion layers (the first fusion
+    layer's text-only part shared, a middle layer per pair, the last at [CLS] only)."""
+    cfg, model = _eval_setup(corpus, **{"video_input.num_frames": 4, "video_input.num_frames_test": 4,
+                                        "add_temporal_embed": True, "temporal_vision_encoder.enable": True,
+                                        "fusion_layer": fusion_layer})
+    assert len(model.text_encoder.bert.encoder.layer) - model.text_encoder.fusion_layer == 3 - fusion_layer
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    feats = extract(model, ds, build_tokenizer(), 16)
+    batching = dict(pair_batch=7, text_block=5)  # batches that split videos, several blocks of texts
+    stats = _assert_offloaded_equals_original(model, feats, 3, ds.txt2img, ds.img2txt, **batching)
+    assert stats["pairs"] < len(ds) * len(ds.text)  # two-stage: not every pair is scored
+    _assert_offloaded_equals_original(model, feats, 10, ds.txt2img, ds.img2txt)  # + metrics, default batches
+
+
+def test_text_shared_itm_pads_and_masks_videos_of_different_token_counts(corpus):
+    """Videos of 1, 2 and 3 frames (17, 34, 51 tokens) in one batch: keys/values padded to the longest
+    and masked give each pair the score of its unpadded fusion."""
+    cfg, model = _eval_setup(corpus, fusion_layer=1)
+    ds = eval_datasets(cfg, ["motion"])["motion"]
+    tok = build_tokenizer()
+    with torch.no_grad():
+        ids, mask = tokenize(tok, ds.text[:4], 16)
+        te = model.encode_text(ids, mask)[0]
+        videos = [model.encode_image(ds[i]["media"][None, :i + 1])[0][0] for i in range(3)]
+        kv, kv_bias = video_kv = videos_cross_kv(model, videos)
+        assert kv[0][0].shape[2] == videos[2].shape[0] == 3 * videos[0].shape[0]
+        assert kv_bias.shape == (3, 1, 1, videos[2].shape[0])
+        pair_text, pair_video = torch.arange(4).repeat(3), torch.arange(3).repeat_interleave(4)
+        shared = itm_scores_shared(model, text_fusion_state(model, te, mask), mask, video_kv, pair_text,
+                                   pair_video)
+        plain = torch.cat([itm_scores(model, te, mask, videos[v][None, None].expand(4, -1, -1, -1), "concat")
+                           for v in range(3)])
+    assert torch.allclose(shared, plain, atol=1e-5), (shared - plain).abs().max()

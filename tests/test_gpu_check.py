@@ -110,7 +110,9 @@ def test_dry_run_writes_the_report_with_every_step(tmp_path):
     assert e2e["samples_per_s"] == pytest.approx(12 / sum(windows), rel=2e-3)  # 4 significant digits
     waited = sum(p["data_wait"] * w for p, w in zip(last, windows))
     assert e2e["data_wait"] == pytest.approx(waited / sum(windows), abs=1e-4)
-    assert (n["eval_itm"]["texts"], n["eval_itm"]["frames"], n["eval_itm"]["k_test"]) == (32, 2, 4)
+    assert list(n["eval_itm"]) == ["frames12", "few_tokens"]  # `bench eval itm`'s two settings
+    for r in n["eval_itm"].values():
+        assert (r["texts"], r["frames"], r["k_test"], r["same_metrics"]) == (32, 2, 4, True)
     assert n["kernels"]["errors"] == [] and len(n["kernels"]["shapes"]) == 5
     assert [g["met"] for g in report["goals"]] == ["not measured (dry run on CPU)"] * 3
     md = (out / "gpu_check.md").read_text()

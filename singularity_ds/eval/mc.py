@@ -8,7 +8,7 @@ from ..data.text import tokenize
 from ..dist import all_gather, rank_world
 from .broken import Reading, check_not_empty
 from .features import shard_range
-from .retrieval import check_ensemble, itm_scores_cached, video_cross_kv
+from .retrieval import check_ensemble, itm_scores_shared, text_fusion_state, videos_cross_kv
 
 
 @torch.no_grad()
@@ -29,11 +29,13 @@ def evaluate_mc(model, dataset, tokenizer, max_txt_l: int, ensemble: str = "conc
             clips = model.encode_image(media)[0]             # (1, T*L, D)
         else:
             clips = model.encode_frames(media)[0][0]         # (T, L, D)
-        video_kv = video_cross_kv(model, clips)
+        video_kv = videos_cross_kv(model, clips)
         ids, mask = tokenize(tokenizer, item["captions"], max_txt_l)
         ids, mask = ids.to(param.device), mask.to(param.device)
-        text = model.encode_text(ids, mask)[0]
-        scores = itm_scores_cached(model, text, mask, video_kv, ensemble).float().cpu()
+        state = text_fusion_state(model, model.encode_text(ids, mask)[0], mask)
+        options = torch.arange(len(ids))
+        scores = itm_scores_shared(model, state, mask, video_kv, options, torch.zeros_like(options), ensemble,
+                                   clips=clips.shape[0]).float().cpu()
         predictions.append(dict(video=dataset.path(i), options=item["captions"], answer=int(item["answer"]),
                                 pred=int(scores.argmax()), scores=[round(float(s), 5) for s in scores]))
     skipped = reading.settle(name, items="videos")

@@ -63,7 +63,8 @@ def evaluate_sets(model, config, tokenizer, names=None) -> dict:
                        feature_store=config.eval_feature_store,
                        feature_dir=config.eval_feature_dir or os.path.join(config.output_dir or ".",
                                                                                  "eval_features", name),
-                       num_frames_test=config.video_input.num_frames_test, name=set_label(config, name))
+                       num_frames_test=config.video_input.num_frames_test, name=set_label(config, name),
+                       progress=config.progress_bar or None)
         results[name] = {k: v for k, v in res.items() if k not in ("scores", "topk")}  # arrays, for the API
         logger.info("eval %s: %s", name, res["itm"])
     return results

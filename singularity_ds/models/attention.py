@@ -30,6 +30,19 @@ def padding_bias(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
     return (1.0 - mask[:, None, None, :].to(dtype)) * MASK_VALUE
 
 
+def pad_to_longest(seqs, dtype: torch.dtype):
+    """Sequences (L_i, D) of different lengths -> zero-padded (n, L_max, D) and the additive key bias
+    (n, 1, 1, L_max) that masks the padding (``None`` when all lengths are equal: nothing to mask). Lets
+    keys/values of several videos with different token counts go through one batched attention call."""
+    lengths = [s.shape[0] for s in seqs]
+    if len(set(lengths)) == 1:
+        return torch.stack(list(seqs)), None
+    padded = torch.nn.utils.rnn.pad_sequence(list(seqs), batch_first=True)
+    lengths = torch.tensor(lengths, device=padded.device)
+    mask = torch.arange(padded.shape[1], device=padded.device)[None] < lengths[:, None]
+    return padded, padding_bias(mask, dtype)
+
+
 _logged = set()  # fallback reasons already logged (logging once per process is enough)
 
 

@@ -59,13 +59,20 @@ class BertAttention(AttentionLayer):
         return (split_heads(self.self.key(context), self.num_heads),
                 split_heads(self.self.value(context), self.num_heads))
 
-    def forward(self, x, bias=None, context=None, kv=None):
-        q = split_heads(self.self.query(x), self.num_heads)
+    def project_q(self, x):
+        """Queries (B, H, L, d) of hidden states ``x``; cross-attention's depend on the text only."""
+        return split_heads(self.self.query(x), self.num_heads)
+
+    def forward(self, x, bias=None, context=None, kv=None, q=None, keep=None):
+        """``q``: precomputed :meth:`project_q` of ``x``. ``keep``: compute only the first ``keep`` rows
+        (queries, residual); all of ``x`` still gives the keys/values (a last layer read at [CLS] only)."""
+        h = x if keep is None else x[:, :keep]
+        q = self.project_q(h) if q is None else q
         k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         if k.shape[0] != q.shape[0]:  # one cached video for a batch of texts: a stride-0 view, no copy
             k, v = k.expand(q.shape[0], -1, -1, -1), v.expand(q.shape[0], -1, -1, -1)
         out = merge_heads(self.attend(q, k, v, bias, self.attn_dropout if self.training else 0.0))
-        return self.output.LayerNorm(self.dropout(self.output.dense(out)) + x)
+        return self.output.LayerNorm(self.dropout(self.output.dense(out)) + h)
 
 
 class BertLayer(nn.Module):
@@ -81,12 +88,17 @@ class BertLayer(nn.Module):
         self.act = ACT2FN[cfg.hidden_act]
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, bias=None, context=None, context_bias=None, kv=None):
-        x = self.attention(x, bias)
+    def forward(self, x, bias=None, context=None, context_bias=None, kv=None, keep=None):
+        """``keep``: only the first ``keep`` rows come out (see :meth:`BertAttention.forward`)."""
+        return self.after_self_attention(self.attention(x, bias, keep=keep), context, context_bias, kv)
+
+    def after_self_attention(self, x, context=None, context_bias=None, kv=None, cross_q=None):
+        """Cross-attention (if any) and the feed-forward block over self-attention output ``x``;
+        ``cross_q``: the cross-attention queries of ``x``, if already projected."""
         if self.crossattention is not None:
             if context is None and kv is None:
                 raise ValueError("a fusion layer needs vision tokens (encoder_hidden_states)")
-            x = self.crossattention(x, context_bias, context, kv)
+            x = self.crossattention(x, context_bias, context, kv, q=cross_q)
         h = self.dropout(self.output.dense(self.act(self.intermediate.dense(x))))
         return self.output.LayerNorm(h + x)
 
@@ -171,6 +183,30 @@ class TextEncoder(nn.Module):
         video, reused for every text scored against it (evaluation)."""
         return [layer.crossattention.project_kv(image_embeds)
                 for layer in self.bert.encoder.layer[self.fusion_layer:]]
+
+    def fusion_text_state(self, text_embeds, mask):
+        """The part of the first fusion layer that depends on the text alone: its self-attention output
+        (B, L, D) and that output's cross-attention queries (B, H, L, d). Evaluation computes it once per
+        text and reuses it for every candidate video (:meth:`fusion_cls`). With a single fusion layer
+        only the [CLS] row is kept (L = 1): nothing else reaches the ITM head."""
+        layers = self.bert.encoder.layer[self.fusion_layer:]
+        first = layers[0]
+        h = first.attention(text_embeds, padding_bias(mask, text_embeds.dtype),
+                            keep=1 if len(layers) == 1 else None)
+        return h, first.crossattention.project_q(h)
+
+    def fusion_cls(self, h, q, mask, kv, kv_bias=None):
+        """The fused [CLS] state (B, D) of row-aligned (text, video) pairs, from each pair's text state
+        (:meth:`fusion_text_state`: ``h``, ``q``; text mask ``mask``) and its video's cross-attention
+        keys/values (``kv``: one (k, v) per fusion layer, :meth:`cross_kv`; ``kv_bias``: their padding
+        bias, when videos of different lengths are padded to one). Equal to ``fusion(...)[:, 0]``; the
+        last layer computes its [CLS] row only (its other rows are never read)."""
+        layers = self.bert.encoder.layer[self.fusion_layer:]
+        x = layers[0].after_self_attention(h, None, kv_bias, kv[0], cross_q=q)
+        bias = padding_bias(mask, x.dtype)
+        for i in range(1, len(layers)):
+            x = layers[i](x, bias, None, kv_bias, kv[i], keep=1 if i == len(layers) - 1 else None)
+        return x[:, 0]
 
     def mlm_logits(self, hidden):
         return self.cls(hidden, self.bert.embeddings.word_embeddings.weight)
