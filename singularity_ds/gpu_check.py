@@ -59,7 +59,7 @@ SIZES = {
     # compile=False: inductor takes minutes on 2 busy cores; the GPU run compiles (as docs/benchmarks.md)
     "dry": dict(overlay=["tiny"], batch=4, bench=["--steps", "2", "--warmup", "1"], compile=False,
                 train_steps=6, workers=2, distinct=18, res=224, shard_size="100KB",
-                eval=["--n", "32", "--frames", "2", "--k", "4"], kernels=["--reps", "1"], total=1200,
+                eval=["--n", "32", "--frames", "2", "--k", "10"], kernels=["--reps", "1"], total=1200,
                 budget=dict(gpu_tests=180, bench_train=300, corpus=120, train_e2e=300, eval_itm=120,
                             kernels=180)),
 }

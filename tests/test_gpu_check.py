@@ -112,7 +112,7 @@ def test_dry_run_writes_the_report_with_every_step(tmp_path):
     assert e2e["data_wait"] == pytest.approx(waited / sum(windows), abs=1e-4)
     assert list(n["eval_itm"]) == ["frames12", "few_tokens"]  # `bench eval itm`'s two settings
     for r in n["eval_itm"].values():
-        assert (r["texts"], r["frames"], r["k_test"], r["same_metrics"]) == (32, 2, 4, True)
+        assert (r["texts"], r["frames"], r["k_test"], r["same_metrics"]) == (32, 2, 10, True)
     assert n["kernels"]["errors"] == [] and len(n["kernels"]["shapes"]) == 5
     assert [g["met"] for g in report["goals"]] == ["not measured (dry run on CPU)"] * 3
     md = (out / "gpu_check.md").read_text()
