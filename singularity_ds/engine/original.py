@@ -83,6 +83,8 @@ def original_config(path: str, config):
         itm_hard_neg=config.itm_hard_neg, image_res=config.image_res, vit_type="beit",
         vit_name_or_pretrained_path="microsoft/beit-base-patch16-224-pt22k-ft22k",
         text_encoder="bert-base-uncased",
+        # its temporal encoder reads this JSON itself (relative to its repo, as its configs give it)
+        bert_config=os.path.join(os.path.abspath(path), "configs", "config_bert.json"),
         add_temporal_embed=config.add_temporal_embed,
         video_input=dict(num_frames=config.video_input.num_frames),
         temporal_vision_encoder=dict(enable=config.temporal_vision_encoder.enable,
