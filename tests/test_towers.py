@@ -80,7 +80,7 @@ def test_build_model_with_pretrained_towers_and_clear_error_without(minilm, tmp_
 
 
 def test_pretrained_text_loads_the_text_tower_only(minilm):
-    """tower_init=pretrained_text (the demo's): the MiniLM text tower; the tiny vision tower (an
+    """tower_init=pretrained_text: the MiniLM text tower; the tiny vision tower (an
     architecture with no weights anywhere) is not looked up and starts random."""
     cfg = dict(text_encoder=minilm, bert_config="None", fusion_layer=5)
     model = build_model(tiny_config(tower_init="pretrained_text", **cfg))
@@ -101,7 +101,7 @@ def test_temporal_encoder_on_a_narrower_vision_tower(minilm):
 
 
 def test_qa_decoder_from_a_minilm_checkpoint_without_mlm(minilm):
-    """`make demo-qa` after the demo: the answer decoder takes MiniLM's fusion layer; what the text tower
+    """QA from a MiniLM-text pretraining: the answer decoder takes MiniLM's fusion layer; what the text tower
     cannot give keeps its fresh init (no MLM head; cross-attention to 384-wide questions, not 128-wide
     video)."""
     from singularity_ds.models import SingularityQA

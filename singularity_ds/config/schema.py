@@ -226,11 +226,14 @@ class Config:
                                         "text_encoder / vit_name_or_pretrained_path: local folders, or Hub "
                                         "repo ids downloaded into the HF cache; HF_HUB_OFFLINE=1: the cache "
                                         "only), pretrained_text (the text tower so, the vision tower random: "
-                                        "the demo's MiniLM) or random (BERT-style init)",
+                                        "a pretrained BERT on a new ViT) or random (BERT-style init)",
                           choices=("pretrained", "pretrained_text", "random"))
     temporal_vision_encoder: TemporalVisionEncoder = group(TemporalVisionEncoder)
     add_temporal_embed: bool = key(False, "add learned temporal embeddings to the encoded frames")
     image_res: int = key(224, "input resolution in pixels (square; a multiple of the patch size)", ge=1)
+    random_flip: bool = key(True, "training augmentation flips images and clips horizontally half the time "
+                                  "(the original's); False where captions name left and right (SSV2's "
+                                  "templates, the demo's motion captions), which a flipped clip contradicts")
     embed_dim: int = key(256, "width of the contrastive (ITC) projections", ge=1)
     attention_impl: str = key("auto", "attention kernel: auto (Triton for forward-only attention on CUDA, "
                                       "else SDPA), triton, sdpa or math",

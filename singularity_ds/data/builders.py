@@ -24,7 +24,7 @@ def per_media(value, media_type: str):
 
 def media_source(config, media_type: str, train: bool) -> MediaSource:
     """The pixels of a media type's items: the training or the evaluation transform and frame sampling."""
-    transform = build_transform(config.image_res, config.vit_type, train)
+    transform = build_transform(config.image_res, config.vit_type, train, config.random_flip)
     if media_type == "image":
         return MediaSource("image", transform)
     video_input = config.video_input
@@ -39,8 +39,8 @@ def train_source(config, media_type: str):
     video_input = config.video_input
     if media_type != "video" or not video_input.dali_device:
         return media_source(config, media_type, train=True)
-    return ClipPlanner(build_transform(config.image_res, config.vit_type, train=True),
-                       video_input.num_frames, video_input.sample_type, video_input.reader)
+    transform = build_transform(config.image_res, config.vit_type, train=True, flip=config.random_flip)
+    return ClipPlanner(transform, video_input.num_frames, video_input.sample_type, video_input.reader)
 
 
 def dali_finish(config):

@@ -1,9 +1,9 @@
 """The original's image/video transforms, applied to uint8 (T, C, H, W) clips.
 
-Train: RandomResizedCrop(image_res, scale=(0.5, 1.0), bicubic) + horizontal flip -- one tensor op per
-clip, so every frame gets the same crop and flip -- then [0, 1] and normalisation. Test: resize to
-(image_res, image_res), bicubic. Normalisation as the original: (0.5, 0.5, 0.5) for BEiT and ViT,
-ImageNet statistics for DeiT. Resizing uses ``antialias=False``: the original ran these transforms on
+Train: RandomResizedCrop(image_res, scale=(0.5, 1.0), bicubic) + horizontal flip (``random_flip``) --
+one tensor op per clip, so every frame gets the same crop and flip -- then [0, 1] and normalisation.
+Test: resize to (image_res, image_res), bicubic. Normalisation as the original: (0.5, 0.5, 0.5) for BEiT
+and ViT, ImageNet statistics for DeiT. Resizing uses ``antialias=False``: the original ran these transforms on
 uint8 tensors with a torchvision that did not antialias tensors, and its checkpoints saw such frames.
 """
 import torch
@@ -27,12 +27,14 @@ class ToFloat:
         return x.float().div(255.0)
 
 
-def build_transform(image_res: int, vit_type: str = "beit", train: bool = True):
+def build_transform(image_res: int, vit_type: str = "beit", train: bool = True, flip: bool = True):
+    """``flip`` (config ``random_flip``): False keeps the flip step at p=0, so it still draws its random
+    number and every other draw of an epoch stays where it was."""
     mean, std = normalization(vit_type)
     if train:
         resize = [transforms.RandomResizedCrop(image_res, scale=(0.5, 1.0),
                                                interpolation=InterpolationMode.BICUBIC, antialias=False),
-                  transforms.RandomHorizontalFlip()]
+                  transforms.RandomHorizontalFlip(p=0.5 if flip else 0.0)]
     else:
         resize = [transforms.Resize((image_res, image_res),
                                     interpolation=InterpolationMode.BICUBIC, antialias=False)]

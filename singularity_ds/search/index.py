@@ -60,7 +60,7 @@ class Index:
     @classmethod
     def build(cls, model, source: str, out_dir: str, frames: int = 4, batch_size: int = 32,
               dtype: str = "fp16", tokens: bool = False, media_dir: str = None, part_size: int = 256,
-              **overrides) -> "Index":
+              progress: bool = True, **overrides) -> "Index":
         """Embed ``source`` (folder, annotation file or shard index) with ``model`` into ``out_dir``
         (resumable; on every rank when distributed) and load the result. ``overrides``: model config keys
         for the media transform (dotted names, e.g. ``**{"video_input.sample_type_test": "uniform"}``)."""
@@ -73,7 +73,7 @@ class Index:
             OmegaConf.update(config, key, value, merge=True)
         config.vit_type = model.vit_type
         build(model, open_source(source, media_dir), out_dir, config, frames, batch_size, dtype, tokens,
-              part_size)
+              part_size, progress=progress)
         return cls(out_dir, model)
 
     # ------------------------------------------------------------------ the model, loaded when needed
@@ -82,7 +82,10 @@ class Index:
         if self._model is None:
             from ..models import load_model
             ckpt = self.meta.get("checkpoint")
-            if not ckpt or not os.path.exists(ckpt):
+            if not ckpt:
+                raise CheckpointError(f"{self.path}: built by Index.build from a model in memory, so it "
+                                      f"names no checkpoint; pass the model: Index.load(path, model=...)")
+            if not os.path.exists(ckpt):
                 raise CheckpointError(f"{self.path}: its checkpoint {ckpt} is gone; pass the model "
                                       f"(Index.load(path, model=...)) or restore the file")
             if "size" in self.meta and self._weights_size(ckpt) != self.meta["size"]:
