@@ -405,6 +405,20 @@ def test_synthetic_generation_is_reproducible(tmp_path):
     assert open(a["files"]["ret_train"]).read() != open(c["files"]["ret_train"]).read()
 
 
+def test_ret_motion_overlay_trains_on_the_motion_captions_only(corpus64):
+    """configs/ret_motion.yaml on top of ret.yaml: the training file is ret_train's motion/order half
+    (each training clip once, under its own temporal caption), the test files stay ret.yaml's."""
+    meta = json.load(open(corpus64 / "synthetic.json"))
+    base = load_config(["ret_msrvtt", "tiny", str(corpus64 / "configs" / "ret.yaml")], ["image_res=32"])
+    cfg = load_config(["ret_msrvtt", "tiny", str(corpus64 / "configs" / "ret.yaml"),
+                       str(corpus64 / "configs" / "ret_motion.yaml")], ["image_res=32"])
+    assert list(cfg.train_file) == [meta["files"]["ret_train_motion"], meta["videos"], "video"]
+    assert cfg.test_file == base.test_file
+    full, motion = (json.load(open(meta["files"][k])) for k in ("ret_train", "ret_train_motion"))
+    assert motion == [e for e in full if not e["caption"].endswith("background")]
+    assert len({e["video"] for e in motion}) == len(motion) == len(full) // 2 == meta["splits"]["train"]
+
+
 def test_motion_clips_share_their_middle_frame():
     """What makes the motion split need time: same appearance, 4 directions, the same middle frame;
     the group's two order clips (reverse orders) also share theirs."""
@@ -433,17 +447,40 @@ def _a(word):
 
 def test_demo_corpus_motion_split_has_over_100_captions():
     """The demo's split: one test group per colour and shape, so its 108 test clips have 106-108 distinct
-    motion/order captions (two groups' order captions can coincide) and 18 appearance captions."""
+    motion/order captions (two groups' order captions can coincide) and 18 appearance captions; each
+    test group's appearance is trained on, on another background shade, never on its own."""
     from singularity_ds.data.synthetic import plan_clips, temporal_caption
-    clips = plan_clips(432, 0, test_fraction=0.25)
+    clips = plan_clips(864, 0, test_fraction=0.125)
     test = [c for c in clips if c["split"] == "test"]
     assert len(test) == 108 and len({(c["color"], c["shape"]) for c in test}) == 18
     assert 106 <= len({temporal_caption(c) for c in test}) <= 108
-    assert sum(c["split"] == "val" for c in clips) == 42 and sum(c["split"] == "train" for c in clips) == 282
-    def groups(split):  # a group's appearance: its motion clips' colour, shape and background
-        return {(c["color"], c["shape"], c["background"]) for c in clips
+    assert sum(c["split"] == "val" for c in clips) == 84 and sum(c["split"] == "train" for c in clips) == 672
+    def groups(split):  # a group: its motion clips' colour, shape and background, and its shade's seed
+        return {(c["color"], c["shape"], c["background"], c["group_seed"]) for c in clips
                 if c["split"] == split and c["kind"] == "motion"}
-    assert len(groups("test")) == 18 and not groups("train") & groups("test")
+    test_groups, seen = groups("test"), groups("train") | groups("val")
+    assert len(test_groups) == 18 and not test_groups & seen
+    assert {g[:3] for g in test_groups} <= {g[:3] for g in seen}
+
+
+def test_corpus_past_72_groups_repeats_each_combination_on_a_new_shade():
+    """Past 72 groups (432 clips) the colour x shape x background combinations come again, each on its
+    own background shade; the first 432 clips stay those of the smaller corpus, and the first 18 groups
+    still hold every colour and shape once."""
+    from singularity_ds.data.synthetic import plan_clips, render
+    fields = ("kind", "color", "shape", "background", "direction", "color2", "shape2", "first_left")
+    small, big = plan_clips(432, 0, test_fraction=0.25), plan_clips(864, 0, test_fraction=0.125)
+    assert len(big) == 864 and [[c.get(k) for k in fields] for c in big[:432]] == \
+        [[c.get(k) for k in fields] for c in small]
+    groups = [big[i:i + 6] for i in range(0, 864, 6)]
+    combos = [(g[0]["color"], g[0]["shape"], g[0]["background"]) for g in groups]
+    assert len(set(combos)) == 72 and all(combos.count(c) == 2 for c in combos)
+    assert len({g[0]["group_seed"] for g in groups}) == 144
+    test = [g for g in groups if g[0]["split"] == "test"]
+    assert len(test) == 18 and len({(g[0]["color"], g[0]["shape"]) for g in test}) == 18
+    first = combos.index(combos[100])  # group 100 repeats an earlier group's combination ...
+    a, b = (render(groups[i][0], 32, 3)[0] for i in (first, 100))
+    assert first < 72 and not np.array_equal(a, b)  # ... on another shade
 
 
 def test_qa_train_loader_batches_questions_and_weighted_answers(corpus64):

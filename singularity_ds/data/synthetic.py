@@ -137,14 +137,23 @@ def plan_clips(num_clips: int, seed: int, test_fraction: float = 0.15):
     """Clips come in groups that share appearance (colour, shape, background) and differ only in
     motion or order; ``test_fraction`` of the groups are the test split, then 10% validation. The
     first groups cover every colour and shape once before one repeats (on another background), so up
-    to 18 test groups have no motion caption in common."""
+    to 18 test groups have no motion caption in common. Past 72 groups (every colour x shape x
+    background once) the combinations come again, each on a new background shade: more training
+    groups per colour and shape, so a model cannot tell shapes apart by their groups' backgrounds."""
     rng = random.Random(seed)
     combos = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
     rng.shuffle(combos)
-    round_of, seen = {}, {}
+    for repeat in range(1, -(-num_clips // (6 * len(combos)))):
+        # past 72 groups the combinations come again, each on a new background shade (the group seed):
+        # their own generator, so a corpus that needs no repeat is the same as before repeats existed
+        more = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
+        random.Random(seed * 7_919 + repeat).shuffle(more)
+        combos += more
+    rounds, seen = [], {}
     for combo in combos:  # the how-many-th time this colour and shape comes
-        round_of[combo] = seen[combo[:2]] = seen.get(combo[:2], -1) + 1
-    combos.sort(key=round_of.get)  # stable: still shuffled within a round
+        seen[combo[:2]] = seen.get(combo[:2], -1) + 1
+        rounds.append(seen[combo[:2]])
+    combos = [combos[i] for i in sorted(range(len(combos)), key=rounds.__getitem__)]  # stable
     clips = []
     for color, shape, bg in combos:
         for direction in DIRECTIONS:
@@ -223,6 +232,11 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
                             for cap in (appearance_caption(c), temporal_caption(c))])
     anno("ret_train", [{"video": c["video"], "caption": cap} for c in by_split["train"]
                        for cap in (appearance_caption(c), temporal_caption(c))])
+    # the motion/order captions alone: an appearance caption fits all six clips of its group, yet its
+    # pairs with the other five (listed under their motion captions, another idx) count as negatives,
+    # the very ones ITC's hard-negative sampler hands ITM; without them a fine-tuning learns motion
+    anno("ret_train_motion", [{"video": c["video"], "caption": temporal_caption(c)}
+                              for c in by_split["train"]])
     for split in ("val", "test"):
         # appearance: one clip per appearance combination, caption from one frame
         seen, app = set(), []
@@ -297,6 +311,9 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            f"  motion: {corpus('ret_test_motion')}",
            f"  val_appearance: {corpus('ret_val_appearance')}",
            f"  val_motion: {corpus('ret_val_motion')}"], os.path.join(cdir, "ret.yaml"))
+    _yaml(["# on top of ret.yaml: retrieval training on the motion/order captions only (written by "
+           "make-synthetic)", f"train_file: {corpus('ret_train_motion')}"],
+          os.path.join(cdir, "ret_motion.yaml"))
     _yaml(["# synthetic corpus overlay for video QA (`qa_msrvtt`-style; written by make-synthetic)",
            f"train_file: {corpus('qa_train')}",
            f"answer_list: {files['qa_answers']}",
