@@ -47,7 +47,7 @@ test-fast: install
 demo: install
 	$(VENV)/bin/singularity-ds demo $(DEMO_ARGS)
 
-demo-qa: install  # after `make demo`: video QA from its single-frame pretraining (~4 min)
+demo-qa: install  # after `make demo`: video QA from its single-frame pretraining (~2.5 min)
 	$(VENV)/bin/singularity-ds demo --qa
 
 # One report (gpu-check/gpu_check.md + .json): gpu tests, bench train (MFU), end-to-end train from shards
