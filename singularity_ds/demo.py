@@ -200,7 +200,6 @@ def run_precision_check(run_dir="runs/precision", precisions=("fp32", "bf16", "a
 def run_demo_qa(run_dir="runs/demo", epochs=8) -> dict:
     """``make demo-qa``: video QA on the synthetic corpus from the demo's single-frame pretraining
     (run ``make demo`` first): 2 CPU ranks, ZeRO-2; prints accuracy per question type."""
-    import json
     start = time.time()
     pretrained = os.path.join(run_dir, "pretrain_1f", "export")
     if not os.path.isdir(pretrained):

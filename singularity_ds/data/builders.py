@@ -22,9 +22,14 @@ def per_media(value, media_type: str):
     return value[media_type] if hasattr(value, "keys") else value
 
 
+def config_transform(config, train: bool):
+    """The config's training or evaluation transform (resolution, normalisation, ``random_flip``)."""
+    return build_transform(config.image_res, config.vit_type, train, flip=config.random_flip)
+
+
 def media_source(config, media_type: str, train: bool) -> MediaSource:
     """The pixels of a media type's items: the training or the evaluation transform and frame sampling."""
-    transform = build_transform(config.image_res, config.vit_type, train, config.random_flip)
+    transform = config_transform(config, train)
     if media_type == "image":
         return MediaSource("image", transform)
     video_input = config.video_input
@@ -39,8 +44,8 @@ def train_source(config, media_type: str):
     video_input = config.video_input
     if media_type != "video" or not video_input.dali_device:
         return media_source(config, media_type, train=True)
-    transform = build_transform(config.image_res, config.vit_type, train=True, flip=config.random_flip)
-    return ClipPlanner(transform, video_input.num_frames, video_input.sample_type, video_input.reader)
+    return ClipPlanner(config_transform(config, train=True), video_input.num_frames, video_input.sample_type,
+                       video_input.reader)
 
 
 def dali_finish(config):

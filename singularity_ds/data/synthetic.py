@@ -141,12 +141,13 @@ def plan_clips(num_clips: int, seed: int, test_fraction: float = 0.15):
     background once) the combinations come again, each on a new background shade: more training
     groups per colour and shape, so a model cannot tell shapes apart by their groups' backgrounds."""
     rng = random.Random(seed)
-    combos = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
+    every = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
+    combos = every[:]
     rng.shuffle(combos)
-    for repeat in range(1, -(-num_clips // (6 * len(combos)))):
+    for repeat in range(1, -(-num_clips // (6 * len(every)))):
         # past 72 groups the combinations come again, each on a new background shade (the group seed):
         # their own generator, so a corpus that needs no repeat is the same as before repeats existed
-        more = list(itertools.product(COLORS, SHAPES, BACKGROUNDS))
+        more = every[:]
         random.Random(seed * 7_919 + repeat).shuffle(more)
         combos += more
     rounds, seen = [], {}
@@ -228,10 +229,10 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
         write_json(entries, files[name])
 
     # pretraining and retrieval training: one entry per caption (both families)
-    anno("pretrain_video", [{"video": c["video"], "caption": cap} for c in by_split["train"]
-                            for cap in (appearance_caption(c), temporal_caption(c))])
-    anno("ret_train", [{"video": c["video"], "caption": cap} for c in by_split["train"]
-                       for cap in (appearance_caption(c), temporal_caption(c))])
+    both = [{"video": c["video"], "caption": cap} for c in by_split["train"]
+            for cap in (appearance_caption(c), temporal_caption(c))]
+    anno("pretrain_video", both)
+    anno("ret_train", both)
     # the motion/order captions alone: an appearance caption fits all six clips of its group, yet its
     # pairs with the other five (listed under their motion captions, another idx) count as negatives,
     # the very ones ITC's hard-negative sampler hands ITM; without them a fine-tuning learns motion

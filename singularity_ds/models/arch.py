@@ -99,8 +99,8 @@ def temporal_config(bert: BertConfig, vision_width: int, num_layers: int) -> Ber
     no cross-attention (``fusion_layer = num_layers``); it runs on vision tokens, hence their width."""
     d = bert.to_dict()
     d.update(num_hidden_layers=num_layers, fusion_layer=num_layers, hidden_size=vision_width)
-    if vision_width != bert.hidden_size:  # towers of different widths (the original's are both 768, the
-        # MiniLM is 384 on the tiny 128-wide ViT): keep the text tower's head size and FFN ratio
+    if vision_width != bert.hidden_size:  # towers of different widths (the original's are both 768; e.g.
+        # MiniLM, 384 wide, on the tiny 128-wide ViT): keep the text tower's head size and FFN ratio
         head = bert.hidden_size // bert.num_attention_heads
         d.update(num_attention_heads=max(1, vision_width // head),
                  intermediate_size=bert.intermediate_size * vision_width // bert.hidden_size)
