@@ -1,12 +1,20 @@
 # make install | make test | make demo  -- everything runs from a fresh clone, CPU only.
-# make test-fast: the inner loop (no slow, multi-process or GPU tests); make lint: ruff (pyproject.toml).
+# make test-fast: the inner loop (no slow, multi-process or GPU tests); make lint: ruff (pyproject.toml) and
+# the lock check. make test-latest: the canary (newest releases setup.py allows); make lock: move the lock.
 VENV   ?= .venv
+PYTHON ?= python3
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The exact set `make install` installs (.ci/lockfile.py says how it is made and checked).
+LOCK   := requirements.lock
+# LOCKED=0: install the newest releases setup.py's ranges allow instead (the canary's venv)
+LOCKED ?= 1
+LATEST := .venv-latest
+EXTRAS := dev,dali,wandb
 # The venv's bin first on PATH: DeepSpeed's JIT ops (ninja) and the console script come from there.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps lint test test-fast demo demo-qa gpu-check gpu-wheels clean
+.PHONY: install system-deps lint test test-fast test-latest lock demo demo-qa gpu-check gpu-wheels clean
 
 install: system-deps $(STAMP)
 
@@ -26,23 +34,60 @@ system-deps:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
 	  else echo "note: chromium not installed (needs root and apt): the browser test will be skipped"; fi; }
 
-$(STAMP): setup.py
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,dali,wandb]"
+# Locked: the lock's pip first, then every package at the lock's version with nothing resolved (--no-deps),
+# the sdists' build environments (deepspeed, iscc-samples, this project) held to the lock's setuptools, wheel
+# and poetry-core (--build-constraint);
+# packages the lock lacks are removed, then `pip check` and the venv == lock comparison prove the set whole.
+$(STAMP): setup.py $(if $(filter 1,$(LOCKED)),$(LOCK))
+ifeq ($(LOCKED),1)
+	@$(PYTHON) .ci/lockfile.py platform $(LOCK)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $$(grep -E '^pip==' $(LOCK))
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --build-constraint $(LOCK) -r $(LOCK)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --build-constraint $(LOCK) -e .
+	@extra="$$($(PY) .ci/lockfile.py extra $(LOCK))"; if [ -n "$$extra" ]; then \
+	  echo "removing packages the lock does not have: $$extra"; $(PY) -m pip uninstall -q -y $$extra; fi
+	$(PY) -m pip check
+	$(PY) .ci/lockfile.py verify $(LOCK)
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# the newest pip and build backends, installed so that the lock records the versions the builds used
+	$(PY) -m pip install -q --disable-pip-version-check -U pip setuptools wheel poetry-core
+	$(PY) -m pip install -q --disable-pip-version-check -U -e ".[$(EXTRAS)]"
+endif
 	@echo "building DeepSpeed's CPU allreduce op once (about 2 minutes)"
 	$(PY) -c "from singularity_ds.dist import build_ops; build_ops()"
 	touch $(STAMP)
 
 lint: install
-	$(VENV)/bin/ruff check singularity_ds tests
+	$(VENV)/bin/ruff check singularity_ds tests .ci
+	$(PY) .ci/lockfile.py check setup.py $(LOCK)
 
 # every test (markers and --strict-markers: pyproject.toml), after the lint
 test: lint
 	$(PY) -m pytest -q tests
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not multiproc and not gpu" tests
+	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow and not multiproc and not gpu" tests
+
+# The canary: a throw-away venv with the newest releases setup.py allows, `make test-fast` in it, then which
+# packages differ from the lock and what failed. Passing, `make lock` moves the lock to that venv's set.
+test-latest:
+	rm -rf $(LATEST)
+	$(MAKE) --no-print-directory install VENV=$(LATEST) LOCKED=0
+	@rc=0; $(MAKE) --no-print-directory test-fast VENV=$(LATEST) LOCKED=0 PYTEST_ARGS="-rfE" || rc=$$?; \
+	  echo $$rc > $(LATEST)/test-fast.rc; echo; \
+	  $(LATEST)/bin/python .ci/lockfile.py diff $(LOCK); \
+	  if [ $$rc = 0 ]; then echo "test-latest: test-fast passed on the newest releases (make lock moves the lock there)"; \
+	  else echo "test-latest: test-fast FAILED on the newest releases (exit $$rc; the failures are listed above)"; fi; \
+	  exit $$rc
+
+# Writes the lock from the venv `make test-latest` built and tested (it must have passed).
+lock:
+	@test "$$(cat $(LATEST)/test-fast.rc 2>/dev/null)" = 0 || { \
+	  echo "make lock: no passing canary venv in $(LATEST): run make test-latest first (the lock is the set it tested)"; exit 2; }
+	$(LATEST)/bin/python .ci/lockfile.py write $(LOCK)
+	$(LATEST)/bin/python .ci/lockfile.py check setup.py $(LOCK)
 
 demo: install
 	$(VENV)/bin/singularity-ds demo $(DEMO_ARGS)
@@ -62,4 +107,4 @@ gpu-wheels: install
 	$(PY) -m singularity_ds.gpu_wheels prepare $(if $(filter 1,$(DALI)),--dali)
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(LATEST) *.egg-info

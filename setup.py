@@ -5,14 +5,15 @@ setup(
     version="0.1.0",
     description="Singularity (single-frame training, multi-frame inference) for video-language models on DeepSpeed",
     python_requires=">=3.10",
-    # the top-level `kernels/` and `ds_configs/` (design layout) are links to these package folders
+    # the top-level `kernels/` and `ds_configs/` (design layout) hold links to these package folders' files
+    # and are not packages themselves (tests/test_install.py: nothing at the root shadows an installed module)
     packages=find_packages(include=["singularity_ds", "singularity_ds.*"]),
     package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*",
                                      "search/page.html"],
                   "singularity_ds.ds_configs": ["*.json"]},
     install_requires=[
-        "torch==2.14.1",
-        "torchvision==0.29.1",
+        "torch>=2.14",
+        "torchvision>=0.29",
         "deepspeed>=0.19",
         "transformers>=4.46",
         "timm>=1.0",

@@ -12,6 +12,7 @@ checkpoints stay in the run folder.
 import itertools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from .config import load_config
 from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
 from .dist import free_port
-from .errors import ConfigError
+from .errors import ConfigError, SingularityError
 from .eval.metrics import save_results
 from .eval.retrieval import evaluate
 from .models import load_model
@@ -52,9 +53,35 @@ def launch(name, args, run_dir, ranks=2):
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
                               env=dict(os.environ, PYTHONUNBUFFERED="1"))
     if proc.returncode:
-        raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); see {out}.log")
+        raise SingularityError(f"demo stage {name} failed (exit {proc.returncode}): "
+                               f"{last_error_line(out + '.log')} (whole log: {out}.log)")
     print(f"  {name:<14s} {time.time() - start:6.0f} s   -> {out}", flush=True)
     return out
+
+
+# a rank's one-line error, and the last line of a Python traceback ("ImportError: cannot import name ...")
+ONE_LINE = re.compile(r"singularity-ds: error: .*")
+EXCEPTION = re.compile(r"(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|Interrupt|Exit)\b(?::.*)?")
+# the launcher's own report of a rank's exit status, which names no cause
+LAUNCHER = ("subprocess.CalledProcessError",)
+
+
+def last_error_line(log_path: str) -> str:
+    """The line of a failed stage's log that says why: the last ``singularity-ds: error:`` line a rank
+    printed, else the last exception line of a traceback (not the launcher's exit report), else the log's
+    last line. Rank prefixes (``[rank0]:``) are dropped."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in f]
+    except OSError as e:
+        return f"its log cannot be read ({e.strerror})"
+    lines = [line for line in lines if line]
+    for pattern in (ONE_LINE, EXCEPTION):
+        for line in reversed(lines):
+            m = pattern.search(line) if pattern is ONE_LINE else pattern.fullmatch(line)
+            if m and not line.startswith(LAUNCHER):
+                return m.group(0)
+    return lines[-1] if lines else "its log is empty"
 
 
 def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):

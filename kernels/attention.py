@@ -1,0 +1,1 @@
+../singularity_ds/kernels/attention.py
