@@ -47,7 +47,6 @@ ifeq ($(LOCKED),1)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --build-constraint $(LOCK) -e .
 	@extra="$$($(PY) .ci/lockfile.py extra $(LOCK))"; if [ -n "$$extra" ]; then \
 	  echo "removing packages the lock does not have: $$extra"; $(PY) -m pip uninstall -q -y $$extra; fi
-	$(PY) -m pip check
 	$(PY) .ci/lockfile.py verify $(LOCK)
 else
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

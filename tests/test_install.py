@@ -140,3 +140,16 @@ def test_design_folders_at_the_root_are_not_packages(name):
     assert folder.is_dir() and not folder.is_symlink()
     assert not (folder / "__init__.py").exists()
     assert sorted(p.name for p in folder.iterdir() if p.is_symlink())
+
+
+def test_pip_check_names_a_broken_requirement(tmp_path, monkeypatch):
+    """`make install`'s venv check: a package whose requirement is not installed is named (here a fake
+    distribution put on the path); decord's false platform line is not."""
+    dist = tmp_path / "fake_pkg-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-pkg\nVersion: 1.0\n"
+                                   "Requires-Dist: no-such-package>=1\n")
+    (dist / "RECORD").write_text("")
+    assert lockfile.pip_check() == []
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert lockfile.pip_check() == ["fake-pkg 1.0 requires no-such-package, which is not installed."]
