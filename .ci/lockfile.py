@@ -125,15 +125,21 @@ def check(setup, lock) -> list:
     return errors
 
 
-def installed() -> dict:
-    """-> {normalized name: version} of this interpreter's environment, less the project itself."""
+def _dists() -> dict:
+    """-> {normalized name: (name as the package spells it, version)} of this interpreter's environment,
+    less the project itself."""
     from importlib.metadata import distributions
     out = {}
     for dist in distributions():
         name = dist.metadata["Name"]
         if name and normalize(name) != OWN:
-            out[normalize(name)] = dist.version
+            out[normalize(name)] = (name, dist.version)
     return out
+
+
+def installed() -> dict:
+    """-> {normalized name: version} of this environment, less the project itself."""
+    return {k: version for k, (_, version) in _dists().items()}
 
 
 def pip_check() -> list:
@@ -157,13 +163,7 @@ def differences(locked: dict, have: dict) -> list:
 
 def freeze() -> str:
     """This environment as lock lines, with the names as the packages spell them."""
-    from importlib.metadata import distributions
-    rows = {}
-    for dist in distributions():
-        name = dist.metadata["Name"]
-        if name and normalize(name) != OWN:
-            rows[normalize(name)] = f"{name}=={dist.version}"
-    return "".join(rows[k] + "\n" for k in sorted(rows))
+    return "".join(f"{name}=={version}\n" for _, (name, version) in sorted(_dists().items()))
 
 
 def main(argv) -> int:

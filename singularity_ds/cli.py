@@ -29,15 +29,19 @@ def model_summary(model) -> str:
            else f"{len(model.temporal_vision_encoder.layer)} layers"),
         f"MLM head: {'yes' if model.has_mlm_head else 'no'}",
     ]
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None:  # the QA model (its answer decoder)
+        head.append(f"answer decoder: {len(decoder.bert.encoder.layer)} layers")
     return "\n".join(head + rows + [f"  {'total':<26s} {total:>12,d}"])
 
 
 def cmd_summary(args) -> int:
-    from .models import Singularity, load_model
+    from .models import Singularity, SingularityQA, is_qa_config, load_model
     if args.checkpoint:
         model = load_model(args.checkpoint)
     else:
-        model = Singularity(load_config(args.configs, args.overrides))
+        config = load_config(args.configs, args.overrides)
+        model = (SingularityQA if is_qa_config(config) else Singularity)(config)
     print(model_summary(model))
     return 0
 
@@ -88,6 +92,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
+    if args.original:
+        from .original_export import export_original
+        print(export_original(args.checkpoint, args.original))
+        return 0
     from .hf_export import export_hf
     print(export_hf(args.checkpoint, args.hf))
     return 0
@@ -210,9 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)
     x = sub.add_parser("export", help="CHECKPOINT --hf OUT: a folder to publish (load_model, transformers "
-                                      "towers, model card)")
+                                      "towers, model card); CHECKPOINT --original OUT.pth: the original "
+                                      "code's checkpoint layout")
     x.add_argument("checkpoint", help="a run folder, an export folder or an original .pth")
-    x.add_argument("--hf", required=True, metavar="OUT", help="the folder to write (new or empty)")
+    to = x.add_mutually_exclusive_group(required=True)
+    to.add_argument("--hf", metavar="OUT", help="the folder to write (new or empty)")
+    to.add_argument("--original", metavar="OUT.pth",
+                    help="a .pth the original Singularity code evaluates (its key layout for the task)")
     x.set_defaults(func=cmd_export)
     em = sub.add_parser("embed", help="embed videos/images into a search index: CHECKPOINT SOURCE "
                                       "OUT_DIR [--frames 4] [--batch N] [--dtype fp16|fp32] [--tokens] "

@@ -66,21 +66,22 @@ def main(argv) -> int:
 
 
 def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
-    head = (f"{'corpus':<22} {'type':<6} {'entries':>9} {'sampled':>8} {'missing':>8} {'broken':>7}  "
+    """-> the number of problems: media missing or broken in the sample, plus one for no training step."""
+    width = max([22] + [len(r.name) for r in reports])  # a long set name widens the column
+    head = (f"{'corpus':<{width}} {'type':<6} {'entries':>9} {'sampled':>8} {'missing':>8} {'broken':>7}  "
             f"annotation file")
     print(head)
     print("-" * len(head))
-    problems = 0
+    media = 0
     for r in reports:
-        print(f"{r.name:<22} {r.media_type:<6} {r.entries:>9,d} {r.sampled:>8,d} {len(r.missing):>8,d} "
+        print(f"{r.name:<{width}} {r.media_type:<6} {r.entries:>9,d} {r.sampled:>8,d} {len(r.missing):>8,d} "
               f"{len(r.broken):>7,d}  {r.anno}{'  (' + r.note + ')' if r.note else ''}")
-        problems += len(r.missing) + len(r.broken)
+        media += len(r.missing) + len(r.broken)
     print(f"checkpoint: {checkpoint}")
     print(f"steps per epoch: {steps:,d} optimizer steps with {world} rank(s)")
     if steps == 0:
         print("no training step: every media type has fewer entries per rank than its batch size "
               "(batch_size)")
-        problems += 1
     for r in reports:
         for path in r.missing[:5]:
             print(f"missing  {r.name}: {path}")
@@ -89,7 +90,7 @@ def _print_table(reports, checkpoint: str, steps: int, world: int) -> int:
         extra = len(r.missing) + len(r.broken) - min(5, len(r.missing)) - min(5, len(r.broken))
         if extra > 0:
             print(f"... and {extra} more in {r.name}")
-    if problems:
-        print(f"{problems} media of the sample are missing or broken: training replaces them "
+    if media:
+        print(f"{media} media of the sample are missing or broken: training replaces them "
               f"(media_retries); evaluation needs skip_broken_media_eval=True")
-    return problems
+    return media + (steps == 0)

@@ -6,6 +6,15 @@ DataLoader worker or another process arrives whole.
 """
 
 
+def describe(e: BaseException) -> str:
+    """An exception in a few words, for the middle of a one-line error: ``strerror: file`` for OS errors,
+    else its type and the first line of its message."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
 class SingularityError(Exception):
     """Base class: a failure the user can fix, described in one line."""
 

@@ -5,7 +5,8 @@ CHECKPOINT is a run folder (its ``export/``), an export folder, or an original `
 - ``model.safetensors`` + ``config.json``: the whole model, loadable with ``load_model(OUT)`` (the export
   format: :func:`.models.weights.export`, architectures inlined);
 - ``vision_encoder/``: the vision tower as a transformers BEiT / ViT folder (``BeitModel.from_pretrained``
-  gives the tower's tokens and pooled output);
+  gives the tower's tokens and pooled output); for BEiT also ``vision_layernorm.safetensors``, the
+  LayerNorm the model applies to those tokens (the card says how);
 - ``text_encoder/``: the text-only BERT layers ``[0, fusion_layer)`` as a transformers ``BertModel`` folder
   with the tokenizer the model was trained with (the fusion layers need cross-attention inside an
   encoder, which transformers' BERT does not offer: they stay in the whole-model folder only);
@@ -21,9 +22,10 @@ from .errors import CheckpointError
 from .fileio import atomic_write, write_json
 
 METRIC_FILES = ("eval_final.json", "eval.json")  # train_ret's last evaluation; `eval`'s output
+VISION_LAYERNORM = "vision_layernorm.safetensors"
 
 
-def _source(checkpoint: str):
+def checkpoint_source(checkpoint: str):
     """-> (what load_model reads, the run folder whose metrics / config describe it, or None)."""
     if os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, "export", "config.json")):
         return os.path.join(checkpoint, "export"), checkpoint  # a run folder
@@ -75,6 +77,10 @@ def export_towers(model, out: str) -> dict:
     cfg = model.config
     towers = dict(vision_encoder=save("vision_encoder.", lambda k: True, vision_config(cfg),
                                       os.path.join(out, "vision_encoder")))
+    if model.vision_layernorm is not None:  # BEiT: the LayerNorm the model puts on the tower's tokens
+        norm = {k: v.detach().float().contiguous().cpu()
+                for k, v in model.vision_layernorm.state_dict().items()}
+        save_file(norm, os.path.join(towers["vision_encoder"], VISION_LAYERNORM), metadata={"format": "pt"})
     bert = bert_config(cfg)
     if bert.fusion_layer > 0:
         text = bert.to_dict()
@@ -152,6 +158,12 @@ def model_card(cfg, source: str, digest: str, metrics, towers: dict) -> str:
                   "# the text-only layers",
                   "tok = AutoTokenizer.from_pretrained(\"PATH/text_encoder\")"]
     lines += ["```", ""]
+    if cfg.vit_type == "beit":
+        lines += ["The vision tower's `last_hidden_state` is its last layer *before* the LayerNorm the model "
+                  "puts on the frame tokens (`vision_layernorm`, eps 1e-12, weights in "
+                  f"`vision_encoder/{VISION_LAYERNORM}`): the tokens the fusion layers and ITM read are "
+                  "`torch.nn.functional.layer_norm(last_hidden_state, (width,), weight, bias, 1e-12)`. "
+                  "`pooler_output` is the vector the ITC projection reads, as it is.", ""]
     if "text_encoder" in towers:
         lines += ["The model was trained on `[CLS] text` without the trailing `[SEP]` transformers' BERT "
                   "tokenizer adds: drop it, or tokenise with `singularity_ds.data.build_tokenizer"
@@ -170,7 +182,7 @@ def export_hf(checkpoint: str, out: str) -> str:
     from .models import load_model
     from .models.weights import export
 
-    source, run_dir = _source(checkpoint)
+    source, run_dir = checkpoint_source(checkpoint)
     if os.path.isdir(out) and os.listdir(out):
         raise CheckpointError(f"{out}: exists and is not empty; export into a new folder")
     model = load_model(source)

@@ -22,6 +22,26 @@ def test_summary_and_clear_config_errors(capsys):
                            "did you mean 'video_input.num_frames'?")
 
 
+def test_summary_of_a_qa_config_is_the_qa_model(capsys, monkeypatch):
+    from singularity_ds.models import SingularityQA
+    monkeypatch.delenv("SL_DATA_DIR", raising=False)  # the QA config's paths stay unresolved
+    assert main(["summary", "qa_msrvtt", "tiny"]) == 0
+    out = capsys.readouterr().out
+    model = SingularityQA(tiny_config_of("qa_msrvtt"))
+    assert f"answer decoder: {len(model.text_decoder.bert.encoder.layer)} layers" in out
+    rows = {line.split()[0]: int(line.split()[1].replace(",", "")) for line in out.splitlines()
+            if line.startswith("  ")}
+    assert rows["text_decoder"] == sum(p.numel() for p in model.text_decoder.parameters())
+    assert rows["total"] == sum(p.numel() for p in model.parameters())
+    assert main(["summary", "ret_msrvtt", "tiny"]) == 0
+    assert "answer decoder" not in capsys.readouterr().out
+
+
+def tiny_config_of(task_config):
+    from singularity_ds.config import load_config
+    return load_config([task_config, "tiny"], [])
+
+
 def test_make_synthetic_command(tmp_path, capsys):
     out = tmp_path / "syn"
     assert main(["make-synthetic", str(out), "--num-clips", "24", "--size", "32", "--frames", "6",

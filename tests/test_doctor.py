@@ -59,6 +59,27 @@ def test_doctor_is_clean_on_the_intact_corpus(corpus, capsys):
     assert not [line for line in out.splitlines() if line.startswith(("missing", "broken", "..."))]
 
 
+def test_doctor_fewer_entries_than_a_batch_is_no_step_not_broken_media(corpus, tmp_path, capsys):
+    """Exit 1 for the step count alone, without a line about missing or broken media it did not find; a long
+    set name widens the first column instead of breaking it."""
+    long_name = "a_rather_long_test_set_name_for_the_column"
+    overlay = tmp_path / "long.yaml"
+    overlay.write_text(f"test_file:\n  {long_name}: [{corpus / 'anno' / 'ret_test_motion.json'}, "
+                       f"{corpus / 'videos'}, video]\ntest_types: [{long_name}]\n")
+    args = ["doctor", "train_ret", "tiny", str(corpus / "configs" / "ret.yaml"), str(overlay), "image_res=32",
+            "batch_size.video=100000", "--media-fraction", "1"]
+    assert main(args) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert "no training step: every media type has fewer entries per rank than its batch size " \
+           "(batch_size)" in lines
+    assert not [line for line in lines if "missing or broken" in line]
+    head = next(line for line in lines if line.startswith("corpus "))
+    row = next(line for line in lines if line.startswith(f"test_file.{long_name} "))
+    assert row.index(" video ") == head.index(" type ")  # the columns line up
+    assert row.split()[1:6] == ["video", str(len(json.load(open(corpus / "anno" / "ret_test_motion.json")))),
+                                row.split()[3], "0", "0"]
+
+
 def test_doctor_stops_with_one_line_on_a_bad_run(corpus, tmp_path, capsys):
     base = ["doctor", "pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml")]
     cases = [(base + ["video_input.num_frame=2"], "did you mean 'video_input.num_frames'"),
@@ -88,3 +109,28 @@ def test_training_refuses_a_wrong_media_folder_before_writing_anything(corpus, t
     err = capsys.readouterr().err.strip()
     assert "none of its first" in err and str(tmp_path / "empty") in err and not out.exists()
     assert os.listdir(tmp_path / "empty") == []
+
+
+@pytest.mark.parametrize("where", ["train_file", "test_file"])
+def test_a_bad_entry_deep_in_a_file_stops_training_before_writing_anything(corpus, tmp_path, capsys, where):
+    """An entry past the first ones (which the preflight reads) with a bad caption: one line, exit 2, and
+    no run folder, as for every annotation error (README "Failure behaviour": before any work)."""
+    name = "pretrain_video.json" if where == "train_file" else "ret_test_motion.json"
+    entries = json.load(open(corpus / "anno" / name))
+    entries[-1]["caption"] = [1] if where == "train_file" else 7
+    anno = tmp_path / name
+    anno.write_text(json.dumps(entries))
+    overlay = tmp_path / "o.yaml"
+    if where == "train_file":
+        overlay.write_text(f"train_file: [[{anno}, {corpus / 'videos'}, video]]\n")
+        args = ["train", "pretrain", "tiny", str(corpus / "configs" / "pretrain.yaml"), str(overlay)]
+    else:
+        overlay.write_text(f"test_file:\n  motion: [{anno}, {corpus / 'videos'}, video]\n"
+                           "test_types: [motion]\n")
+        args = ["train", "train_ret", "tiny", str(corpus / "configs" / "ret.yaml"), str(overlay)]
+    out = tmp_path / "run"
+    assert main(args + ["image_res=32", "batch_size.video=4", "num_workers=0", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"singularity-ds: error: {anno}: entry {len(entries) - 1}: "), err
+    assert not out.exists()

@@ -242,6 +242,22 @@ def test_url_lists_in_every_format_and_column_errors(tmp_path):
     (tmp_path / "l.txt").write_text("x")
     with pytest.raises(AnnotationError, match=r"l.txt: unknown URL list format '.txt'"):
         read_url_list(str(tmp_path / "l.txt"))
+    # an empty list (a header only) is refused before anything is written
+    (tmp_path / "empty.csv").write_text("url,caption\n")
+    with pytest.raises(AnnotationError, match=r"empty.csv: no URL rows \(an empty list, or a header only\); "
+                                              r"nothing to download"):
+        download(str(tmp_path / "empty.csv"), str(tmp_path / "never"), progress=False)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_row_that_is_no_url_is_bad_url():
+    from singularity_ds.data.download.fetch import Failure, check_scheme
+    for text, status in (("not a url", "bad_url"), ("www.example.com/a.mp4", "bad_url"),
+                         ("ftp://h/a.mp4", "bad_scheme"), ("http:///a.mp4", "bad_url")):
+        with pytest.raises(Failure) as e:
+            check_scheme(text, allow_file=False)
+        assert e.value.status == status, (text, e.value.status)
+    check_scheme("https://h/a.mp4", allow_file=False)  # a URL passes
 
 
 def test_a_decoder_that_dies_or_hangs_fails_only_its_url(corpus, tmp_path):

@@ -134,6 +134,15 @@ def test_export_round_trips_and_tensorboard(corpus, tmp_path):
     own = model.state_dict()
     for k, v in consolidated.items():
         assert torch.equal(own[k], v.float()), k
+    # DeepSpeed's recovery script beside the checkpoints, run there as DeepSpeed documents it
+    subprocess.run([sys.executable, "zero_to_fp32.py", ".", str(tmp_path / "fp32")], check=True,
+                   cwd=out / "checkpoints", capture_output=True)
+    from safetensors.torch import load_file
+    files = sorted((tmp_path / "fp32").glob("*.safetensors")) or sorted((tmp_path / "fp32").glob("*.bin"))
+    script = {k: v for f in files for k, v in (load_file(f) if f.suffix == ".safetensors"
+                                               else torch.load(f, weights_only=True)).items()}
+    assert script.keys() == consolidated.keys()
+    assert all(torch.equal(script[k].float(), own[k]) for k in script)
     assert model.config.ds_config == "zero3"
     assert (out / "config.yaml").is_file() and (out / "ds_config.json").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

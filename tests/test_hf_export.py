@@ -2,6 +2,7 @@
 load with transformers, and the model card carries the run's metrics."""
 import json
 
+import pytest
 import torch
 from transformers import AutoTokenizer, BeitModel, BertModel
 
@@ -24,7 +25,7 @@ def outputs(model, video, ids, mask):
 def test_export_hf_round_trips_from_a_run_folder(tmp_path, capsys):
     torch.manual_seed(0)
     run = tmp_path / "run"
-    model = Singularity(tiny_config(image_res=32, task="train_ret")).eval()
+    model = Singularity(tiny_config(image_res=32, task="train_ret", **{"loss_weight.mlm": 0})).eval()
     with torch.no_grad():  # away from the init, so that a wrongly loaded tensor shows
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
@@ -51,6 +52,16 @@ def test_export_hf_round_trips_from_a_run_folder(tmp_path, capsys):
         ref = beit(pixel_values=frames)
     assert torch.allclose(ours_tokens, ref.last_hidden_state, atol=1e-5)
     assert torch.allclose(ours_pooled, ref.pooler_output, atol=1e-5)
+    # the tokens the model uses: the card's layer_norm over last_hidden_state, weights from the folder
+    from safetensors.torch import load_file
+    ln = load_file(out / "vision_encoder" / "vision_layernorm.safetensors")
+    with torch.no_grad():
+        used = model.encode_frames(video)[0][:, 0]
+    normed = torch.nn.functional.layer_norm(ref.last_hidden_state, (ln["weight"].shape[0],), ln["weight"],
+                                            ln["bias"], 1e-12)
+    assert torch.allclose(used, normed, atol=1e-5)
+    assert "torch.nn.functional.layer_norm(last_hidden_state, (width,), weight, bias, 1e-12)" in (
+        out / "README.md").read_text()
     bert = BertModel.from_pretrained(out / "text_encoder", add_pooling_layer=False).eval()
     assert bert.config.num_hidden_layers == model.text_encoder.config.fusion_layer == 2
     hf_ids = AutoTokenizer.from_pretrained(out / "text_encoder")(["a blue circle"]).input_ids[0]
@@ -89,3 +100,48 @@ def test_export_hf_of_an_original_checkpoint(tiny_ref, tmp_path):
     assert "No evaluation results were found" in card
     # the fixture's text_encoder names bert-base-uncased (30522 ids) but its embeddings hold 512: no tokenizer
     assert sorted(p.name for p in (out / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def reference_state(path):
+    from singularity_ds.models.weights import safe_load
+    return safe_load(str(path / "checkpoint.pth"))["model"]
+
+
+@pytest.mark.parametrize("fixture", ["singularity_tiny", "singularity_tiny_qa"])
+def test_export_original_is_the_original_codes_own_layout(fixture, tmp_path, capsys):
+    """The references were saved by the original code (A: its pretraining model, B: its QA model): our
+    `export --original` of the model loaded from each gives back exactly its keys, shapes and values
+    (the buffers and the tied MLM output layer included), so the original's load_state_dict finds what
+    it saved."""
+    from conftest import reference
+    ref = reference(fixture)
+    out = tmp_path / "model.pth"
+    assert main(["export", str(ref / "checkpoint.pth"), "--original", str(out)]) == 0
+    ours, theirs = torch.load(out, weights_only=True)["model"], reference_state(ref)
+    assert sorted(ours) == sorted(theirs)
+    for k, v in theirs.items():
+        assert ours[k].shape == v.shape and torch.equal(ours[k].to(v.dtype), v), k
+    assert main(["export", str(ref / "checkpoint.pth"), "--original", str(out)]) == 2  # never overwritten
+    assert f"{out}: exists" in capsys.readouterr().err
+
+
+def test_export_original_of_a_retrieval_model_uses_the_bertmodel_layout(tmp_path):
+    """A retrieval model (no MLM head): `text_encoder.*` as the original's model_retrieval (a BertModel),
+    no `text_encoder.bert.*` (which the original's evaluate path would leave unloaded, silently) and no MLM
+    head; loaded back here, the same outputs."""
+    torch.manual_seed(0)
+    model = Singularity(tiny_config(image_res=32, task="train_ret", **{"loss_weight.mlm": 0})).eval()
+    assert not model.has_mlm_head
+    export(model, str(tmp_path / "export"))
+    out = tmp_path / "ret.pth"
+    assert main(["export", str(tmp_path / "export"), "--original", str(out)]) == 0
+    keys = set(torch.load(out, weights_only=True)["model"])
+    own = {("text_encoder." + k[len("text_encoder.bert."):] if k.startswith("text_encoder.bert.") else k)
+           for k in list(model.state_dict()) + [n for n, _ in model.named_buffers()]}
+    assert keys == own and not [k for k in keys if k.startswith(("text_encoder.bert.", "text_encoder.cls."))]
+    assert "text_encoder.embeddings.position_ids" in keys
+    tok = build_tokenizer()
+    ids, mask = tokenize(tok, ["a red square moves from left to right"], 16)
+    video = torch.randn(1, 1, 3, 32, 32)
+    for a, b in zip(outputs(model, video, ids, mask), outputs(load_model(str(out)), video, ids, mask)):
+        assert torch.equal(a, b)

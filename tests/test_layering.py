@@ -17,7 +17,7 @@ LAYERS = [
     {"tasks"},
     {"search"},
     {"engine"},
-    {"demo", "doctor", "hf_export", "gpu_check", "gpu_wheels"},
+    {"demo", "doctor", "hf_export", "original_export", "gpu_check", "gpu_wheels"},
     {"cli", "__main__"},
 ]
 

@@ -125,6 +125,11 @@ def test_search_bad_input_is_one_line(corpus, built, tmp_path, capsys):
     assert main(["search", str(plain), "a dog", "--rerank", "5"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "without --tokens" in err
+    for empty in ("", "   "):  # refused, as the page's API refuses an empty q
+        assert main(["search", str(plain), empty]) == 2
+        assert capsys.readouterr().err == ('singularity-ds: error: search: the query text is empty; give '
+                                           'words to search for, e.g. singularity-ds search INDEX "a dog '
+                                           'catches a frisbee"\n')
     assert main(["embed", built["ckpt"], str(tmp_path / "nothing"), str(tmp_path / "o")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from conftest import tiny_config
 from singularity_ds.cli import main
 from singularity_ds.data import build_tokenizer, caption_train_loader
+from singularity_ds.data.builders import caption_train_datasets
 from singularity_ds.data.shards import ShardStream, make_shards, read_shard, shard_list
 from singularity_ds.errors import AnnotationError
 
@@ -63,6 +64,9 @@ def test_make_shards_round_trips_every_field(corpus, tmp_path):
     for i, (entry, sample) in enumerate(zip(entries, samples)):
         assert json.loads(sample["json"]) == entry and sample["__key__"] == f"{i:09d}"  # keyed by position
         assert sample["mp4"] == (corpus / "videos" / entry["video"]).read_bytes()
+        # KEY.txt, the caption as img2dataset / OpenCLIP pipelines read it (several: one a line)
+        caption = entry["caption"]
+        assert sample["txt"].decode() == ("\n".join(caption) if isinstance(caption, list) else caption)
     # the same shards found by a glob (counted from the tar headers)
     assert sum(n for _, n in shard_list(str(tmp_path / "sh" / "shard-*.tar"))) == len(entries)
     # an existing corpus is not overwritten without --overwrite
@@ -160,6 +164,35 @@ def test_broken_sample_is_skipped_counted_and_its_slot_filled(corpus, tmp_path):
     failures = [f for b in batches for f in b["failures"]]
     assert len(failures) == 1 and failures[0][0].endswith("shard-000000.tar#000000003")
     assert len(batches) == len(loader) and all(b["media"].shape == (4, 1, 3, 32, 32) for b in batches)
+
+
+def test_shards_with_only_a_txt_caption_train(corpus, tmp_path):
+    """Shards as img2dataset / video2dataset write them without a caption in KEY.json (KEY.mp4 + KEY.txt,
+    in a folder of tars read through a glob): the caption comes from KEY.txt, the media from the one
+    member that is neither text nor metadata."""
+    entries = json.load(open(corpus / "anno" / "pretrain_video.json"))[:8]
+    (tmp_path / "sh").mkdir()
+    with tarfile.open(tmp_path / "sh" / "00000.tar", "w") as tar:
+        for i, entry in enumerate(entries):
+            caption = entry["caption"] if isinstance(entry["caption"], str) else entry["caption"][0]
+            media = (corpus / "videos" / entry["video"]).read_bytes()
+            for ext, data in (("txt", caption.encode()), ("mp4", media),
+                              ("json", json.dumps({"key": f"{i:05d}", "status": "success"}).encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, fileobj=__import__("io").BytesIO(data))
+    cfg = tiny_config(image_res=32, num_workers=0, **{"batch_size.video": 4},
+                      train_file=f"[[{tmp_path / 'sh' / '*.tar'},null,video]]")
+    stream = caption_train_datasets(cfg)["video"]
+    stream.set_epoch(0)
+    assert isinstance(stream, ShardStream) and len(stream) == 8
+    assert sorted(it["caption"] for it in stream) == sorted(
+        e["caption"] if isinstance(e["caption"], str) else e["caption"][0] for e in entries)
+    loader = caption_train_loader(cfg, build_tokenizer(), 0, 1)
+    loader.set_epoch(0)
+    batches = [b for _, b in loader]
+    assert len(batches) == 2 and all(b["media"].shape == (4, 1, 3, 32, 32) for b in batches)
+    assert not [f for b in batches for f in b["failures"]]
 
 
 def test_pipe_urls_stream_through_a_command(tmp_path):

@@ -32,8 +32,16 @@ from ..errors import AnnotationError, ConfigError
 from .annotations import corpus_specs, load_corpus, media_field
 from .checks import check_media, media_pool, worker_source
 from .media import MediaSource
-from .readers import MemoryFile, PyAVReader
-from .shards import INDEX, is_shard_source, read_shard, shard_list
+from .readers import MemoryFile, probe_frames
+from .shards import (
+    INDEX,
+    is_shard_source,
+    media_member,
+    read_shard,
+    sample_caption,
+    shard_list,
+    shard_media_type,
+)
 from .text import pre_text
 
 EXAMPLES = 20  # missing / broken files named in the summary
@@ -60,10 +68,7 @@ def _inspect(path, source=None) -> dict:
     if status == "ok":
         info["height"], info["width"] = (int(v) for v in pixels.shape[-2:])  # decoded, untransformed
         if source.media_type == "video":
-            try:
-                frames, fps = source.reader.probe(path)
-            except Exception:  # read through the PyAV fallback (decord cannot open it)
-                frames, fps = PyAVReader().probe(path)
+            frames, fps = probe_frames(path, source.reader)  # decord, else PyAV (as it was read)
             info.update(frames=int(frames), fps=float(fps), duration=frames / fps if fps else None)
     return info
 
@@ -189,7 +194,7 @@ def _scan_shards(spec, tally, workers, source, progress):
     path, _, media_type = spec
     shards = shard_list(path, media_type)
     index = os.path.join(path, INDEX) if os.path.isdir(path) else path
-    if index.endswith(".json"):
+    if index.endswith(".json") and os.path.isfile(index):  # a folder of tars has none
         with open(index) as f:
             tally.missing_entries([s["file"] for s in json.load(f).get("skipped", [])])
     bar = tqdm(total=sum(n for _, n in shards), disable=not progress, unit="sample", dynamic_ncols=True,
@@ -204,11 +209,15 @@ def _scan_shards(spec, tally, workers, source, progress):
                 error = f"{url}: read error after {len(samples)} samples ({type(e).__name__}: {e})"
             metas, files = [], []
             for sample in samples:
-                ext = next((k for k in sample if k != "json" and not k.startswith("__")), None)
+                ext = media_member(sample)
                 meta = json.loads(sample.get("json", b"{}"))
                 field = media_field(meta, media_type)
                 name = str(meta[field]) if field else sample["__key__"]
-                metas.append((name, meta.get("caption", "")))
+                try:
+                    caption = sample_caption(meta, sample)
+                except KeyError:
+                    caption = ""
+                metas.append((name, caption))
                 files.append(MemoryFile(f"{name} (shard sample {url}#{sample['__key__']})",
                                         sample[ext] if ext else b""))
             for (name, caption), info in zip(metas, imap(files)):
@@ -312,10 +321,15 @@ def resolve_source(source: str, media_dir=None, media_type=None, configs=(), ove
         if media_type is None and index.endswith(".json") and os.path.isfile(index):
             with open(index) as f:
                 media_type = json.load(f).get("media_type")
+        elif media_type is None:  # tars without an index (img2dataset / video2dataset): by their members
+            media_type = shard_media_type(source)
         return [(source, "", media_type or "video")], config
     if os.path.isfile(source):
         if not media_dir:
             raise AnnotationError(f"{source}: an annotation file needs --media-dir (the folder its media "
+                                  f"paths are relative to)")
+        if not os.path.isdir(media_dir):
+            raise AnnotationError(f"--media-dir {media_dir}: no such folder (the folder {source}'s media "
                                   f"paths are relative to)")
         return [(source, media_dir, media_type or "video")], config
     if source not in config.available_corpus:

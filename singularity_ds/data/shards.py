@@ -40,7 +40,7 @@ import re
 import torch
 from torch.utils.data import IterableDataset
 
-from ..errors import AnnotationError, MediaError
+from ..errors import AnnotationError, MediaError, describe
 from .annotations import load_corpus, media_field
 from .captions import caption_and_idx
 from .loader import epoch_seed, item_seed
@@ -65,10 +65,60 @@ def parse_size(text) -> int:
 
 
 def is_shard_source(path) -> bool:
-    """A corpus given as a shard index (file, or folder holding one) or a pattern of .tar files."""
+    """A corpus given as a shard index (file, or folder holding one), a pattern of .tar files, or a folder
+    of .tar files without an index (what img2dataset and video2dataset write)."""
     path = str(path)
     return (path.endswith(INDEX) or re.search(r"\.tar($|[*?\[{}])", path) is not None
-            or path.startswith("pipe:") or os.path.isfile(os.path.join(path, INDEX)))
+            or path.startswith("pipe:") or os.path.isfile(os.path.join(path, INDEX))
+            or tar_folder(path) is not None)
+
+
+def tar_folder(path: str):
+    """A folder without ``index.json`` that holds .tar files -> the glob of them; else None."""
+    if (os.path.isdir(path) and not os.path.isfile(os.path.join(path, INDEX))
+            and glob.glob(os.path.join(glob.escape(path), "*.tar"))):
+        return os.path.join(glob.escape(path), "*.tar")
+    return None
+
+
+# members of a sample that describe it rather than hold its media: ours (KEY.json, KEY.txt) and the field's
+# (img2dataset / video2dataset: KEY.txt caption, KEY.json metadata; webdataset's KEY.cls label)
+TEXT_MEMBERS = ("json", "txt", "cls")
+
+
+def media_member(exts):
+    """The extension of a sample's media among ``exts`` (a sample's keys, in tar order): the first that is
+    neither text nor metadata (nor webdataset's ``__key__`` / ``__url__``); None when it has none."""
+    return next((e for e in exts if not e.startswith("__") and e not in TEXT_MEMBERS), None)
+
+
+def shard_media_type(source: str) -> str:
+    """The media type of a corpus of tars without an index that declares it (img2dataset's, video2dataset's):
+    its first sample's media member's (an image ending: image, else video)."""
+    import tarfile
+
+    from .readers import IMAGE_EXTENSIONS
+    url = shard_list(source)[0][0]
+    try:
+        with tarfile.open(url) as tar:
+            for m in tar:
+                ext = os.path.basename(m.name).partition(".")[2].lower()
+                if m.isreg() and media_member([ext]):
+                    return "image" if "." + ext in IMAGE_EXTENSIONS else "video"
+    except (tarfile.TarError, OSError) as e:
+        raise AnnotationError(f"{url}: not a readable tar ({describe(e)}); write it again (make-shards, or "
+                              f"the tool that made it) or leave it out of the pattern") from None
+    return "video"
+
+
+def sample_caption(meta: dict, sample: dict):
+    """A sample's caption: KEY.json's ``caption`` (a string or list, as in an annotation file), else the
+    KEY.txt the field's tools write."""
+    if meta.get("caption") is not None:  # the field's tools write "caption": null when no column had one
+        return meta["caption"]
+    if "txt" in sample:
+        return sample["txt"].decode("utf-8", errors="replace")
+    raise KeyError("caption (no 'caption' in its .json and no .txt)")
 
 
 def make_shards(anno: str, media_dir: str, out_dir: str, shard_size="1GB", media_type: str = "video",
@@ -116,13 +166,19 @@ class ShardWriter:
         self.shards, self.writer, self.current = [], None, None
 
     def write(self, key: str, ext: str, data: bytes, meta: dict) -> None:
-        """One sample: the media bytes as ``key.ext`` and ``meta`` as ``key.json``."""
+        """One sample: the media bytes as ``key.ext``, ``meta`` as ``key.json`` and its caption as
+        ``key.txt`` (what img2dataset / OpenCLIP pipelines read; several captions one a line)."""
         import webdataset as wds
         if self.writer is None:
             url = self.name(len(self.shards))
             self.current = dict(url=url, tmp=os.path.join(self.out_dir, f".{url}.tmp"), samples=0)
             self.writer = wds.TarWriter(self.current["tmp"])
-        self.writer.write({"__key__": key, ext: data, "json": json.dumps(meta).encode()})
+        sample = {"__key__": key, ext: data, "json": json.dumps(meta).encode()}
+        caption = meta.get("caption")
+        if caption is not None:
+            text = "\n".join(map(str, caption)) if isinstance(caption, list) else str(caption)
+            sample["txt"] = text.encode()
+        self.writer.write(sample)
         self.current["samples"] += 1
         if self.writer.tarstream.fileobj.tell() >= self.limit:
             self._finish()
@@ -190,20 +246,25 @@ def _count_samples(path: str) -> int:
 
     from webdataset.tariterators import base_plus_ext
     count, last = 0, None
-    with tarfile.open(path) as tar:
-        for m in tar:
-            key = base_plus_ext(m.name)[0] if m.isreg() else None
-            if key is not None and key != last:
-                count, last = count + 1, key
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                key = base_plus_ext(m.name)[0] if m.isreg() else None
+                if key is not None and key != last:
+                    count, last = count + 1, key
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise AnnotationError(f"{path}: not a readable tar ({describe(e)}); write it again (make-shards, or "
+                              f"the tool that made it) or leave it out of the pattern") from None
     return count
 
 
 def shard_list(source: str, media_type: str = None):
     """-> [(url, samples)] of a shard corpus: its index (file or folder), or a local glob / brace
-    pattern of .tar files (counted by reading their headers). An index of another media type is refused."""
+    pattern of .tar files or a folder of them (counted by reading their headers). An index of another
+    media type is refused."""
     path = str(source)
     if os.path.isdir(path):
-        path = os.path.join(path, INDEX)
+        path = tar_folder(path) or os.path.join(path, INDEX)
     if path.endswith(".json"):
         try:
             with open(path) as f:
@@ -359,13 +420,16 @@ class ShardStream(IterableDataset):
 
     def _item(self, pos: int, sample: dict) -> dict:
         seed = item_seed(self.seed, self.epoch, pos)
-        meta = json.loads(sample["json"])
-        ext = next(k for k in sample if k != "json" and not k.startswith("__"))
+        meta = json.loads(sample["json"]) if "json" in sample else {}
+        ext = media_member(sample)
+        if ext is None:
+            raise KeyError("media (the sample has only text members)")
         field = media_field(meta, self.media_type)
         name = str(meta[field]) if field else sample["__key__"]  # the annotation's media path, as in the file
         path = f"{name} (shard sample {sample['__key__']})"
         media = self.source(MemoryFile(path, sample[ext]), seed)
-        caption, idx = caption_and_idx(meta["caption"], name, seed, self.multi_vision_gt, self.paragraph)
+        caption, idx = caption_and_idx(sample_caption(meta, sample), name, seed, self.multi_vision_gt,
+                                       self.paragraph)
         return dict(media=media, caption=caption, idx=idx, path=path, failures=[])
 
     def __iter__(self):

@@ -3,7 +3,8 @@ and fp32 export.
 
 Every rank writes its shards into ``checkpoints/.tmp/<tag>``; after every rank reports success, rank 0
 writes the folder's manifest (each file's size and sha256, :mod:`.manifest`), marks it complete,
-renames it to ``checkpoints/<tag>`` and only then rewrites ``checkpoints/latest``. A crash, a full
+renames it to ``checkpoints/<tag>`` and only then rewrites ``checkpoints/latest`` (DeepSpeed's
+``zero_to_fp32.py`` lies beside them, as DeepSpeed's own save leaves it). A crash, a full
 disk or a read-only folder at any point leaves the previous checkpoint and ``latest`` intact: a failed
 save removes its partial folder and stops every rank with one line naming the folder; a partial folder
 left by a killed run is removed when the next run starts. Older tags beyond ``keep_last`` go.
@@ -20,7 +21,7 @@ import re
 import shutil
 
 from ..dist import all_gather, barrier
-from ..errors import CheckpointError
+from ..errors import CheckpointError, describe
 from ..fileio import atomic_write, write_json
 from .manifest import check_manifest, has_manifest, write_manifest
 
@@ -35,14 +36,6 @@ def complete_tags(checkpoint_dir: str) -> list:
     done = [t for t in os.listdir(checkpoint_dir)
             if os.path.isfile(os.path.join(checkpoint_dir, t, COMPLETE))]
     return sorted(done, key=_step_of)
-
-
-def _reason(e: BaseException) -> str:
-    """An exception in a few words: ``strerror: file`` for OS errors, else its first line."""
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _space(path: str, previous: str = None) -> str:
@@ -106,13 +99,13 @@ class Checkpointer:
                 shutil.rmtree(staging, ignore_errors=True)  # leftovers of a crashed save
                 os.makedirs(staging)
             except OSError as e:
-                error = _reason(e)
+                error = describe(e)
         self._agree(error, tag, staging)
         try:
             engine.save_checkpoint(self.tmp, tag=tag, client_state=client_state, save_latest=False)
             error = None
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            error = _reason(e)
+            error = describe(e)
             # DeepSpeed's save ends with a barrier, in which the ranks that wrote their files now wait;
             # meet them there before all ranks compare notes
             barrier()
@@ -121,7 +114,7 @@ class Checkpointer:
             try:
                 self._publish(staging, final, tag, client_state)
             except OSError as e:
-                error = _reason(e)
+                error = describe(e)
         self._agree(error, tag, staging)
         self._saved = (tag, client_state)
 
@@ -132,8 +125,19 @@ class Checkpointer:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         atomic_write(os.path.join(self.dir, "latest"), tag)
+        self._recovery_script()
         self._prune()
         logger.info("checkpoint %s saved", final)
+
+    def _recovery_script(self):
+        """DeepSpeed's ``zero_to_fp32.py`` beside the tags, where DeepSpeed's own save puts it (our save
+        writes into ``.tmp``): ``python zero_to_fp32.py . OUT`` in ``checkpoints/`` consolidates ``latest``
+        without this package."""
+        import deepspeed.utils.zero_to_fp32 as script
+        path = os.path.join(self.dir, "zero_to_fp32.py")
+        if not os.path.isfile(path):
+            shutil.copyfile(script.__file__, path + ".part")
+            os.replace(path + ".part", path)
 
     def _agree(self, error, tag: str, staging: str):
         """Every rank learns whether any rank failed, so all stop with the same line (rather than the
@@ -231,7 +235,7 @@ class Checkpointer:
             with open(path) as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path}: unreadable ({_reason(e)}); resume from another checkpoint"
+            raise CheckpointError(f"{path}: unreadable ({describe(e)}); resume from another checkpoint"
                                   ) from None
 
     def load(self, engine, tag: str) -> dict:
@@ -239,7 +243,7 @@ class Checkpointer:
         try:
             path, client_state = engine.load_checkpoint(self.dir, tag=tag)
         except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
-            raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint ({_reason(e)}); "
+            raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint ({describe(e)}); "
                                   f"resume from another one (resume=<tag>)") from None
         if path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load this checkpoint; resume from another "

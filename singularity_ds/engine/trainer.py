@@ -78,6 +78,11 @@ class Trainer:
         preflight_data(config, task)
         self.info = dist.setup(config.dist_timeout)
         self.rank, self.world, self.device = self.info["rank"], self.info["world"], self.info["device"]
+        # every annotation entry read and checked before anything is written: a bad entry anywhere in a
+        # training or test file stops the run in its one line with no run folder (nor a removed one)
+        task.check_evaluation_data(config)
+        self.tokenizer = task.tokenizer(config)
+        self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
         if self.rank == 0:
             if config.overwrite and not config.resume and os.path.isdir(self.run_dir):
                 shutil.rmtree(self.run_dir)
@@ -92,9 +97,6 @@ class Trainer:
 
     def build(self):
         config, task = self.config, self.task
-        task.check_evaluation_data(config)  # bad data stops the run now, not after an epoch or a model build
-        self.tokenizer = task.tokenizer(config)
-        self.loader = task.train_loader(config, self.tokenizer, self.rank, self.world)
         torch.manual_seed(self.seed)  # identical initial weights on every rank and every run
         model = task.build_model(config)
         self.steps_per_epoch = max(1, len(self.loader) // self.accumulation)

@@ -17,7 +17,7 @@ from .weights import load_into, load_text_tower, load_vision_tower, read_checkpo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "CheckpointError"]
+__all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "is_qa_config", "CheckpointError"]
 
 
 def init_towers(model: Singularity, config) -> None:
@@ -50,6 +50,13 @@ def _with_overrides(stored: dict, overrides: dict) -> dict:
     for key, value in overrides.items():
         OmegaConf.update(cfg, key, value, merge=True)  # dotted keys reach nested values
     return OmegaConf.to_container(cfg)
+
+
+def is_qa_config(config) -> bool:
+    """A config of the QA task: ``task=train_qa``, or it names the answers to rank (``answer_list``; read
+    unresolved, so an unset ``SL_DATA_DIR`` in it does not matter here)."""
+    raw = OmegaConf.to_container(config, resolve=False) if OmegaConf.is_config(config) else dict(config)
+    return raw.get("task") == "train_qa" or raw.get("answer_list") is not None
 
 
 def is_qa_state(state: dict) -> bool:

@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from ..dist import all_gather, barrier, rank_world
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 from ..eval.broken import Reading
 from ..eval.features import ShardWriter, encode_media, shard_range
 from ..fileio import sha256, write_json
@@ -70,8 +70,8 @@ def _plan(out_dir: str, source, run: dict) -> None:
     path = os.path.join(out_dir, PLAN)
     plan = dict(run, root=source.root, items=[it.path for it in source.items])
     if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+        old = _read_part_file(path, _read_json, f"delete {out_dir} and embed anew (the plan of its parts "
+                                               f"is lost)")
         for key in ("sha256", "frames", "dtype", "tokens", "part_size", "root", "items", "config"):
             if old.get(key) != plan.get(key):
                 what = "the listed items" if key == "items" else key
@@ -166,6 +166,16 @@ def _read_json(path):
         return json.load(f)
 
 
+def _read_part_file(path, load, fix):
+    """``load(path)``; a missing or damaged file is the one line naming it, with ``fix``."""
+    try:
+        return load(path)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing; {fix}") from None
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{path}: damaged ({describe(e)}); {fix}") from None
+
+
 def _finish_part(out_dir, p, gathered, world, dtype):
     """Rank 0: one part's rows from every rank (in rank order: ascending items) -> its files, then done."""
     rows = [i for r in gathered for i in r[0]]
@@ -188,8 +198,16 @@ def _merge(out_dir, source, parts, run) -> dict:
     import pyarrow.parquet as pq
     embeddings, rows, broken, token_parts = [], [], [], []
     for p in range(parts):
-        part = _read_json(_part(out_dir, p, "rows.json"))
-        embeddings.append(np.load(_part(out_dir, p, "embeddings.npy")))
+        again = (f"delete {_part(out_dir, p).rstrip(os.sep)} and run the same embed again (it embeds that "
+                 f"part anew)")
+        part = _read_part_file(_part(out_dir, p, "rows.json"), _read_json, again)
+        emb = _read_part_file(_part(out_dir, p, "embeddings.npy"), lambda f: np.load(f, allow_pickle=False),
+                              again)
+        if not isinstance(part, dict) or len(part.get("rows", ())) != len(emb) or emb.ndim != 2:
+            raise ConfigError(f"{_part(out_dir, p, 'rows.json')}: damaged (its rows and embeddings.npy do "
+                              f"not match); {again}")
+        if len(emb):  # a part whose media were all broken has no rows (and no width)
+            embeddings.append(emb)
         rows += part["rows"]
         broken += part["broken"]
         if run["tokens"]:
@@ -219,7 +237,8 @@ def _parse(argv):
                                 description="Embed a folder of videos/images, an annotation file or a shard "
                                             "index into a search index folder (resumable).")
     p.add_argument("checkpoint")
-    p.add_argument("source", help="folder (recursive), annotation .json, or shard index.json")
+    p.add_argument("source", help="folder (recursive), annotation .json, shard index.json, or a folder or "
+                                  "glob of .tar shards (img2dataset / video2dataset output)")
     p.add_argument("out_dir")
     p.add_argument("overrides", nargs="*", help="key=value model config overrides (e.g. image_res=224)")
     p.add_argument("--frames", type=int, default=4, help="frames per video (uniformly spread)")

@@ -23,7 +23,7 @@ import torch
 
 from ..data.builders import per_media
 from ..data.text import build_tokenizer
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, describe
 from ..eval.features import TokenStore, encode_media, encode_texts, open_shards
 from ..eval.retrieval import itm_scores
 from .embed import BROKEN, EMBEDDINGS, ITEMS, META
@@ -38,20 +38,46 @@ class Index:
     the model (text encoder, ITM head) comes from the checkpoint the index was built with."""
 
     def __init__(self, path: str, model=None, device=None):
-        import pyarrow.parquet as pq
         self.path = path
         meta_file = os.path.join(path, META)
         if not os.path.isfile(meta_file):
             raise ConfigError(f"{path}: not a finished index (no {META}); run `singularity-ds embed ... "
                               f"{path}` (a rerun resumes)")
-        with open(meta_file) as f:
-            self.meta = json.load(f)
-        self.items = pq.read_table(os.path.join(path, ITEMS)).to_pylist()
-        self.embeddings = np.load(os.path.join(path, EMBEDDINGS), mmap_mode="r")
+        self.meta = self._read(META, _load_meta)
+        self.items = self._read(ITEMS, _load_items)
+        self.embeddings = self._read(EMBEDDINGS, _load_embeddings)
+        if self.embeddings.shape[0] != len(self.items) or self.meta.get("items", len(self.items)) != len(
+                self.items):
+            raise self.damaged(EMBEDDINGS, f"{self.embeddings.shape[0]} rows for {len(self.items)} items "
+                                           f"({ITEMS}) and {self.meta.get('items')} in {META}")
         self.vectors = VectorIndex(self.embeddings, cache=os.path.join(path, "vectors.faiss"))
         self._model, self._device, self._tokens = model, device, None
         self.by_path = {it["path"]: row for row, it in enumerate(self.items)}
         self.norms = np.array([it["itc_norm"] for it in self.items], dtype=np.float32)
+
+    def damaged(self, name: str, reason: str, file: str = None) -> ConfigError:
+        """The one line for a damaged ``file`` (default: ``name``) of this folder's ``name``: the merged
+        files come back from ``parts/`` by running the same ``embed`` again; a damaged part is embedded
+        again once its folder is deleted."""
+        where = os.path.join(self.path, name)
+        fix = (f"delete {where} and run the same `singularity-ds embed` again (it embeds that part anew)"
+               if name.startswith("parts") and name != "parts" else
+               "run the same `singularity-ds embed` again to rebuild the index from its parts, or delete "
+               f"{self.path} and embed anew")
+        return ConfigError(f"{file or where}: damaged ({reason}); {fix}")
+
+    def _read(self, name: str, load):
+        """``load(file)``, a damaged or missing file raised as the one line."""
+        full = os.path.join(self.path, name)
+        try:
+            return load(full)
+        except DamagedFile as e:
+            raise self.damaged(name, e.reason, e.path) from None
+        except FileNotFoundError as e:
+            raise self.damaged(name, "missing", e.filename) from None
+        except (OSError, ValueError, KeyError, TypeError, EOFError) as e:
+            # pyarrow's ArrowInvalid, np.load's bad header and json's decode errors are all ValueErrors
+            raise self.damaged(name, describe(e)) from None
 
     @classmethod
     def load(cls, path: str, model=None, device=None) -> "Index":
@@ -110,7 +136,10 @@ class Index:
                 raise ConfigError(f"{self.path}: built without --tokens, so it cannot re-rank with ITM; "
                                   f"embed again with --tokens (or search without --rerank)")
             shards = [s for p in parts
-                      for s in open_shards(os.path.join(self.path, p["folder"]), "video_tokens", p["world"])]
+                      for s in self._read(p["folder"], lambda folder, p=p: _load_tokens(folder, p["world"]))]
+            if sum(len(s) for s in shards) != len(self.items):
+                raise self.damaged("parts", f"token features for {sum(len(s) for s in shards)} items, the "
+                                            f"index has {len(self.items)}")
             self._tokens = TokenStore(shards, next(self.model.parameters()).device)
         return self._tokens
 
@@ -136,6 +165,9 @@ class Index:
         re-ranked)."""
         if k < 1 or rerank < 0:
             raise ConfigError(f"search: -k must be >= 1 and --rerank >= 0 (got {k}, {rerank})")
+        if not text.strip():  # as the page's API (q: at least one character)
+            raise ConfigError('search: the query text is empty; give words to search for, e.g. '
+                              'singularity-ds search INDEX "a dog catches a frisbee"')
         if not self.items:
             return []
         embeds, mask, feat = self.encode_text(text)
@@ -185,9 +217,9 @@ class Index:
         return self.by_path.get(rel)
 
     def encode_media_file(self, path: str) -> np.ndarray:
+        from ..data.readers import IMAGE_EXTENSIONS
         from ..errors import MediaError
         from ..eval.broken import Reading
-        from .sources import IMAGE_EXTENSIONS
         model = self.model
         config = model.config
         config.vit_type = model.vit_type
@@ -203,8 +235,67 @@ class Index:
 
     @property
     def broken(self) -> List[dict]:
-        with open(os.path.join(self.path, BROKEN)) as f:
-            return [json.loads(line) for line in f if line.strip()]
+        def load(path):
+            with open(path) as f:
+                return [json.loads(line) for line in f if line.strip()]
+        return self._read(BROKEN, load)
+
+
+def _load_meta(path) -> dict:
+    with open(path) as f:
+        meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("frames"), int) or "media_root" not in meta:
+        raise ValueError("not the meta.json of an index (frames, media_root)")
+    return meta
+
+
+ITEM_COLUMNS = ("path", "media_type", "duration", "frames", "caption", "thumb", "itc_norm")
+
+
+def _load_items(path) -> List[dict]:
+    import pyarrow.parquet as pq
+    table = pq.read_table(path)
+    missing = [c for c in ITEM_COLUMNS if c not in table.column_names]
+    if missing:
+        raise KeyError(f"no column {', '.join(missing)}")
+    return table.to_pylist()
+
+
+def _load_embeddings(path) -> np.ndarray:
+    emb = np.load(path, mmap_mode="r", allow_pickle=False)
+    if emb.ndim != 2 or emb.dtype not in (np.float16, np.float32):
+        raise ValueError(f"an array of shape {emb.shape} and dtype {emb.dtype}, not (items, dim) fp16/fp32")
+    return emb
+
+
+class DamagedFile(Exception):
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _load_tokens(folder, world) -> List[torch.Tensor]:
+    """One part's token features (:func:`~..eval.features.open_shards`), each rank's file checked first:
+    its ``.json`` readable, its ``.bin`` as long as the ``.json`` says."""
+    if not os.path.isdir(folder):
+        raise DamagedFile(folder, "missing")
+    for r in range(world):
+        path = os.path.join(folder, f"video_tokens.{r}.bin")
+        try:
+            with open(path + ".json") as f:
+                meta = json.load(f)
+            itemsize = torch.empty((), dtype=getattr(torch, meta["dtype"])).element_size()
+            want = int(meta["rows"]) * int(np.prod(meta["shape"])) * itemsize
+        except FileNotFoundError:
+            raise DamagedFile(path + ".json", "missing") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise DamagedFile(path + ".json", describe(e)) from None
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size is None and want:
+            raise DamagedFile(path, "missing")
+        if want and size != want:
+            raise DamagedFile(path, f"{size} bytes where {path}.json says {want}")
+    return open_shards(folder, "video_tokens", world)
 
 
 def format_table(hits: List[dict]) -> str:

@@ -1,5 +1,6 @@
 """What ``singularity-ds embed`` reads: a folder of videos and images (recursively), an annotation file
-(the original's JSON; captions kept), or a tar-shard corpus (``index.json`` of ``make-shards``).
+(the original's JSON; captions kept), or a tar-shard corpus (``index.json`` of ``make-shards``, or a
+folder or glob of tars as img2dataset / video2dataset write them), the forms training reads.
 
 Every source becomes a list of :class:`Item` in a fixed order (sorted paths; the annotation file's
 order; the shards' order), and :class:`MediaItems` reads them through the evaluation's
@@ -14,13 +15,19 @@ from typing import List
 
 from ..data.annotations import iter_annotations, media_field
 from ..data.builders import media_source
-from ..data.readers import MemoryFile, get_frame_indices, load_image, read_frames
-from ..data.shards import INDEX, shard_list
+from ..data.readers import (
+    IMAGE_EXTENSIONS,
+    MemoryFile,
+    get_frame_indices,
+    load_image,
+    probe_frames,
+    read_frames,
+)
+from ..data.shards import INDEX, is_shard_source, media_member, sample_caption, shard_list
 from ..errors import AnnotationError
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".gif",
                     ".ts", ".3gp"}
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -69,13 +76,19 @@ def _annotations(path: str, media_dir: str) -> Source:
 
 
 def _shards(path: str) -> Source:
-    """A shard corpus: each sample's media member is located in its (local) tar, so any rank reads any
-    sample directly, without streaming the shard."""
-    index_file = os.path.join(path, INDEX) if os.path.isdir(path) else path
-    with open(index_file) as f:
-        media_type = json.load(f).get("media_type", "video")
+    """A shard corpus (an index, or a glob / folder of tars as img2dataset and video2dataset write them):
+    each sample's media member is located in its (local) tar, so any rank reads any sample directly,
+    without streaming the shard. Without an index, a sample's media type is its member's extension's."""
+    index_file = os.path.join(path, INDEX) if os.path.isfile(os.path.join(path, INDEX)) else path
+    media_type = None
+    if index_file.endswith(".json"):
+        with open(index_file) as f:
+            media_type = json.load(f).get("media_type", "video")
+    listed = shard_list(index_file)
+    base = (os.path.dirname(os.path.abspath(index_file)) if index_file.endswith(".json")
+            else os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u, _ in listed]))
     items = []
-    for url, _ in shard_list(index_file):
+    for url, _ in listed:
         if ":" in url and not os.path.exists(url):
             raise AnnotationError(f"{url}: embed reads local shards only (copy them to a disk first)")
         samples = {}
@@ -87,20 +100,25 @@ def _shards(path: str) -> Source:
                 key = os.path.join(os.path.dirname(m.name), key)
                 samples.setdefault(key, {})[ext.lower()] = m
         for key, members in samples.items():
-            media = next((m for ext, m in members.items() if ext != "json"), None)
-            if media is None:
+            ext = media_member(members)
+            if ext is None:
                 continue
-            caption = ""
-            if "json" in members:
+            media, cap = members[ext], ""
+            if "json" in members or "txt" in members:
                 with tarfile.open(url) as tar:
-                    meta = json.load(tar.extractfile(members["json"]))
-                cap = meta.get("caption", "")
-                caption = " | ".join(cap) if isinstance(cap, list) else str(cap)
-            items.append(Item(f"{os.path.relpath(url, os.path.dirname(index_file))}#{key}", media_type,
-                              caption, shard=url, offset=media.offset_data, size=media.size))
+                    meta = json.load(tar.extractfile(members["json"])) if "json" in members else {}
+                    try:
+                        cap = sample_caption(meta, {k: tar.extractfile(m).read() for k, m in members.items()
+                                                    if k == "txt"})
+                    except KeyError:
+                        cap = ""
+            caption = " | ".join(cap) if isinstance(cap, list) else str(cap)
+            kind = media_type or ("image" if "." + ext in IMAGE_EXTENSIONS else "video")
+            items.append(Item(f"{os.path.relpath(url, base)}#{key}", kind, caption, shard=url,
+                              offset=media.offset_data, size=media.size))
     if not items:
         raise AnnotationError(f"{index_file}: the shards hold no samples")
-    return Source("shards", os.path.dirname(os.path.abspath(index_file)), items)
+    return Source("shards", base, items)
 
 
 def open_source(source: str, media_dir: str = None) -> Source:
@@ -113,18 +131,16 @@ def open_source(source: str, media_dir: str = None) -> Source:
 
 
 def _open(source: str, media_dir: str = None) -> Source:
+    if is_shard_source(source) and not source.startswith("pipe:"):  # index, folder or glob of tars
+        return _shards(source)
     if not os.path.exists(source):
         raise AnnotationError(f"{source}: no such file or folder")
     if os.path.isdir(source):
-        if os.path.isfile(os.path.join(source, INDEX)):
-            return _shards(source)
         return _folder(source)
-    if os.path.basename(source) == INDEX:
-        return _shards(source)
     if source.endswith(".json"):
         return _annotations(source, media_dir)
-    raise AnnotationError(f"{source}: expected a folder of videos/images, an annotation .json or a shard "
-                          f"{INDEX}")
+    raise AnnotationError(f"{source}: expected a folder of videos/images, an annotation .json, a shard "
+                          f"{INDEX}, or a folder or glob of .tar shards")
 
 
 class MediaItems:
@@ -157,7 +173,7 @@ class MediaItems:
         if item.media_type == "image":
             raw, duration, frames = load_image(path), 0.0, 1
         else:
-            count, fps = source.reader.probe(path)
+            count, fps = probe_frames(path, source.reader)
             indices = get_frame_indices(self.num_frames, count, self.sample_type, fps)
             raw = read_frames(path, 1, "middle", source.reader)[0]
             duration, frames = count / fps, len(set(indices))

@@ -39,8 +39,12 @@ class VectorIndex:
         source = getattr(embeddings, "filename", None)
         if (cache and os.path.exists(cache)
                 and (source is None or os.path.getmtime(cache) >= os.path.getmtime(source))):
-            graph = faiss.read_index(cache)
-            if graph.ntotal == len(embeddings):
+            try:
+                graph = faiss.read_index(cache)
+            except RuntimeError as e:  # a damaged cache is only a cache: built again below
+                logger.warning("%s: unreadable (%s); building it again", cache, str(e).splitlines()[0])
+                graph = None
+            if graph is not None and graph.ntotal == len(embeddings):
                 graph.hnsw.efSearch = EF_SEARCH
                 return graph
         logger.info("building the HNSW graph of %d vectors (once; cached in %s)", len(embeddings), cache)

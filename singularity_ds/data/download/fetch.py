@@ -63,6 +63,8 @@ def check_scheme(url: str, allow_file: bool) -> None:
     except ValueError as e:
         raise Failure("bad_url", f"unparsable URL ({e})", False) from None
     schemes = ("http", "https", "file") if allow_file else ("http", "https")
+    if not parts.scheme and not parts.netloc:  # "not a url", "www.x.com/a.mp4": no scheme://host at all
+        raise Failure("bad_url", "not a URL (no scheme://host)", False)
     if parts.scheme.lower() not in schemes:
         raise Failure("bad_scheme", f"scheme {parts.scheme or '(none)'!r} refused (allowed: "
                                     f"{', '.join(schemes)})", False)

@@ -146,6 +146,10 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
         limit, max_bytes = parse_size(shard_size), parse_size(max_size)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    total = sum(1 for _ in read_url_list(url_list, url_col, caption_col, id_col))  # the bar's total
+    if not total:  # before anything is written: an empty corpus is no result
+        raise AnnotationError(f"{url_list}: no URL rows (an empty list, or a header only); nothing to "
+                              f"download")
     os.makedirs(out_dir, exist_ok=True)
     sha = file_sha256(url_list)
     settings = dict(url_list_sha256=sha, media_type=media_type, url_col=url_col, caption_col=caption_col,
@@ -155,7 +159,6 @@ def download(url_list: str, out_dir: str, media_type: str = "video", url_col=Non
     done = _done_chunks(out_dir)
     tmp_dir = os.path.join(out_dir, PARTIAL)
     os.makedirs(tmp_dir, exist_ok=True)
-    total = sum(1 for _ in read_url_list(url_list, url_col, caption_col, id_col))  # the bar's total
     opts = dict(media_type=media_type, timeout=timeout, max_bytes=max_bytes, retries=retries,
                 retry_wait=retry_wait, allow_file=allow_file_urls, size=size, fps=fps, trim=trim,
                 min_duration=min_duration, max_duration=max_duration)

@@ -14,12 +14,12 @@ from .base import MemoryFile, VideoReader, check_file, get_reader, register_read
 from .ffmpeg import DecordReader, PyAVReader, frame_size
 
 from .dali import DaliReader, clip_pipeline, dali_missing  # isort: skip
-from .image import load_image
+from .image import IMAGE_EXTENSIONS, load_image
 from .sampling import SAMPLE_TYPES, get_frame_indices
 
 __all__ = ["MemoryFile", "VideoReader", "check_file", "get_reader", "register_reader", "DecordReader",
            "PyAVReader", "frame_size", "DaliReader", "clip_pipeline", "dali_missing", "load_image",
-           "SAMPLE_TYPES", "get_frame_indices", "read_frames"]
+           "IMAGE_EXTENSIONS", "SAMPLE_TYPES", "get_frame_indices", "read_frames", "probe_frames"]
 
 
 def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="decord",
@@ -38,5 +38,21 @@ def read_frames(path: str, num_frames: int, sample_type: str = "rand", reader="d
             raise
         try:
             return PyAVReader().read(path, num_frames, sample_type, rng, max_num_frames)
+        except MediaError as second:
+            raise MediaError(path, f"{first.reason}; {second.reason}") from None
+
+
+def probe_frames(path: str, reader="decord", fallback: bool = True):
+    """-> (frame count, fps) through ``reader``, with :func:`read_frames`' rule: what decord cannot open
+    is probed with PyAV (a GIF, or a JPEG named ``.mp4``, which training reads the same way)."""
+    check_file(path)
+    reader = get_reader(reader) if isinstance(reader, str) else reader
+    try:
+        return reader.probe(path)
+    except MediaError as first:
+        if not fallback or isinstance(reader, PyAVReader):
+            raise
+        try:
+            return PyAVReader().probe(path)
         except MediaError as second:
             raise MediaError(path, f"{first.reason}; {second.reason}") from None

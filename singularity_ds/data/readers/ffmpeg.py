@@ -27,11 +27,22 @@ class DecordReader(VideoReader):
     def decode(self, path, indices):
         video = self._open(path)
         try:
-            frames = video.get_batch(list(indices)).asnumpy()
+            frames = video.get_batch(list(indices))
         except Exception as e:
             raise MediaError(path, f"decord failed to decode frames {list(indices)} "
                                    f"({str(e).splitlines()[0][:200]})") from None
-        return torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous()
+        return _as_tensor(frames).permute(0, 3, 1, 2).contiguous()
+
+
+def _as_tensor(batch) -> torch.Tensor:
+    """decord's batch as a uint8 (T, H, W, C) tensor, whatever bridge decord is set to: the process may
+    have called ``decord.bridge.set_bridge("torch")`` (the original's video_utils does, at import) or
+    another framework's, which makes ``get_batch`` return that framework's array instead of decord's."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if hasattr(batch, "asnumpy"):  # decord's native NDArray (and mxnet's)
+        return torch.from_numpy(batch.asnumpy())
+    return torch.from_numpy(np.asarray(batch.numpy() if hasattr(batch, "numpy") else batch))
 
 
 class PyAVReader(VideoReader):
@@ -52,15 +63,24 @@ class PyAVReader(VideoReader):
                     frames.append(frame)
                     if stop is not None and len(frames) > stop:
                         break
-                rate = stream.average_rate or stream.guessed_rate
-                fps = float(rate) if rate else 0.0
-                if not fps and stream.duration and stream.time_base and frames:
-                    fps = len(frames) / float(stream.duration * stream.time_base)
-                return frames, fps
+                return frames, self._fps(stream, len(frames) if stop is None else 0)
         except MediaError:
             raise
         except Exception as e:
             raise MediaError(path, f"PyAV cannot decode it ({type(e).__name__}: {str(e)[:200]})") from None
+
+    @staticmethod
+    def _fps(stream, decoded: int) -> float:
+        """The rate ``fpsX`` sampling reads with, as the original's ``read_frames_av`` computes it: the
+        frames decoded over the stream's duration (``(duration - start_time) * time_base``), once the
+        whole stream is decoded (``decoded``) and its header has a duration; else the stream's average
+        (or guessed) rate; 0 when it has neither."""
+        if decoded and stream.duration and stream.time_base:
+            seconds = float((stream.duration - (stream.start_time or 0)) * stream.time_base)
+            if seconds > 0:
+                return decoded / seconds
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else 0.0
 
     def probe(self, path):
         frames, fps = self._frames(path)

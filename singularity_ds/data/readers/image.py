@@ -5,6 +5,10 @@ import torch
 from ...errors import MediaError
 from .base import check_file, decoder_input
 
+# the file endings read as images wherever a medium's type is not declared (folders, tars of the field's
+# tools); everything else is a video
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
 
 def load_image(path: str) -> torch.Tensor:
     """An image as uint8 (1, C, H, W), RGB."""
