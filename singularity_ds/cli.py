@@ -338,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # DeepSpeed's import makes torch warn "No CUDA runtime is found" at every start on a CPU machine: a line
+    # before a run's one-line error that says nothing about it
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(strip_launcher_args(argv))
     try:

@@ -151,3 +151,25 @@ def test_damaged_tar_in_a_shard_glob_is_one_line(corpus, tmp_path, capsys, how):
     assert f"{tars[0]}: not a readable tar (" in line and line.endswith(
         "write it again (make-shards, or the tool that made it) or leave it out of the pattern"), line
     assert snapshot(shards) == before
+
+
+@pytest.mark.parametrize("how", ["truncate", "garbage"])
+def test_damaged_shard_index_is_one_line_in_every_command(corpus, built, tmp_path, capsys, how):  # noqa: F811
+    """make-shards' index.json cut short or overwritten: corpus-stats, doctor, training and embed each stop in
+    one line naming it; nothing in the corpus folder changes."""
+    shards = tmp_path / "shards"
+    shutil.copytree(corpus / "shards" / "video", shards)
+    damage(shards / "index.json", how, np.random.default_rng(4))
+    before = snapshot(shards)
+    overlay = tmp_path / "data.yaml"
+    overlay.write_text(f"train_file: [['{shards}', null, video]]\n")
+    train = [str(overlay), "image_res=32", "batch_size.video=4", "num_workers=0"]
+    for cmd in (["corpus-stats", str(shards), "--out", str(tmp_path / "stats")],
+                ["doctor", "pretrain", "tiny", *train],
+                ["train", "pretrain", "tiny", *train, f"output_dir={tmp_path / 'run'}"],
+                ["embed", built["ckpt"], str(shards), str(tmp_path / "idx")]):
+        line = one_line(capsys, main(cmd))
+        index = shards / "index.json"
+        assert line.startswith(f"singularity-ds: error: {index}: not a shard index ("), (cmd, line)
+        assert line.endswith("; write it again with make-shards"), line
+    assert snapshot(shards) == before and not (tmp_path / "run").exists()

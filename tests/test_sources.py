@@ -33,8 +33,12 @@ def tool_layout(out, files, captions, ext):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
             rows.append(dict(meta, caption=caption))
+    # one URL the tool could not download: a parquet row, no sample (as both tools record it)
+    rows.append(dict(url=f"http://example.invalid/gone.{ext}", caption="gone", key=f"{len(files):09d}",
+                     status="failed_to_download", error_message="HTTP Error 404: Not Found"))
     pq.write_table(pa.Table.from_pylist(rows), out / "00000.parquet")
-    (out / "00000_stats.json").write_text(json.dumps(dict(count=len(rows), successes=len(rows), failed=0)))
+    (out / "00000_stats.json").write_text(json.dumps(dict(count=len(rows), successes=len(rows) - 1,
+                                                          failed_to_download=1)))
     return out
 
 
@@ -70,7 +74,12 @@ def test_every_command_reads_the_fields_layout(corpus, built, layouts, tmp_path,
     capsys.readouterr()
     assert main(["corpus-stats", source, "--out", str(tmp_path / "stats")]) == 0
     stats = json.load(open(tmp_path / "stats" / "corpus_stats.json"))
-    assert stats["entries"] == stats["usable_entries"] == stats["captions"] == len(captions), stats
+    # the tool's failed URL counts as an entry whose media is missing, named by its URL and status
+    assert stats["entries"] == len(captions) + 1 and stats["usable_entries"] == len(captions), stats
+    assert stats["missing_media"] == 1 and stats["missing_examples"] == [
+        f"http://example.invalid/gone.{'mp4' if media_type == 'video' else 'jpg'} (failed_to_download: HTTP "
+        "Error 404: Not Found)"]
+    assert stats["captions"] == len(captions)
     assert stats["corpora"][0]["media_type"] == media_type  # found from the members: no index says it
     assert (stats["duration_s"] is None) == (media_type == "image"), stats["duration_s"]  # images: none
     # doctor and one training step, with the corpus as train_file
@@ -95,3 +104,16 @@ def test_a_jpeg_named_mp4_embeds_as_training_reads_it(corpus, built, tmp_path): 
     assert [it["path"] for it in index.items] == ["clip.mp4", "photo.mp4"] and not index.broken
     assert index.items[1]["frames"] == 1
     assert os.path.getsize(tmp_path / "idx" / "embeddings.npy") > 0
+
+
+def test_tar_counts_come_from_the_tools_stats_files(layouts, monkeypatch):
+    """A folder of the field's tars is counted from each NNNNN_stats.json ("successes") without reading the
+    tar's headers; without the file (or with a damaged one), from the headers."""
+    from singularity_ds.data import shards
+    folder, _, captions = layouts["img2dataset"]
+    real = shards._count_samples
+    monkeypatch.setattr(shards, "_count_samples", lambda path: pytest.fail("headers read"))
+    assert shards.shard_list(str(folder)) == [(str(folder / "00000.tar"), len(captions))]
+    (folder / "00000_stats.json").write_text("{not json")
+    monkeypatch.setattr(shards, "_count_samples", real)
+    assert shards.shard_list(str(folder)) == [(str(folder / "00000.tar"), len(captions))]

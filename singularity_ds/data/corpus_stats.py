@@ -37,10 +37,12 @@ from .shards import (
     INDEX,
     is_shard_source,
     media_member,
+    read_index,
     read_shard,
     sample_caption,
     shard_list,
     shard_media_type,
+    tool_failures,
 )
 from .text import pre_text
 
@@ -195,8 +197,9 @@ def _scan_shards(spec, tally, workers, source, progress):
     shards = shard_list(path, media_type)
     index = os.path.join(path, INDEX) if os.path.isdir(path) else path
     if index.endswith(".json") and os.path.isfile(index):  # a folder of tars has none
-        with open(index) as f:
-            tally.missing_entries([s["file"] for s in json.load(f).get("skipped", [])])
+        tally.missing_entries([s["file"] for s in read_index(index).get("skipped", [])])
+    else:  # the URLs img2dataset / video2dataset could not download, from their parquet files
+        tally.missing_entries([f for url, _ in shards for f in tool_failures(url)])
     bar = tqdm(total=sum(n for _, n in shards), disable=not progress, unit="sample", dynamic_ncols=True,
                desc=f"corpus-stats {os.path.basename(os.path.dirname(index))}")
     with _mapper(source, workers) as imap:
@@ -319,8 +322,7 @@ def resolve_source(source: str, media_dir=None, media_type=None, configs=(), ove
     if is_shard_source(source):
         index = os.path.join(source, INDEX) if os.path.isdir(source) else source
         if media_type is None and index.endswith(".json") and os.path.isfile(index):
-            with open(index) as f:
-                media_type = json.load(f).get("media_type")
+            media_type = read_index(index).get("media_type")
         elif media_type is None:  # tars without an index (img2dataset / video2dataset): by their members
             media_type = shard_media_type(source)
         return [(source, "", media_type or "video")], config

@@ -258,6 +258,22 @@ def _count_samples(path: str) -> int:
     return count
 
 
+def read_index(path: str) -> dict:
+    """A shard corpus's ``index.json``; missing, cut short or overwritten: the one line naming it."""
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        raise AnnotationError(f"{path}: shard index not found") from None
+    except (OSError, ValueError) as e:  # json's decode errors, UnicodeDecodeError: ValueErrors
+        raise AnnotationError(f"{path}: not a shard index ({describe(e)}); write it again with "
+                              f"make-shards") from None
+    if not isinstance(index, dict):
+        raise AnnotationError(f"{path}: not a shard index (a JSON {type(index).__name__}, not an object); "
+                              f"write it again with make-shards")
+    return index
+
+
 def shard_list(source: str, media_type: str = None):
     """-> [(url, samples)] of a shard corpus: its index (file or folder), or a local glob / brace
     pattern of .tar files or a folder of them (counted by reading their headers). An index of another
@@ -266,16 +282,14 @@ def shard_list(source: str, media_type: str = None):
     if os.path.isdir(path):
         path = tar_folder(path) or os.path.join(path, INDEX)
     if path.endswith(".json"):
+        index = read_index(path)
         try:
-            with open(path) as f:
-                index = json.load(f)
             base = os.path.dirname(os.path.abspath(path))
             shards = [(s["url"] if ":" in s["url"] or os.path.isabs(s["url"])
                        else os.path.join(base, s["url"]), int(s["samples"])) for s in index["shards"]]
-        except FileNotFoundError:
-            raise AnnotationError(f"{path}: shard index not found") from None
         except (ValueError, KeyError, TypeError) as e:
-            raise AnnotationError(f"{path}: not a shard index ({type(e).__name__}: {e})") from None
+            raise AnnotationError(f"{path}: not a shard index ({type(e).__name__}: {e}); write it again "
+                                  f"with make-shards") from None
         if media_type and index.get("media_type", media_type) != media_type:
             raise AnnotationError(f"{path}: a shard corpus of {index['media_type']} samples, "
                                   f"declared as {media_type}")
@@ -287,7 +301,37 @@ def shard_list(source: str, media_type: str = None):
     files = sorted(f for pattern in braceexpand(path) for f in glob.glob(pattern))
     if not files:
         raise AnnotationError(f"{path}: no shard matches")
-    return [(f, _count_samples(f)) for f in files]
+    return [(f, tool_stats(f).get("successes") or _count_samples(f)) for f in files]
+
+
+def tool_stats(tar: str) -> dict:
+    """The ``NNNNN_stats.json`` img2dataset / video2dataset write beside ``NNNNN.tar`` (``successes``: the
+    samples in the tar, ``count``: the URLs tried), or {} where there is none or it is unreadable (the
+    tar's headers are counted then)."""
+    path = os.path.splitext(tar)[0] + "_stats.json"
+    try:
+        with open(path) as f:
+            stats = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    ok = isinstance(stats, dict) and isinstance(stats.get("successes"), int) and stats["successes"] >= 0
+    return stats if ok else {}
+
+
+def tool_failures(tar: str) -> list:
+    """The URLs the field's tool could not turn into a sample of ``tar``: ``url (status: error)`` for each
+    row of its ``NNNNN.parquet`` whose status is not ``success``; [] without one."""
+    path = os.path.splitext(tar)[0] + ".parquet"
+    if not os.path.isfile(path):
+        return []
+    import pyarrow.parquet as pq
+    try:
+        rows = pq.read_table(path, columns=["url", "status", "error_message"]).to_pylist()
+    except (OSError, ValueError, KeyError) as e:  # not the tool's parquet: nothing to add
+        logger.warning("%s: not read (%s)", path, describe(e))
+        return []
+    return [f"{r['url']} ({r['status']}: {r['error_message'] or ''})".replace(": )", ")")
+            for r in rows if r["status"] != "success"]
 
 
 def read_shard(url: str):

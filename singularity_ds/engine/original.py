@@ -19,8 +19,8 @@ import torch
 
 from ..errors import ConfigError
 
-REQUIRED = ("models/model_pretrain.py", "models/model_retrieval_base.py", "models/xbert.py",
-            "utils/optimizer.py")
+REQUIRED = ("models/model_pretrain.py", "models/model_retrieval.py", "models/model_retrieval_base.py",
+            "models/xbert.py", "utils/optimizer.py")
 
 
 def _shim_transformers():
@@ -67,16 +67,18 @@ def load_original(path: str):
     sys.path.insert(0, path)
     try:
         xbert = importlib.import_module("models.xbert")
-        base = importlib.import_module("models.model_retrieval_base")
+        importlib.import_module("models.model_retrieval_base")
         pretrain = importlib.import_module("models.model_pretrain")
+        retrieval = importlib.import_module("models.model_retrieval")
     finally:
         sys.path.remove(path)
     _add_mask_helpers(xbert.BertPreTrainedModel)
-    return xbert, base, pretrain
+    return xbert, pretrain, retrieval
 
 
-def original_config(path: str, config):
-    """The original's config fields its model reads, from our (same-named) config."""
+def original_config(path: str, config, bert_json: str = None):
+    """The original's config fields its model reads, from our (same-named) config. ``bert_json``: the BERT
+    config file its temporal encoder reads (default: the clone's ``configs/config_bert.json``)."""
     from omegaconf import OmegaConf
     return OmegaConf.create(dict(
         embed_dim=config.embed_dim, temp=config.temp, mlm_prob=config.mlm_prob,
@@ -84,7 +86,7 @@ def original_config(path: str, config):
         vit_name_or_pretrained_path="microsoft/beit-base-patch16-224-pt22k-ft22k",
         text_encoder="bert-base-uncased",
         # its temporal encoder reads this JSON itself (relative to its repo, as its configs give it)
-        bert_config=os.path.join(os.path.abspath(path), "configs", "config_bert.json"),
+        bert_config=bert_json or os.path.join(os.path.abspath(path), "configs", "config_bert.json"),
         add_temporal_embed=config.add_temporal_embed,
         video_input=dict(num_frames=config.video_input.num_frames),
         temporal_vision_encoder=dict(enable=config.temporal_vision_encoder.enable,
@@ -94,17 +96,18 @@ def original_config(path: str, config):
         debug=False))
 
 
-def build_original(path: str, config):
-    """The original's pretraining ``Singularity`` model with random towers of OUR config's architecture
-    (``models/arch.py``: the same BEiT and BERT configs as ours; the base config's are the clone's
-    ``configs/*.json``), its tokenizer ids from ours."""
+def build_original(path: str, config, retrieval: bool = False, bert_json: str = None):
+    """The original's pretraining ``Singularity`` model (``retrieval``: its retrieval model, whose text
+    tower is a ``BertModel``) with random towers of OUR config's architecture (``models/arch.py``: the
+    same BEiT and BERT configs as ours; the base config's are the clone's ``configs/*.json``), its tokenizer
+    ids from ours. ``bert_json``: see :func:`original_config`."""
     from transformers import BeitModel
 
     from ..models.arch import bert_config, vision_config
 
     if config.vit_type != "beit":
         raise ConfigError(f"--original: vit_type={config.vit_type!r}; the side-by-side step builds BEiT")
-    xbert, base, pretrain = load_original(path)
+    xbert, pretrain, retrieval_module = load_original(path)
     vision = vision_config(config)
     if vision.hidden_size != 768 or bert_config(config).hidden_size != 768:
         raise ConfigError("--original: the original code hard-codes 768-wide towers; this config's are "
@@ -116,15 +119,17 @@ def build_original(path: str, config):
         return BeitModel(vision, add_pooling_layer=True)
 
     def build_text(self):
+        if retrieval:
+            return xbert.BertModel(bert_config(config), add_pooling_layer=False)
         return xbert.BertForMaskedLM(bert_config(config))
 
-    cls = pretrain.Singularity
+    cls = retrieval_module.Singularity if retrieval else pretrain.Singularity
     saved = cls.build_huggingface_vit_with_image_size, cls.build_text_encoder
     cls.build_huggingface_vit_with_image_size = classmethod(build_vit)
     cls.build_text_encoder = build_text
     try:
         tok = types.SimpleNamespace(pad_token_id=0, cls_token_id=101, mask_token_id=103)
-        return cls(config=original_config(path, config), tokenizer=tok)
+        return cls(config=original_config(path, config, bert_json), tokenizer=tok)
     finally:
         cls.build_huggingface_vit_with_image_size, cls.build_text_encoder = saved
 

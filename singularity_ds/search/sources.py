@@ -23,7 +23,7 @@ from ..data.readers import (
     probe_frames,
     read_frames,
 )
-from ..data.shards import INDEX, is_shard_source, media_member, sample_caption, shard_list
+from ..data.shards import INDEX, is_shard_source, media_member, read_index, sample_caption, shard_list
 from ..errors import AnnotationError
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mkv", ".webm", ".mov", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".gif",
@@ -82,8 +82,7 @@ def _shards(path: str) -> Source:
     index_file = os.path.join(path, INDEX) if os.path.isfile(os.path.join(path, INDEX)) else path
     media_type = None
     if index_file.endswith(".json"):
-        with open(index_file) as f:
-            media_type = json.load(f).get("media_type", "video")
+        media_type = read_index(index_file).get("media_type", "video")
     listed = shard_list(index_file)
     base = (os.path.dirname(os.path.abspath(index_file)) if index_file.endswith(".json")
             else os.path.commonpath([os.path.dirname(os.path.abspath(u)) for u, _ in listed]))
