@@ -49,9 +49,12 @@ def launch(name, args, run_dir, ranks=2):
     cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--module",
            "singularity_ds", "train", *args, f"output_dir={out}", "overwrite=True", "ds_config=zero2"]
     start = time.time()
+    # no PYTHONUNBUFFERED: both ranks write into this one file, and unbuffered text writes come in pieces
+    # (a traceback's "ImportError" and ": message" apart) that interleave mid-line; Python's line-buffered
+    # stderr writes each line whole
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with open(out + ".log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                              env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     if proc.returncode:
         raise SingularityError(f"demo stage {name} failed (exit {proc.returncode}): "
                                f"{last_error_line(out + '.log')} (whole log: {out}.log)")
@@ -67,9 +70,9 @@ LAUNCHER = ("subprocess.CalledProcessError",)
 
 
 def last_error_line(log_path: str) -> str:
-    """The line of a failed stage's log that says why: the last ``singularity-ds: error:`` line a rank
-    printed, else the last exception line of a traceback (not the launcher's exit report), else the log's
-    last line. Rank prefixes (``[rank0]:``) are dropped."""
+    """The line of a failed stage's log that says why: a ``singularity-ds: error:`` line of the ranks, else a
+    traceback's exception line (not the launcher's exit report), else the log's last line; of several, the
+    one most ranks printed (the last of equals). Rank prefixes (``[rank0]:``) are dropped."""
     try:
         with open(log_path, errors="replace") as f:
             lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in f]
@@ -77,10 +80,10 @@ def last_error_line(log_path: str) -> str:
         return f"its log cannot be read ({e.strerror})"
     lines = [line for line in lines if line]
     for pattern in (ONE_LINE, EXCEPTION):
-        for line in reversed(lines):
-            m = pattern.search(line) if pattern is ONE_LINE else pattern.fullmatch(line)
-            if m and not line.startswith(LAUNCHER):
-                return m.group(0)
+        found = [m.group(0) for line in lines if not line.startswith(LAUNCHER)
+                 for m in [pattern.search(line) if pattern is ONE_LINE else pattern.fullmatch(line)] if m]
+        if found:  # every rank prints the same line: the one most ranks printed, the last of equals
+            return max(reversed(found), key=found.count)
     return lines[-1] if lines else "its log is empty"
 
 
