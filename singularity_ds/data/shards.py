@@ -92,6 +92,12 @@ def media_member(exts):
     return next((e for e in exts if not e.startswith("__") and e not in TEXT_MEMBERS), None)
 
 
+def unreadable_tar(path: str, e: BaseException) -> AnnotationError:
+    """The one line for a tar that cannot be read (damaged, cut short, not a tar)."""
+    return AnnotationError(f"{path}: not a readable tar ({describe(e)}); write it again (make-shards, or the "
+                           f"tool that made it) or leave it out of the pattern")
+
+
 def shard_media_type(source: str) -> str:
     """The media type of a corpus of tars without an index that declares it (img2dataset's, video2dataset's):
     its first sample's media member's (an image ending: image, else video)."""
@@ -106,8 +112,7 @@ def shard_media_type(source: str) -> str:
                 if m.isreg() and media_member([ext]):
                     return "image" if "." + ext in IMAGE_EXTENSIONS else "video"
     except (tarfile.TarError, OSError) as e:
-        raise AnnotationError(f"{url}: not a readable tar ({describe(e)}); write it again (make-shards, or "
-                              f"the tool that made it) or leave it out of the pattern") from None
+        raise unreadable_tar(url, e) from None
     return "video"
 
 
@@ -253,8 +258,7 @@ def _count_samples(path: str) -> int:
                 if key is not None and key != last:
                     count, last = count + 1, key
     except (tarfile.TarError, OSError, EOFError) as e:
-        raise AnnotationError(f"{path}: not a readable tar ({describe(e)}); write it again (make-shards, or "
-                              f"the tool that made it) or leave it out of the pattern") from None
+        raise unreadable_tar(path, e) from None
     return count
 
 
