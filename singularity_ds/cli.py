@@ -18,10 +18,17 @@ def model_summary(model) -> str:
         n = sum(p.numel() for p in module.parameters())
         rows.append(f"  {name:<26s} {n:>12,d}")
     total = sum(p.numel() for p in model.parameters())
-    vis, txt = model.vision_encoder.config, model.text_encoder.config
+    txt = model.text_encoder.config
+    if model.vit_type == "timm":
+        vis = model.vision_encoder
+        vision = (f"vision: timm {vis.tower.architecture} {vis.depth} layers, width {vis.width}, "
+                  f"{vis.image_res}px / patch {vis.patch_size}, {vis.num_prefix_tokens} prefix token(s)")
+    else:
+        vis = model.vision_encoder.config
+        vision = (f"vision: {model.vit_type} {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
+                  f"{vis.image_size}px / patch {vis.patch_size}")
     head = [
-        f"vision: {model.vit_type} {vis.num_hidden_layers} layers, width {vis.hidden_size}, "
-        f"{vis.image_size}px / patch {vis.patch_size}",
+        vision,
         f"text:   bert {txt.num_hidden_layers} layers (fusion from layer {txt.fusion_layer}), "
         f"width {txt.hidden_size}, vocab {txt.vocab_size}",
         f"temporal: {model.temporal_embeddings.shape[1]} embeddings, encoder "

@@ -6,7 +6,8 @@ CHECKPOINT is a run folder (its ``export/``), an export folder, or an original `
   format: :func:`.models.weights.export`, architectures inlined);
 - ``vision_encoder/``: the vision tower as a transformers BEiT / ViT folder (``BeitModel.from_pretrained``
   gives the tower's tokens and pooled output); for BEiT also ``vision_layernorm.safetensors``, the
-  LayerNorm the model applies to those tokens (the card says how);
+  LayerNorm the model applies to those tokens (the card says how); a timm tower in timm's own Hub layout
+  (``timm.create_model("local-dir:...", pretrained=True)``, or ``timm_model=`` that folder in a new run);
 - ``text_encoder/``: the text-only BERT layers ``[0, fusion_layer)`` as a transformers ``BertModel`` folder
   with the tokenizer the model was trained with (the fusion layers need cross-attention inside an
   encoder, which transformers' BERT does not offer: they stay in the whole-model folder only);
@@ -75,8 +76,14 @@ def export_towers(model, out: str) -> dict:
         return folder
 
     cfg = model.config
-    towers = dict(vision_encoder=save("vision_encoder.", lambda k: True, vision_config(cfg),
-                                      os.path.join(out, "vision_encoder")))
+    if model.vit_type == "timm":  # timm's own Hub layout: timm.create_model("local-dir:...") rebuilds it
+        from timm.models import save_for_hf
+        folder = os.path.join(out, "vision_encoder")
+        save_for_hf(model.vision_encoder.model, folder, safe_serialization=True)
+        towers = dict(vision_encoder=folder)
+    else:
+        towers = dict(vision_encoder=save("vision_encoder.", lambda k: True, vision_config(cfg),
+                                          os.path.join(out, "vision_encoder")))
     if model.vision_layernorm is not None:  # BEiT: the LayerNorm the model puts on the tower's tokens
         norm = {k: v.detach().float().contiguous().cpu()
                 for k, v in model.vision_layernorm.state_dict().items()}
@@ -121,7 +128,10 @@ def _metrics_table(metrics) -> list:
 
 
 def model_card(cfg, source: str, digest: str, metrics, towers: dict) -> str:
-    vision = cfg.vit_type.upper() if cfg.vit_type != "beit" else "BEiT"
+    timm_tower = cfg.vit_type == "timm"
+    vision = (f"timm {cfg.timm_config_dict['architecture']}" if timm_tower
+              else cfg.vit_type.upper() if cfg.vit_type != "beit" else "BEiT")
+    vision_name = cfg.timm_model if timm_tower else cfg.vit_name_or_pretrained_path
     frames, test_frames = cfg.video_input.num_frames, cfg.video_input.num_frames_test
     temporal = (f"a {cfg.temporal_vision_encoder.num_layers}-layer temporal encoder"
                 if cfg.temporal_vision_encoder.enable else "no temporal encoder")
@@ -133,7 +143,7 @@ def model_card(cfg, source: str, digest: str, metrics, towers: dict) -> str:
         "Learning*, ACL 2023): trained on few frames, evaluated on several. It scores text-video pairs "
         "with contrastive embeddings (ITC) and re-ranks the best candidates with a fusion encoder (ITM).", "",
         "## Model", "",
-        f"- task: `{cfg.task}`; vision tower {vision} (`{cfg.vit_name_or_pretrained_path}`) at "
+        f"- task: `{cfg.task}`; vision tower {vision} (`{vision_name}`) at "
         f"{cfg.image_res} px, {frames} training frame(s), {test_frames} at evaluation, {temporal}"
         f"{', temporal embeddings' if cfg.add_temporal_embed else ''}",
         f"- text tower: BERT (`{cfg.text_encoder}`), fusion (cross-attention) from layer "
@@ -148,11 +158,17 @@ def model_card(cfg, source: str, digest: str, metrics, towers: dict) -> str:
         "res = evaluate_tensors(model, videos, input_ids, attention_mask)   # videos (N, T, 3, H, W)",
         "```", "",
         "or from the command line: `singularity-ds eval ret CONFIG PATH`. The towers alone load with "
-        "transformers:", "",
+        f"{'timm and ' if timm_tower else ''}transformers:", "",
         "```python",
         "from transformers import AutoModel, AutoTokenizer",
-        "vision = AutoModel.from_pretrained(\"PATH/vision_encoder\")   # tokens and pooled output per frame",
     ]
+    if timm_tower:
+        lines += ["import timm",
+                  "vision = timm.create_model(\"local-dir:PATH/vision_encoder\", pretrained=True)  # tokens: "
+                  "vision.forward_features(x); pooled: vision.forward_head(tokens, pre_logits=True)"]
+    else:
+        lines += ["vision = AutoModel.from_pretrained(\"PATH/vision_encoder\")   # tokens and pooled output "
+                  "per frame"]
     if "text_encoder" in towers:
         lines += ["text = AutoModel.from_pretrained(\"PATH/text_encoder\", add_pooling_layer=False)  "
                   "# the text-only layers",

@@ -53,6 +53,11 @@ def export_original(checkpoint: str, out: str) -> str:
         raise CheckpointError(f"{out}: exists; export to a new file")
     source, _ = checkpoint_source(checkpoint)
     model = load_model(source)
+    if model.vit_type == "timm":
+        arch = model.vision_encoder.tower.architecture
+        raise CheckpointError(f"{checkpoint}: its vision tower is timm's {arch}; "
+                              f"the original code builds BEiT towers only, so it cannot load this model: use "
+                              f"export --hf (timm's layout for the tower) instead")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save({"model": original_state(model), "config": plain_config(model.config)}, out + ".part")
     os.replace(out + ".part", out)

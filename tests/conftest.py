@@ -65,6 +65,25 @@ def tiny_config(**overrides):
     return load_config(["pretrain", "tiny"], [f"{k}={v}" for k, v in overrides.items()])
 
 
+# One name per timm family the vision tower takes (vit_type=timm), built small and random: timm's own
+# architecture with a narrow, shallow trunk (timm_model_args). The resolution is a multiple of the patch.
+TIMM_FAMILIES = {
+    "clip": "vit_base_patch16_clip_224.openai",
+    "siglip": "vit_base_patch16_siglip_224",          # no [CLS]: attention-pool head (MAP)
+    "eva02": "eva02_base_patch14_224.mim_in22k",      # rotary embeddings, SwiGLU
+    "dinov2": "vit_small_patch14_reg4_dinov2",        # [CLS] + 4 registers, layer scale
+    "deit": "deit_base_patch16_224",
+}
+TIMM_SMALL = "{embed_dim: 64, depth: 2, num_heads: 2}"
+
+
+def timm_overrides(family: str) -> list:
+    """CLI overrides for a small random tower of ``family`` at 28 px (patch 14) or 32 px (patch 16)."""
+    name = TIMM_FAMILIES[family]
+    return ["vit_type=timm", f"timm_model={name}", f"timm_model_args={TIMM_SMALL}",
+            f"image_res={28 if 'patch14' in name else 32}"]
+
+
 def pytest_sessionfinish(session, exitstatus):
     """Runs killed on purpose (kill-and-resume) cannot release DeepSpeed's /dev/shm allreduce buffers;
     remove the ones this session created (~69 MB each, they would stay in RAM)."""

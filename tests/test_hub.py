@@ -28,11 +28,11 @@ from singularity_ds.data import build_tokenizer, tokenize
 from singularity_ds.errors import SingularityError
 from singularity_ds.models import build_model
 from singularity_ds.models.weights import export
-text, vision, out = sys.argv[1:4]
+text, vision, out, *extra = sys.argv[1:]  # extra: more overrides (a timm tower)
 try:
     model = build_model(load_config(["pretrain", "tiny"], [
         f"text_encoder={text}", "bert_config=None", "fusion_layer=4", "tower_init=pretrained",
-        f"vit_name_or_pretrained_path={vision}"]))
+        f"vit_name_or_pretrained_path={vision}", *extra]))
     ids = tokenize(build_tokenizer(text), ["a red square moves from left to right"], 12)[0]
 except SingularityError as e:
     print("ERROR:", e)
@@ -104,15 +104,27 @@ def hub(tmp_path_factory):
     BeitModel(BeitConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                          image_size=64, use_mean_pooling=True, layer_scale_init_value=0.1),
               add_pooling_layer=True).save_pretrained(beit_dir)
+    # timm towers: a small random CLIP ViT in timm's Hub layout (save_for_hf: config.json with architecture,
+    # model_args, pretrained_cfg), and its weights under the Hub repo timm's registry names for
+    # vit_base_patch16_clip_224.openai (its pretrained_cfg's hf_hub_id)
+    import timm
+    from timm.models import save_for_hf
+    clip_dir = tmp_path_factory.mktemp("clip")
+    torch.manual_seed(1)
+    save_for_hf(timm.create_model("vit_base_patch16_clip_224", num_classes=0, img_size=32, embed_dim=64,
+                                  depth=2, num_heads=2), str(clip_dir), safe_serialization=True)
+    clip = {f: (clip_dir / f).read_bytes() for f in ("config.json", "model.safetensors")}
     Hub.repos = {
         "test-org/minilm": {f: (minilm / f).read_bytes() for f in (
             "config.json", "model.safetensors", "vocab.txt", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json")},
         "test-org/tiny-beit": {f: (beit_dir / f).read_bytes() for f in ("config.json", "model.safetensors")},
+        "test-org/tiny-clip": clip,
+        "timm/vit_base_patch16_clip_224.openai": {"model.safetensors": clip["model.safetensors"]},
     }
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", minilm=minilm, beit=beit_dir)
+    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", minilm=minilm, beit=beit_dir, clip=clip_dir)
     server.shutdown()
     server.server_close()
 
@@ -165,6 +177,37 @@ def test_towers_download_from_hub_then_load_offline_from_cache(hub, tmp_path):
     cached = load_file(tmp_path / "offline" / "model.safetensors")
     tower_keys = [k for k in ours if k.startswith(("text_encoder.bert.embeddings", "vision_encoder."))]
     assert tower_keys and all(torch.equal(ours[k], cached[k]) for k in tower_keys)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("hf-hub:test-org/tiny-clip", []),  # a Hub repo in timm's layout: its config.json names the architecture
+    ("vit_base_patch16_clip_224.openai",  # timm's registry: the weights from the cfg's hf_hub_id
+     ["timm_model_args={embed_dim: 64, depth: 2, num_heads: 2}"]),
+])
+def test_timm_tower_downloads_through_the_hub_then_loads_offline(hub, tmp_path, name, extra):
+    hf_home = tmp_path / "hf"
+    args = ["test-org/minilm", "unused", None, "vit_type=timm", f"timm_model={name}", "image_res=32", *extra]
+    Hub.log.clear()
+    run = _child(tmp_path, hub["url"], hf_home, *args[:2], tmp_path / "online", *args[3:])
+    assert run.returncode == 0, run.stdout + run.stderr
+    repo = "test-org/tiny-clip" if name.startswith("hf-hub:") else "timm/vit_base_patch16_clip_224.openai"
+    fetched = {p for m, p in Hub.log if m == "GET"}
+    assert f"/{repo}/resolve/main/model.safetensors" in fetched
+    want = load_file(hub["clip"] / "model.safetensors")
+    ours = load_file(tmp_path / "online" / "model.safetensors")
+    assert all(torch.equal(ours["vision_encoder.model." + k], v) for k, v in want.items())
+    Hub.log.clear()
+    run = _child(tmp_path, hub["url"], hf_home, *args[:2], tmp_path / "offline", *args[3:], offline=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert Hub.log == []  # not one request: the HF cache only
+    cached = load_file(tmp_path / "offline" / "model.safetensors")
+    assert all(torch.equal(cached["vision_encoder.model." + k], v) for k, v in want.items())
+    # a repo the cache lacks, offline: the same one line as the other towers
+    run = _child(tmp_path, hub["url"], hf_home, *args[:2], tmp_path / "x", "vit_type=timm",
+                 "timm_model=hf-hub:test-org/never-fetched", "image_res=32", offline=True)
+    assert run.returncode == 3 and run.stdout.startswith(
+        "ERROR: config key 'timm_model': HF_HUB_OFFLINE is set and 'test-org/never-fetched' is not in the "
+        "local Hugging Face cache"), run.stdout + run.stderr
 
 
 @pytest.mark.slow  # three processes, and huggingface_hub retries a refused connection 5 times (~23 s)

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "singularity_ds"
 
 # Each layer may import only the layers before it (and itself).
 LAYERS = [
-    {"errors", "fileio", "dist", "heartbeat", "hub", "ds_configs"},
+    {"errors", "fileio", "dist", "heartbeat", "hub", "timm_hub", "ds_configs"},
     {"config"},
     {"data"},
     {"kernels"},

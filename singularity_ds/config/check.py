@@ -14,6 +14,7 @@ from typing import Any, List
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ..errors import ConfigError
+from ..timm_hub import check_keys
 from .schema import CorpusSpec, Key, is_union, keys
 
 _MISSING = object()
@@ -167,3 +168,5 @@ def validate(cfg: DictConfig) -> None:
             mapping.add(spec.path)
             continue
         _check_value(spec, value)
+    check_keys(*(OmegaConf.select(cfg, k, default=None)
+                 for k in ("vit_type", "timm_model", "timm_config_dict")))

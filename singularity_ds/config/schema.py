@@ -210,8 +210,10 @@ class Config:
               "text tower's")
     fusion_layer: Optional[int] = key(None, "override the BERT config's fusion_layer (first layer with "
                                             "cross-attention; needed for a plain HF BERT config)", ge=0)
-    vit_type: str = key("beit", "vision tower family (also picks the pixel normalisation)",
-                        choices=("beit", "vit", "deit"))
+    vit_type: str = key("beit", "vision tower family: beit, vit, deit (the original's; they also pick the "
+                                "pixel normalisation) or timm (any timm ViT named by timm_model; its "
+                                "pretrained_cfg gives the normalisation)",
+                        choices=("beit", "vit", "deit", "timm"))
     vit_zoo: Dict[str, str] = key({"beit": "microsoft/beit-base-patch16-224-pt22k-ft22k"},
                                   "vit_type -> pretrained vision tower name (open: add your own)")
     vit_name_or_pretrained_path: str = key(
@@ -222,11 +224,22 @@ class Config:
                                                            "vit_name_or_pretrained_path")
     vit_config_dict: Optional[Dict[str, Any]] = key(None, "inline ViT/DeiT architecture; wins over "
                                                           "vit_name_or_pretrained_path")
+    timm_model: Optional[str] = key(
+        None, "vit_type=timm: the tower as timm names it (NAME or NAME.TAG from timm.list_pretrained(), e.g. "
+              "vit_base_patch16_clip_224.openai), a Hub repo in timm's layout (org/name or hf-hub:org/name) "
+              "or a local folder in it (config.json + model.safetensors)")
+    timm_model_args: Dict[str, Any] = key({}, "vit_type=timm: extra timm.create_model keyword arguments "
+                                              "(drop_path_rate; embed_dim / depth / num_heads for a small "
+                                              "random tower)")
+    timm_config_dict: Optional[Dict[str, Any]] = key(
+        None, "inline timm tower (architecture, model_args, pretrained_cfg pixel statistics), as exports "
+              "store it; wins over timm_model")
     tower_init: str = key("pretrained", "where the towers start without pretrained_path: pretrained (from "
-                                        "text_encoder / vit_name_or_pretrained_path: local folders, or Hub "
-                                        "repo ids downloaded into the HF cache; HF_HUB_OFFLINE=1: the cache "
-                                        "only), pretrained_text (the text tower so, the vision tower random: "
-                                        "a pretrained BERT on a new ViT) or random (BERT-style init)",
+                                        "text_encoder / vit_name_or_pretrained_path or timm_model: local "
+                                        "folders, or Hub repo ids downloaded into the HF cache; "
+                                        "HF_HUB_OFFLINE=1: the cache only), pretrained_text (the text "
+                                        "tower so, the vision tower random: a pretrained BERT on a new ViT) "
+                                        "or random (BERT-style init; a timm tower: timm's own init)",
                           choices=("pretrained", "pretrained_text", "random"))
     temporal_vision_encoder: TemporalVisionEncoder = group(TemporalVisionEncoder)
     add_temporal_embed: bool = key(False, "add learned temporal embeddings to the encoded frames")

@@ -14,7 +14,7 @@ from .media import ClipPlanner, MediaSource
 from .mixing import corpus_weights, epoch_samples
 from .readers import clip_pipeline
 from .shards import ShardStream, is_shard_source, shard_list
-from .transforms import build_transform, normalization
+from .transforms import build_transform, pixel_statistics
 
 
 def per_media(value, media_type: str):
@@ -24,7 +24,8 @@ def per_media(value, media_type: str):
 
 def config_transform(config, train: bool):
     """The config's training or evaluation transform (resolution, normalisation, ``random_flip``)."""
-    return build_transform(config.image_res, config.vit_type, train, flip=config.random_flip)
+    return build_transform(config.image_res, train=train, flip=config.random_flip,
+                           stats=pixel_statistics(config))
 
 
 def media_source(config, media_type: str, train: bool) -> MediaSource:
@@ -51,7 +52,7 @@ def train_source(config, media_type: str):
 def dali_finish(config):
     """``video_input.dali_device=gpu|cpu``: the training loader's clip plans become pixels in one DALI
     graph per batch (decode, crop, resize, flip, normalise), in the main process, on that device."""
-    mean, std = normalization(config.vit_type)
+    mean, std, _ = pixel_statistics(config)
     device = config.video_input.dali_device
 
     def finish(batch):

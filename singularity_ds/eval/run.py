@@ -123,7 +123,7 @@ def _split_args(argv):
 
 def eval_main(kind: str, argv) -> dict:
     from ..dist import setup
-    from ..models import load_model
+    from ..models import follow_model_pixels, load_model
     configs, checkpoint, overrides = _split_args(list(argv))
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
@@ -143,7 +143,8 @@ def eval_main(kind: str, argv) -> dict:
     if model.config.image_res != config.image_res and not asked:
         logger.info("image_res=%d from %s (the config says %d; pass image_res=%d to evaluate at that "
                     "resolution)", model.config.image_res, checkpoint, config.image_res, config.image_res)
-    config.vit_type, config.image_res = model.vit_type, model.config.image_res  # transforms follow the model
+    follow_model_pixels(config, model)  # transforms follow the model
+    config.image_res = model.config.image_res
     out_dir = config.output_dir or os.path.join("runs", "eval",
                                                 os.path.splitext(os.path.basename(configs[0]))[0])
     config.output_dir = out_dir

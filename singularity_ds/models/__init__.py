@@ -17,15 +17,28 @@ from .weights import load_into, load_text_tower, load_vision_tower, read_checkpo
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "is_qa_config", "CheckpointError"]
+__all__ = ["Singularity", "SingularityQA", "build_model", "load_model", "is_qa_config", "follow_model_pixels",
+           "CheckpointError"]
+
+
+def follow_model_pixels(config, model) -> None:
+    """``config``'s data transforms follow ``model``'s vision tower: its family (the original's
+    normalisation) and, for a timm tower, its pixel statistics (inlined: no registry or Hub lookup)."""
+    config.vit_type = model.vit_type
+    if model.vit_type == "timm":
+        config.timm_config_dict = model.vision_encoder.tower.inline()
 
 
 def init_towers(model: Singularity, config) -> None:
     """``tower_init=pretrained``: load both towers from local Hugging Face folders or, as the original,
     Hub repo ids (downloaded into the HF cache, or read from it offline: :func:`..hub.tower_folder`).
     ``pretrained_text``: the text tower only (the vision tower starts random)."""
-    towers = [("text_encoder", load_text_tower), ("vit_name_or_pretrained_path", load_vision_tower)]
+    vision = "timm_model" if config.vit_type == "timm" else "vit_name_or_pretrained_path"
+    towers = [("text_encoder", load_text_tower), (vision, load_vision_tower)]
     for key, loader in towers[:1] if config.tower_init == "pretrained_text" else towers:
+        if key == "timm_model":  # timm downloads (through hub.py) and filters its own weights
+            model.vision_encoder.load_pretrained()
+            continue
         if not config[key]:
             raise CheckpointError(f"config key {key!r} is empty: tower_init={config.tower_init} needs a "
                                   f"folder or Hub repo id, or set tower_init=random")

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import timm_hub
 from ..config import complete_config
 from . import losses
 from .arch import bert_config, temporal_config, vision_config
 from .attention import AttentionLayer, check_attention_impl
 from .bert import BertEncoder, TextEncoder
+from .timm_vit import TimmVisionTower
 from .vit import VisionTransformer
 
 
@@ -46,20 +48,26 @@ class Singularity(nn.Module):
         super().__init__()
         config = complete_config(config)  # keys the given config lacks take the schema's defaults
         self.config = config
-        vis_cfg = vision_config(config)
-        txt_cfg = bert_config(config)
-        txt_cfg.encoder_width = vis_cfg.hidden_size
         self.vit_type = config.vit_type
-        self.vision_width, self.text_width = vis_cfg.hidden_size, txt_cfg.hidden_size
+        vis_cfg = None
+        if self.vit_type == "timm":  # built and initialised by timm (its own init scheme)
+            self.vision_encoder = TimmVisionTower(timm_hub.resolve(config), config.image_res)
+            self.vision_width = self.vision_encoder.width
+        else:
+            vis_cfg = vision_config(config)
+            self.vision_encoder = VisionTransformer(vis_cfg, self.vit_type)
+            self.vision_width = vis_cfg.hidden_size
+        txt_cfg = bert_config(config)
+        txt_cfg.encoder_width = self.vision_width  # the fusion layers' cross-attention reads vision tokens
+        self.text_width = txt_cfg.hidden_size
         if mlm_head is None:
             mlm_head = config.loss_weight.mlm > 0
-
-        self.vision_encoder = VisionTransformer(vis_cfg, self.vit_type)
         self.text_encoder = TextEncoder(txt_cfg, mlm_head)
-        init_weights(self.vision_encoder, vis_cfg.initializer_range)
+        if vis_cfg is not None:  # (this order of random draws is the one the reference fixtures hold)
+            init_weights(self.vision_encoder, vis_cfg.initializer_range)
         init_weights(self.text_encoder, txt_cfg.initializer_range)
-        for layer in self.vision_encoder.encoder.layer:  # layer-scale starts at its init value
-            if layer.lambda_1 is not None:
+        for layer in getattr(getattr(self.vision_encoder, "encoder", None), "layer", ()):
+            if layer.lambda_1 is not None:  # BEiT's layer-scale starts at its init value
                 layer.lambda_1.data.fill_(vis_cfg.layer_scale_init_value)
                 layer.lambda_2.data.fill_(vis_cfg.layer_scale_init_value)
         # BEiT-only extra LayerNorm on the token states (not the pooled vector), eps 1e-12 as the original
@@ -74,6 +82,8 @@ class Singularity(nn.Module):
             # converts the original's scalar); it broadcasts exactly like the scalar in every use
             self.temp = nn.Parameter(torch.ones(1) * config.temp)
             self.itm_head = nn.Linear(self.text_width, 2)
+        elif self.vit_type == "timm":
+            self.vision_encoder.pooled_output = False
         else:
             self.vision_encoder.pooler = None
 
@@ -97,11 +107,14 @@ class Singularity(nn.Module):
             self.temporal_vision_encoder.gradient_checkpointing = enable
 
     def set_attention_impl(self, impl: str):
-        """The attention implementation of every attention module of this model (and of no other)."""
+        """The attention implementation of every attention module of this model (and of no other); a timm
+        tower keeps timm's attention (SDPA, or its matmuls for ``math``)."""
         check_attention_impl(impl)
         for module in self.modules():
             if isinstance(module, AttentionLayer):
                 module.attention_impl = impl
+        if isinstance(self.vision_encoder, TimmVisionTower):
+            self.vision_encoder.set_attention_impl(impl)
 
     @property
     def has_mlm_head(self) -> bool:

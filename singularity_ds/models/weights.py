@@ -260,6 +260,9 @@ def adapt_shapes(state: dict, model, source: str = "checkpoint") -> dict:
             state[k] = _resized_rel_pos_bias(v, own[k].shape[0], model.vision_encoder.config, source, k)
         elif k.endswith("embeddings.position_embeddings") and k.startswith("vision_encoder."):
             state[k] = interpolate_pos_embed(v, own[k].shape[1])
+        elif k == "vision_encoder.model.pos_embed" and model.vit_type == "timm":  # timm's own resampling
+            logger.info("%s: resampled %s -> %s", k, tuple(v.shape), tuple(own[k].shape))
+            state[k] = model.vision_encoder.resample_pos_embed(v)
     return state
 
 
@@ -372,13 +375,17 @@ ARCH_META_KEYS = ("transformers_version", "architectures", "model_type", "_name_
 
 def self_contained_config(config) -> dict:
     """``config`` as a plain dict with both towers' architectures inlined (see :func:`export`)."""
+    from ..timm_hub import resolve
     from .arch import bert_config, vision_config
 
     cfg = plain_config(config)
     text = bert_config(config).to_dict()
+    cfg["bert_config_dict"] = {k: v for k, v in text.items() if k not in ARCH_META_KEYS}
+    if cfg["vit_type"] == "timm":  # timm_model_args are inside the inline model_args
+        cfg["timm_config_dict"], cfg["timm_model_args"] = resolve(config).inline(), {}
+        return cfg
     vision = vision_config(config).to_dict()
     vision.pop("image_size", None)  # follows image_res
-    cfg["bert_config_dict"] = {k: v for k, v in text.items() if k not in ARCH_META_KEYS}
     cfg["beit_config_dict" if cfg["vit_type"] == "beit" else "vit_config_dict"] = {
         k: v for k, v in vision.items() if k not in ARCH_META_KEYS}
     return cfg

@@ -260,7 +260,7 @@ def embed_main(argv) -> dict:
     import yaml
 
     from ..dist import setup
-    from ..models import load_model
+    from ..models import follow_model_pixels, load_model
     args = _parse(list(argv))
     if not os.path.exists(args.checkpoint):
         raise CheckpointError(f"checkpoint {args.checkpoint}: no such file or folder")
@@ -272,7 +272,7 @@ def embed_main(argv) -> dict:
     overrides["video_input.num_frames_test"] = args.frames
     model = load_model(args.checkpoint, **overrides).to(device)
     config = model.config
-    config.vit_type = model.vit_type
+    follow_model_pixels(config, model)
     ident = checkpoint_id(args.checkpoint) if rank_world()[0] == 0 else None
     ident = all_gather(ident)[0]
     t0 = time.perf_counter()

@@ -92,12 +92,13 @@ class Index:
         for the media transform (dotted names, e.g. ``**{"video_input.sample_type_test": "uniform"}``)."""
         from omegaconf import OmegaConf
 
+        from ..models import follow_model_pixels
         from .embed import build
         from .sources import open_source
         config = model.config.copy()
         for key, value in dict(overrides, **{"video_input.num_frames_test": frames}).items():
             OmegaConf.update(config, key, value, merge=True)
-        config.vit_type = model.vit_type
+        follow_model_pixels(config, model)
         build(model, open_source(source, media_dir), out_dir, config, frames, batch_size, dtype, tokens,
               part_size, progress=progress)
         return cls(out_dir, model)
@@ -220,9 +221,10 @@ class Index:
         from ..data.readers import IMAGE_EXTENSIONS
         from ..errors import MediaError
         from ..eval.broken import Reading
+        from ..models import follow_model_pixels
         model = self.model
         config = model.config
-        config.vit_type = model.vit_type
+        follow_model_pixels(config, model)
         kind = "image" if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS else "video"
         items = MediaItems(Source("file", os.path.dirname(os.path.abspath(path)),
                                   [Item(os.path.basename(path), kind)]), config)
