@@ -274,3 +274,26 @@ def test_train_eval_embed_search_bench_with_a_timm_tower(corpus, tmp_path, capsy
     got = json.loads(bench.read_text())
     cfg = load_config(["pretrain", "tiny"], tower + ["batch_size.video=4"])
     assert got["train_gflop_per_sample"] == round(step_flops(cfg, 4)["train"] / 1e9, 2)
+    assert got["vision_tower"] == "timm vit_base_patch16_siglip_224"
+
+
+@pytest.mark.parametrize("preset,arch", [("clip_b16", "vit_base_patch16_clip_quickgelu_224"),
+                                         ("siglip_b16", "vit_base_patch16_siglip_224")])
+def test_presets_name_the_towers_and_their_pixel_statistics(preset, arch):
+    """The README's presets: the tower timm registers under the name, its pretrained_cfg's statistics, and
+    ViT-B/16's FLOPs at 224 px (197 or 196 tokens) read off the model timm builds on the meta device."""
+    from singularity_ds.data.transforms import pixel_statistics
+    from singularity_ds.models.flops import timm_frame
+    from singularity_ds.timm_hub import resolve
+    cfg = load_config(["pretrain", preset])
+    tower = resolve(cfg)
+    want = timm.models.get_pretrained_cfg(cfg.timm_model)
+    assert tower.architecture == arch and tower.weights_repo == want.hf_hub_id
+    assert pixel_statistics(cfg) == (want.mean, want.std, want.interpolation)
+    flops, tokens, width = timm_frame(cfg)
+    n = 196 + (preset == "clip_b16")  # SigLIP: no [CLS]; its attention pool reads the 196 patches
+    per_layer = 2 * n * 768 * (3 * 768 + 768 + 2 * 3072) + 4 * n * n * 768
+    patch = 2 * 196 * 3 * 16 * 16 * 768
+    pool = 0 if preset == "clip_b16" else (2 * 768 * (768 + 768 + 2 * 3072) + 2 * n * 768 * 1536
+                                           + 4 * n * 768)
+    assert (tokens, width) == (n, 768) and flops == patch + 12 * per_layer + pool

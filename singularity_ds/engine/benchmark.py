@@ -78,6 +78,9 @@ def run(argv, steps=10, warmup=3) -> dict:
     return dict(task=task.name, device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                 threads=torch.get_num_threads(), ranks=world, precision=precision, ds_config=config.ds_config,
                 batch_per_rank=micro, frames=config.video_input.num_frames, image_res=config.image_res,
+                vision_tower=(f"timm {ours.engine.module.vision_encoder.tower.architecture}"
+                              if config.vit_type == "timm"
+                              else config.vit_type),
                 samples_per_s_per_device=round(micro / median, 3),
                 samples_per_s=round(micro * world / median, 3), step_s_median=round(median, 4),
                 step_s_p10_p90=[round(deciles[0], 4), round(deciles[-1], 4)],
