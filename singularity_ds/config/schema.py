@@ -214,9 +214,10 @@ class Config:
                                 "pixel normalisation) or timm (any timm ViT named by timm_model; its "
                                 "pretrained_cfg gives the normalisation)",
                         choices=("beit", "vit", "deit", "timm"))
-    vit_zoo: Dict[str, str] = key({"beit": "microsoft/beit-base-patch16-224-pt22k-ft22k"},
-                                  "vit_type -> pretrained vision tower name (open: add your own)")
-    vit_name_or_pretrained_path: str = key(
+    vit_zoo: Dict[str, Optional[str]] = key({"beit": "microsoft/beit-base-patch16-224-pt22k-ft22k",
+                                             "timm": "${timm_model}"},
+                                            "vit_type -> pretrained vision tower name (open: add your own)")
+    vit_name_or_pretrained_path: Optional[str] = key(
         "${vit_zoo[${vit_type}]}", "vision tower: local Hugging Face folder or Hub repo id (its "
                                    "architecture JSON shipped, cached or downloaded)")
     beit_config_dict: Optional[Dict[str, Any]] = key(None, "inline BEiT architecture (as original "
