@@ -124,7 +124,8 @@ def hub(tmp_path_factory):
     }
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", minilm=minilm, beit=beit_dir, clip=clip_dir)
+    yield dict(url=f"http://127.0.0.1:{server.server_address[1]}", minilm=minilm, beit=beit_dir,
+               clip=clip_dir)
     server.shutdown()
     server.server_close()
 
