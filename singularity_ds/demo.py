@@ -9,6 +9,7 @@
 Every stage is a real ``deepspeed`` launch of ``singularity-ds train``; logs, TensorBoard files and
 checkpoints stay in the run folder.
 """
+import glob
 import itertools
 import json
 import os
@@ -43,21 +44,25 @@ TEMPORAL = ["video_input.num_frames=4", "add_temporal_embed=True", "temporal_vis
 
 
 def launch(name, args, run_dir, ranks=2):
-    """One 2-rank DeepSpeed launch of `singularity-ds train`; its output goes to <run>/<name>.log."""
+    """One 2-rank DeepSpeed launch of `singularity-ds train`: the launcher's output goes to <run>/<name>.log,
+    each rank's to <run>/<name>.ranks/<time>_rank<N>.log."""
     out = os.path.join(run_dir, name)
     launcher = os.path.join(os.path.dirname(sys.executable), "deepspeed")
-    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()), "--module",
+    # a log per rank: a rank's stderr into a file writes through piece by piece, so two ranks' tracebacks
+    # in one file interleave mid-line ("ImportErrorImportError: : ...")
+    ranks_dir = out + ".ranks"
+    shutil.rmtree(ranks_dir, ignore_errors=True)
+    cmd = [launcher, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+           "--enable_each_rank_log", ranks_dir, "--module",
            "singularity_ds", "train", *args, f"output_dir={out}", "overwrite=True", "ds_config=zero2"]
     start = time.time()
-    # no PYTHONUNBUFFERED: both ranks write into this one file, and unbuffered text writes come in pieces
-    # (a traceback's "ImportError" and ": message" apart) that interleave mid-line; Python's line-buffered
-    # stderr writes each line whole
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     with open(out + ".log", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode:
+        rank_logs = sorted(glob.glob(os.path.join(ranks_dir, "*.log")))
         raise SingularityError(f"demo stage {name} failed (exit {proc.returncode}): "
-                               f"{last_error_line(out + '.log')} (whole log: {out}.log)")
+                               f"{last_error_line(out + '.log', *rank_logs)} "
+                               f"(logs: {out}.log and {ranks_dir}/)")
     print(f"  {name:<14s} {time.time() - start:6.0f} s   -> {out}", flush=True)
     return out
 
@@ -69,15 +74,18 @@ EXCEPTION = re.compile(r"(?:[A-Za-z_][\w.]*\.)?[A-Za-z_]\w*(?:Error|Exception|In
 LAUNCHER = ("subprocess.CalledProcessError",)
 
 
-def last_error_line(log_path: str) -> str:
-    """The line of a failed stage's log that says why: a ``singularity-ds: error:`` line of the ranks, else a
-    traceback's exception line (not the launcher's exit report), else the log's last line; of several, the
-    one most ranks printed (the last of equals). Rank prefixes (``[rank0]:``) are dropped."""
-    try:
-        with open(log_path, errors="replace") as f:
-            lines = [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in f]
-    except OSError as e:
-        return f"its log cannot be read ({e.strerror})"
+def last_error_line(*log_paths: str) -> str:
+    """The line of a failed stage's logs (the launcher's, then each rank's) that says why: a
+    ``singularity-ds: error:`` line of the ranks, else a traceback's exception line (not the launcher's exit
+    report), else the last line; of several, the one most ranks printed (the last of equals). Rank prefixes
+    (``[rank0]:``) are dropped."""
+    lines = []
+    for log_path in log_paths:
+        try:
+            with open(log_path, errors="replace") as f:
+                lines += [re.sub(r"^\[rank\d+\]:\s*", "", line.strip()) for line in f]
+        except OSError as e:
+            return f"its log cannot be read ({e.strerror}: {log_path})"
     lines = [line for line in lines if line]
     for pattern in (ONE_LINE, EXCEPTION):
         found = [m.group(0) for line in lines if not line.startswith(LAUNCHER)

@@ -34,7 +34,13 @@ def test_last_error_line_finds_the_ranks_error(tmp_path):
     assert last_error_line(str(log)) == "just one line"
     log.write_text("")
     assert last_error_line(str(log)) == "its log is empty"
-    assert last_error_line(str(tmp_path / "none.log")) == "its log cannot be read (No such file or directory)"
+    missing = tmp_path / "none.log"
+    assert last_error_line(str(missing)) == f"its log cannot be read (No such file or directory: {missing})"
+    # the launcher's log and each rank's: the line most ranks printed
+    (tmp_path / "rank0.log").write_text("Traceback (most recent call last):\nValueError: x\n")
+    (tmp_path / "rank1.log").write_text("Traceback (most recent call last):\nValueError: x\n")
+    log.write_text(LAUNCHER_LOG)
+    assert last_error_line(str(log), str(tmp_path / "rank0.log"), str(tmp_path / "rank1.log")) == "ValueError: x"
 
 
 @pytest.mark.multiproc
@@ -50,5 +56,9 @@ def test_a_failing_stage_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SingularityError) as e:
         launch("pretrain_1f", ["pretrain", "tiny"], str(run))
     assert str(e.value) == ("demo stage pretrain_1f failed (exit 1): ImportError: omegaconf is shadowed "
-                            f"here (injected) (whole log: {run}/pretrain_1f.log)")
-    assert "Traceback" in (run / "pretrain_1f.log").read_text()  # the log keeps the whole story
+                            f"here (injected) (logs: {run}/pretrain_1f.log and {run}/pretrain_1f.ranks/)")
+    rank_logs = sorted((run / "pretrain_1f.ranks").glob("*_rank*.log"))
+    assert [p.name.rsplit("_", 1)[1] for p in rank_logs] == ["rank0.log", "rank1.log"]
+    for p in rank_logs:  # each rank's log keeps its whole story, whole lines
+        text = p.read_text()
+        assert "Traceback" in text and text.count("ImportError: omegaconf is shadowed here (injected)\n") == 1
