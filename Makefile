@@ -64,7 +64,7 @@ lint: install
 
 # every test (markers and --strict-markers: pyproject.toml), after the lint
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=40 tests
 
 test-fast: install
 	$(PY) -m pytest -q $(PYTEST_ARGS) -m "not slow and not multiproc and not gpu" tests
