@@ -40,7 +40,8 @@ def test_last_error_line_finds_the_ranks_error(tmp_path):
     (tmp_path / "rank0.log").write_text("Traceback (most recent call last):\nValueError: x\n")
     (tmp_path / "rank1.log").write_text("Traceback (most recent call last):\nValueError: x\n")
     log.write_text(LAUNCHER_LOG)
-    assert last_error_line(str(log), str(tmp_path / "rank0.log"), str(tmp_path / "rank1.log")) == "ValueError: x"
+    ranks = [str(tmp_path / "rank0.log"), str(tmp_path / "rank1.log")]
+    assert last_error_line(str(log), *ranks) == "ValueError: x"
 
 
 @pytest.mark.multiproc
