@@ -8,7 +8,7 @@ setup(
     # the top-level `kernels/` and `ds_configs/` (design layout) hold links to these package folders' files
     # and are not packages themselves (tests/test_install.py: nothing at the root shadows an installed module)
     packages=find_packages(include=["singularity_ds", "singularity_ds.*"]),
-    package_data={"singularity_ds": ["configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*",
+    package_data={"singularity_ds": ["paper.yaml", "configs/*.yaml", "configs/arch/*.json", "configs/tokenizer/*/*",
                                      "search/page.html"],
                   "singularity_ds.ds_configs": ["*.json"]},
     install_requires=[

@@ -151,6 +151,11 @@ def cmd_download(args) -> int:
     return download(args)
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce.run import main as reproduce
+    return reproduce(args.rest)
+
+
 def cmd_bench(args) -> int:
     if args.what == "data":
         from .data.benchmark import main as bench_data
@@ -330,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also accept file:// URLs (tests, local mirrors); never as a redirect target")
     dl.add_argument("--no-progress", action="store_true", help="no progress bar")
     dl.set_defaults(func=cmd_download)
+    rp = sub.add_parser("reproduce", add_help=False,
+                        help="a result of the paper from its released checkpoint, paper vs measured: "
+                             "ROW [--checkpoints DIR] [--data DIR] [--dry-run] [key=value ...]; --list "
+                             "for the rows")
+    rp.add_argument("rest", nargs=argparse.REMAINDER)
+    rp.set_defaults(func=cmd_reproduce)
     b = sub.add_parser("bench", help="benchmarks: train (samples/s, MFU, memory), data (decode "
                                      "throughput, loader memory), eval (itm / itc cost), kernels (attention: "
                                      "Triton vs SDPA vs math), precision (bf16 vs fp32 retrieval after "
@@ -349,7 +360,14 @@ def main(argv=None) -> int:
     # before a run's one-line error that says nothing about it
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(strip_launcher_args(argv))
+    parser, argv = build_parser(), strip_launcher_args(argv)
+    # a sub-command that parses its own arguments (REMAINDER) gets the options before its first positional
+    # too (argparse leaves `reproduce --list`, `embed --help` unmatched)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "rest"):
+            parser.parse_args(argv)  # argparse's own one-line error, exit 2
+        args.rest = unknown + list(args.rest)
     try:
         if hasattr(args, "configs"):
             args.configs, args.overrides, _ = split_run_args(args.configs)

@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "singularity_ds"
 
 # Each layer may import only the layers before it (and itself).
 LAYERS = [
-    {"errors", "fileio", "dist", "heartbeat", "hub", "timm_hub", "ds_configs"},
+    {"errors", "fileio", "dist", "heartbeat", "hub", "timm_hub", "ds_configs", "paper"},
     {"config"},
     {"data"},
     {"kernels"},
@@ -17,7 +17,7 @@ LAYERS = [
     {"tasks"},
     {"search"},
     {"engine"},
-    {"demo", "doctor", "hf_export", "original_export", "gpu_check", "gpu_wheels"},
+    {"demo", "doctor", "hf_export", "original_export", "gpu_check", "gpu_wheels", "reproduce"},
     {"cli", "__main__"},
 ]
 

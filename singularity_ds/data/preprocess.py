@@ -21,6 +21,16 @@ from fractions import Fraction
 
 from ..config.args import positive
 from ..fileio import write_json
+from ..paper import load as load_paper
+
+# the downstream media folders the original's configs read, with their re-encoding (paper.yaml `media`;
+# SSv2 is used as downloaded: no preset)
+PRESETS = {name: m for name, m in load_paper().media.items() if "size" in m}
+
+
+def _preset_text(m: dict) -> str:
+    return (f"{m['kind']}, {m['folder']}: " + (f"{m['fps']} fps, " if "fps" in m else "") + f"{m['size']} px"
+            + (f", first {m['trim']} s" if "trim" in m else ""))
 
 VIDEO_EXTS = {".mp4", ".avi", ".mkv", ".webm", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".gif"}
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -159,18 +169,29 @@ def main(argv=None) -> int:
         description="Re-encode a folder of videos (H.264, constant FPS, no audio) or images (JPEG), "
                     "shorter side SIZE, mirroring SRC's relative paths under DST. Resumable; failures go "
                     "to DST/" + FAILURES + ".",
-        usage="%(prog)s videos|images SRC DST [--fps 2] [--size 224] [--workers N] [--trim SECONDS]")
+        usage="%(prog)s videos|images SRC DST [--preset DATASET] [--fps 2] [--size 224] [--workers N] "
+              "[--trim SECONDS]")
     parser.add_argument("kind", choices=("videos", "images"), metavar="videos|images")
     parser.add_argument("src", metavar="SRC", help="input folder (walked recursively)")
     parser.add_argument("dst", metavar="DST", help="output folder (mirrors SRC's relative paths)")
-    parser.add_argument("--fps", type=positive(Fraction), default=Fraction(2),
-                        help="output frame rate (videos)")
-    parser.add_argument("--size", type=positive(int), default=224, help="output shorter side, in pixels")
+    parser.add_argument("--preset", choices=sorted(PRESETS), metavar="DATASET",
+                        help="the original's re-encoding of this downstream dataset, as its configs' media "
+                             "folder names say (" + "; ".join(f"{k}: {_preset_text(v)}" for k, v in
+                                                             sorted(PRESETS.items())) + "); --fps/--size/"
+                             "--trim given too win")
+    parser.add_argument("--fps", type=positive(Fraction), help="output frame rate (videos; default 2)")
+    parser.add_argument("--size", type=positive(int), help="output shorter side, in pixels (default 224)")
     parser.add_argument("--workers", type=positive(int), default=1, metavar="N",
                         help="processes (1: no pool)")
     parser.add_argument("--trim", type=positive(Fraction), metavar="SECONDS",
                         help="keep only the first SECONDS (videos; the original's DiDeMo setup used 30)")
     args = parser.parse_args(argv)
+    preset = PRESETS.get(args.preset, {})
+    if preset and preset["kind"] != args.kind:
+        parser.error(f"--preset {args.preset} is for {preset['kind']}, not {args.kind}")
+    args.fps = args.fps or Fraction(preset.get("fps", 2))
+    args.size = args.size or preset.get("size", 224)
+    args.trim = args.trim or (Fraction(preset["trim"]) if "trim" in preset else None)
     if args.kind == "videos" and args.size % 2:
         parser.error("--size must be even for videos (yuv420p)")
     if not os.path.isdir(args.src):

@@ -29,6 +29,8 @@ from .metrics import save_results
 from .retrieval import evaluate
 
 logger = logging.getLogger(__name__)
+# architecture keys a command line may set for the checkpoint's model (the rest of it is the checkpoint's)
+ARCH_KEYS = ("add_temporal_embed", "temporal_vision_encoder.")
 
 
 def set_label(config, name: str) -> str:
@@ -136,11 +138,12 @@ def eval_main(kind: str, argv) -> dict:
               else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     # the resolution the checkpoint was trained at, unless asked for another one on the command line: a
     # config file's image_res (the packaged ones say 224) would resize a 32 px model's tables for nothing
-    given = any(o.split("=", 1)[0].strip() == "image_res" for o in overrides)
-    asked = {"image_res": config.image_res} if given else {}
+    # so are the temporal flags the original's README appends for a Singularity-temporal checkpoint
+    given = [o.split("=", 1)[0].strip() for o in overrides]
+    asked = {k: OmegaConf.select(config, k) for k in given if k == "image_res" or k.startswith(ARCH_KEYS)}
     # QA: the QA model (decoder initialised if the file has none); else as the checkpoint holds
     model = load_model(checkpoint, qa=True if kind == "qa" else None, **asked).to(device)
-    if model.config.image_res != config.image_res and not asked:
+    if model.config.image_res != config.image_res and "image_res" not in asked:
         logger.info("image_res=%d from %s (the config says %d; pass image_res=%d to evaluate at that "
                     "resolution)", model.config.image_res, checkpoint, config.image_res, config.image_res)
     follow_model_pixels(config, model)  # transforms follow the model

@@ -13,7 +13,7 @@ from ..errors import CheckpointError, ConfigError
 from ..hub import tower_folder
 from .qa import SingularityQA
 from .singularity import Singularity
-from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint
+from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint, temporal_layers
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,12 @@ def load_model(path: str, strict: bool = True, qa: bool = None, **overrides) -> 
         cfg = complete_config(stored)
     except ConfigError as e:
         raise CheckpointError(f"{path}: its config: {e}") from None
+    layers = temporal_layers(state)
+    if layers and not cfg.temporal_vision_encoder.enable:  # e.g. a config saved without the flags
+        raise CheckpointError(
+            f"{path}: has a {layers}-layer temporal encoder (a Singularity-temporal checkpoint) but its "
+            f"config does not enable it: pass add_temporal_embed=True temporal_vision_encoder.enable=True "
+            f"temporal_vision_encoder.num_layers={layers}")
     if qa is None:
         qa = is_qa_state(state)
     model = (SingularityQA if qa else Singularity)(cfg)

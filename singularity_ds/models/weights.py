@@ -80,6 +80,11 @@ def plain_config(cfg) -> dict:
     return dict(cfg)
 
 
+def temporal_layers(keys) -> int:
+    """How many temporal-encoder layers a state dict's keys hold (0: a 1-frame Singularity checkpoint)."""
+    return len({k.split(".")[2] for k in keys if k.startswith("temporal_vision_encoder.layer.")})
+
+
 # ---------------------------------------------------------------------- shape conversions
 def resize_temporal_embed(old: torch.Tensor, num_frames: int) -> torch.Tensor:
     """The original's ``load_temp_embed_with_mismatch``: clip extra frames, zero-pad missing ones."""
