@@ -93,7 +93,13 @@ def cmd_doctor(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .eval.run import eval_main
+    from .eval.run import EVAL_CONFIGS, eval_main
+    from .tasks import TASKS
+    if args.rest and args.rest[0] in TASKS:  # `train` takes the task, `eval` the config
+        first = EVAL_CONFIGS[args.kind].split(",")[0]
+        raise ConfigError(f"eval {args.kind} takes a config ({EVAL_CONFIGS[args.kind]}), not the task "
+                          f"name {args.rest[0]!r}: singularity-ds eval {args.kind} {first} CHECKPOINT "
+                          f"[key=value ...]")
     eval_main(args.kind, args.rest)
     return 0
 
@@ -198,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="singularity-ds", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("summary", help="print a model's architecture and parameter counts")
-    s.add_argument("configs", nargs="*",
+    s.add_argument("configs", nargs="*", default=[],
                    help="config names/paths (e.g. pretrain tiny) then key=value overrides")
     s.add_argument("--checkpoint", help="summarise a checkpoint instead of a config")
     s.set_defaults(func=cmd_summary)
@@ -213,8 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=42, help="every training stage's seed (the corpus is fixed)")
     d.set_defaults(func=cmd_demo)
     t = sub.add_parser("train", help="train: TASK [--config BASE] [OVERLAY ...] [key=value ...]",
-                       description="Tasks: pretrain, train_ret, train_qa. Run under `deepspeed` or `srun` "
-                                   "for several ranks.")
+                       add_help=False)  # `train --help` / `train TASK --help`: the run's own help
     t.add_argument("rest", nargs=argparse.REMAINDER)
     t.set_defaults(func=cmd_train)
     dr = sub.add_parser("doctor", help="validate a run before it starts: TASK [CONFIG ...] [key=value ...]",
@@ -224,8 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     dr.set_defaults(func=cmd_doctor)
     e = sub.add_parser("eval",
                        help="evaluate: ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
+                       usage="%(prog)s ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
                        description="Retrieval (two-stage ITC + ITM), multiple-choice or QA evaluation of a "
-                                   "checkpoint.")
+                                   "checkpoint; `eval ret --help` (mc, qa) for each one's arguments.")
     e.add_argument("kind", choices=["ret", "mc", "qa"])
     e.add_argument("rest", nargs=argparse.REMAINDER)
     e.set_defaults(func=cmd_eval)

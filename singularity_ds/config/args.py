@@ -9,6 +9,33 @@ from typing import Dict, List, NamedTuple, Sequence
 
 from ..errors import ConfigError
 
+HELP_FLAGS = ("-h", "--help")
+
+
+class RunUsage(NamedTuple):
+    """What ``--help`` prints for a run-argument command: its shape and what each part is."""
+    prog: str               # singularity-ds train
+    shape: str              # TASK [--config BASE] [OVERLAY ...] [key=value ...]
+    parts: Dict[str, str]   # positional part -> what it is (TASK: pretrain, train_ret or train_qa)
+    description: str = ""
+
+
+def run_help(usage: RunUsage, value_flags, bool_flags) -> str:
+    """The help text, through argparse so it reads as every other sub-command's."""
+    p = argparse.ArgumentParser(prog=usage.prog, usage=f"%(prog)s {usage.shape}",
+                                description=usage.description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(f"{k}: {v}" for k, v in usage.parts.items()) + "\n")
+    for flag in value_flags:
+        p.add_argument(flag, metavar=flag.lstrip("-").upper(), help=_doc(value_flags, flag))
+    for flag in bool_flags:
+        p.add_argument(flag, action="store_true", help=_doc(bool_flags, flag))
+    return p.format_help()
+
+
+def _doc(flags, flag) -> str:
+    return flags.get(flag, "") if isinstance(flags, dict) else ""
+
 
 class RunArgs(NamedTuple):
     configs: List[str]      # task config then overlays (names or YAML paths), in order
@@ -22,13 +49,17 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
 
 
 def split_run_args(argv: Sequence[str], value_flags: Sequence[str] = (),
-                   bool_flags: Sequence[str] = ()) -> RunArgs:
+                   bool_flags: Sequence[str] = (), usage: RunUsage = None) -> RunArgs:
     """``pretrain tiny a.b=1 --config X --offload`` -> RunArgs(["pretrain", "tiny"], ["a.b=1"], {...}).
 
-    ``value_flags`` take the next argument (``--config BASE``); ``bool_flags`` take none. Any other
-    ``--`` argument is an error naming it."""
+    ``value_flags`` take the next argument (``--config BASE``); ``bool_flags`` take none (either may be a
+    dict flag -> help). Any other ``--`` argument is an error naming it. With ``usage``, ``-h`` /
+    ``--help`` anywhere prints the help and exits 0."""
     configs, overrides, flags = [], [], {}
     items = strip_launcher_args(argv)
+    if usage is not None and any(a in HELP_FLAGS for a in items):
+        print(run_help(usage, value_flags, bool_flags), end="")
+        raise SystemExit(0)
     i = 0
     while i < len(items):
         a = items[i]

@@ -28,8 +28,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import dist, heartbeat
-from ..config import load_config
-from ..config.args import split_run_args
+from ..config import load_config, packaged_configs
+from ..config.args import RunUsage, split_run_args
 from ..data import corpus_specs
 from ..data.checks import preflight
 from ..data.loader import item_seed
@@ -278,10 +278,26 @@ class Trainer:
         dist.barrier()
 
 
+TRAIN_FLAGS = {"--config": "the task's base config, a packaged name or a YAML path (default: the task's own: "
+                           "pretrain -> pretrain, train_ret -> ret_msrvtt, train_qa -> qa_msrvtt)"}
+
+
+def train_usage():
+    return RunUsage(
+        "singularity-ds train", "TASK [--config BASE] [OVERLAY ...] [key=value ...]",
+        {"TASK": ", ".join(TASKS),
+         "OVERLAY": "config names or YAML paths merged over BASE in order (packaged: "
+                    + ", ".join(packaged_configs()) + ")",
+         "key=value": "any config key (singularity-ds config-docs); pretrained_path=CKPT starts from a "
+                      "checkpoint (an original .pth or an export folder)"},
+        "Train with DeepSpeed: one process here; several under deepspeed, torchrun, srun or "
+        "launchers/local.sh N.")
+
+
 def parse_train_args(argv):
     """``TASK [--config BASE] [CONFIG ...] [key=value ...]`` -> (task, config). BASE defaults to the
     task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml, ...)."""
-    args = split_run_args(argv, value_flags=["--config"])
+    args = split_run_args(argv, value_flags=TRAIN_FLAGS, usage=train_usage())
     if not args.configs or args.configs[0] not in TASKS:
         raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; "
                           f"expected one of {', '.join(TASKS)}")

@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..config import load_config
-from ..config.args import split_run_args
+from ..config.args import RunUsage, split_run_args
 from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
 from ..errors import CheckpointError, ConfigError
@@ -114,11 +114,34 @@ def _skipped(res: dict) -> str:
     return f" (left out: {len(res['skipped_media'])} broken media{more})"
 
 
-def _split_args(argv):
-    args = split_run_args(argv, bool_flags=["--offload"])
+EVAL_FLAGS = {"--offload": "= eval_offload=True: extraction sharded across ranks, features in host memory "
+                           "or on disk (eval_feature_store), no N x M matrix (large sets)"}
+EVAL_CONFIGS = {"ret": "ret_msrvtt, ret_didemo, ret_anet, ret_ssv2_label, ret_ssv2_template, ret_coco, "
+                       "ret_flickr",
+                "mc": "ret_msrvtt_mc", "qa": "qa_msrvtt, qa_anet, qa_vqa"}
+
+
+def eval_usage(kind: str) -> RunUsage:
+    return RunUsage(
+        f"singularity-ds eval {kind}", "CONFIG [OVERLAY ...] CHECKPOINT [key=value ...] [--offload]",
+        {"CONFIG": f"the evaluation's config, a packaged name ({EVAL_CONFIGS[kind]}) or a YAML path: its "
+                   "test_file, test_types, video_input.num_frames_test, eval_frame_ensemble, k_test",
+         "OVERLAY": "more config names or YAML paths, merged in order",
+         "CHECKPOINT": "an original .pth (pretraining: zero-shot, or fine-tuned) or an export folder; the "
+                       "architecture and image_res come from it",
+         "key=value": "config overrides (test_types=[val,test], video_input.num_frames_test=12, ...); "
+                      "image_res and the temporal flags also change the checkpoint's model"},
+        {"ret": "Retrieval: ITC ranks, ITM re-ranks each query's k_test best (the original's two stages).",
+         "mc": "Multiple choice: the option with the highest ITM score.",
+         "qa": "Question answering: the answer list ranked by the answer decoder."}[kind]
+        + " Several ranks under deepspeed / torchrun / srun.")
+
+
+def _split_args(argv, kind="ret"):
+    args = split_run_args(argv, bool_flags=EVAL_FLAGS, usage=eval_usage(kind))
     if len(args.configs) < 2:
-        raise ConfigError("usage: singularity-ds eval ret|mc|qa CONFIG [OVERLAY ...] CHECKPOINT "
-                          "[key=value ...] [--offload]")
+        raise ConfigError(f"usage: singularity-ds eval {kind} CONFIG [OVERLAY ...] CHECKPOINT "
+                          "[key=value ...] [--offload]  (singularity-ds eval ret --help)")
     overrides = args.overrides + (["eval_offload=True"] if "offload" in args.flags else [])
     return args.configs[:-1], args.configs[-1], overrides
 
@@ -126,7 +149,7 @@ def _split_args(argv):
 def eval_main(kind: str, argv) -> dict:
     from ..dist import setup
     from ..models import follow_model_pixels, load_model
-    configs, checkpoint, overrides = _split_args(list(argv))
+    configs, checkpoint, overrides = _split_args(list(argv), kind)
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
     config = load_config(configs, overrides)

@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="singularity-ds reproduce",
         description="Evaluate a released checkpoint with the paper's settings and compare with the paper's "
                     "numbers. ROW: a row id of --list, a shell pattern (msrvtt-*), or all.")
-    p.add_argument("items", nargs="*", metavar="ROW|key=value",
+    p.add_argument("items", nargs="*", default=[], metavar="ROW|key=value",
                    help="rows, then config overrides for the evaluation (e.g. eval_offload=True)")
     p.add_argument("--list", action="store_true", help="every row with its paper numbers and source")
     p.add_argument("--checkpoints", metavar="DIR",

@@ -240,7 +240,8 @@ def _parse(argv):
     p.add_argument("source", help="folder (recursive), annotation .json, shard index.json, or a folder or "
                                   "glob of .tar shards (img2dataset / video2dataset output)")
     p.add_argument("out_dir")
-    p.add_argument("overrides", nargs="*", help="key=value model config overrides (e.g. image_res=224)")
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                   help="model config overrides (e.g. image_res=224)")
     p.add_argument("--frames", type=int, default=4, help="frames per video (uniformly spread)")
     p.add_argument("--batch", type=int, default=32, help="media per forward pass, per rank")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="embedding (and token) precision")
