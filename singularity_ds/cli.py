@@ -201,8 +201,13 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="singularity-ds", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(prog="singularity-ds", usage="%(prog)s COMMAND ...",
+                                description="Singularity (single-frame training, multi-frame inference) on "
+                                            "DeepSpeed. `singularity-ds COMMAND --help` for each command.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # listed by job in the epilog (JOBS) rather than argparse's one flat list
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS,
+                           prog="singularity-ds")
     s = sub.add_parser("summary", help="print a model's architecture and parameter counts")
     s.add_argument("configs", nargs="*", default=[],
                    help="config names/paths (e.g. pretrain tiny) then key=value overrides")
@@ -357,7 +362,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "vectors"])
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    p.epilog = "\n\n".join(f"{job}:\n" + "\n".join(_wrapped(c, helps[c]) for c in cmds)
+                             for job, cmds in JOBS.items())
     return p
+
+
+# `singularity-ds --help` lists the sub-commands by the job a user comes with
+JOBS = {
+    "run": ["train", "demo", "doctor"],
+    "data": ["download", "preprocess", "make-shards", "make-synthetic", "corpus-stats"],
+    "use a model": ["eval", "reproduce", "embed", "search", "serve", "export"],
+    "inspect": ["summary", "config-docs"],
+    "benchmark": ["bench"],
+}
+
+
+def _wrapped(name: str, text: str, width: int = 100) -> str:
+    import textwrap
+    return textwrap.fill(text, width, initial_indent=f"  {name:<15s} ", subsequent_indent=" " * 18)
 
 
 def main(argv=None) -> int:

@@ -51,3 +51,58 @@ def test_make_synthetic_command(tmp_path, capsys):
     assert (out / "configs" / "pretrain.yaml").is_file() and (out / "configs" / "ret.yaml").is_file()
     assert main(["make-synthetic", str(tmp_path / "x"), "--num-clips", "5"]) == 2
     assert "need at least 18 clips" in capsys.readouterr().err
+
+
+def help_forms():
+    """Every sub-command of the parser tree, and each task / kind / benchmark form of those that take one."""
+    import argparse
+
+    from singularity_ds.cli import build_parser
+    from singularity_ds.tasks import TASKS
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    forms = []
+    for name, parser in sub.choices.items():
+        forms.append([name])
+        for action in parser._actions:  # a choice positional: the kinds (eval ret|mc|qa, bench train|...)
+            if action.choices and not action.option_strings and action.dest != "help":
+                forms += [[name, choice] for choice in action.choices]
+    forms += [["train", task] for task in TASKS] + [["doctor", task] for task in TASKS]
+    forms += [["corpus-stats", "index.json"], ["reproduce", "msrvtt-ret-1f-5m"]]
+    return forms
+
+
+def test_every_command_and_form_answers_help(capsys):
+    """`--help` and `-h` on every sub-command and form: exit 0 and a usage line naming the form."""
+    forms = help_forms()
+    assert ["train", "pretrain"] in forms and ["eval", "qa"] in forms and ["bench", "vectors"] in forms
+    assert ["embed"] in forms and ["serve"] in forms and ["preprocess", "images"] in forms
+    for form in forms:
+        for flag in ("--help", "-h"):
+            try:
+                rc = main([*form, flag])
+            except SystemExit as e:
+                rc = e.code
+            out = capsys.readouterr().out
+            assert rc == 0, (form, flag)
+            usage = out.split("\n\n")[0].replace("\n", " ")
+            assert usage.startswith(f"usage: singularity-ds {form[0]}"), (form, out[:300])
+            if form[0] in ("eval", "bench") and len(form) > 1:  # the kind's own help, not the command's
+                assert usage.startswith(f"usage: singularity-ds {form[0]} {form[1]} "), (form, usage)
+
+
+def test_top_level_help_lists_every_command_once_by_job(capsys):
+    import argparse
+
+    from singularity_ds.cli import JOBS, build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    listed = [c for cmds in JOBS.values() for c in cmds]
+    assert sorted(listed) == sorted(sub.choices)  # each sub-command in exactly one job
+    try:
+        main(["--help"])
+    except SystemExit as e:
+        assert e.code == 0
+    out = capsys.readouterr().out
+    headers = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert headers == ["options"] + list(JOBS)
+    for command in listed:
+        assert sum(line.startswith(f"  {command} ") for line in out.splitlines()) == 1, command
