@@ -14,7 +14,7 @@ EXTRAS := dev,dali,wandb
 # The venv's bin first on PATH: DeepSpeed's JIT ops (ninja) and the console script come from there.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install system-deps lint test test-fast test-latest lock demo demo-qa gpu-check gpu-wheels clean
+.PHONY: install system-deps lint test test-fast test-latest lock demo demo-qa gpu-check wheelhouse clean
 
 install: system-deps $(STAMP)
 
@@ -96,14 +96,17 @@ demo-qa: install  # after `make demo`: video QA from its single-frame pretrainin
 
 # One report (gpu-check/gpu_check.md + .json): gpu tests, bench train (MFU), end-to-end train from shards
 # (data-wait), bench eval itm, bench kernels; <= 8 min on one H200 (docs/gpu-check.md). DRY=1: every step at
-# CPU size, here. No install step: on the GPU machine the packages come as wheels (`make gpu-wheels`).
+# CPU size. No install step: a node without the package index installs from a wheelhouse (`make wheelhouse`).
 GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) -m singularity_ds.gpu_check --out $(or $(OUT),gpu-check) $(if $(filter 1,$(DRY)),--dry)
 
-# The wheels the GPU machine lacks, packed into loads of < 64 MiB per device call; DALI=1 adds DALI (~200 MB).
-gpu-wheels: install
-	$(PY) -m singularity_ds.gpu_wheels prepare $(if $(filter 1,$(DALI)),--dali)
+# An offline install for nodes that cannot reach the package index: every wheel of the lock for a target
+# Python and platform in one folder (docs/install.md). WHEELHOUSE_ARGS: --python 3.12, --platform TAG,
+# --exclude torch ..., --only NAME ..., --part-size 2GB.
+WHEELHOUSE ?= wheelhouse
+wheelhouse: install
+	$(PY) -m singularity_ds.wheelhouse build $(WHEELHOUSE) --lock $(LOCK) $(WHEELHOUSE_ARGS)
 
 clean:
 	rm -rf $(VENV) $(LATEST) *.egg-info

@@ -1,5 +1,5 @@
-"""``make gpu-check`` (``python -m singularity_ds.gpu_check``): everything worth measuring on a lent GPU, in
-one run of at most 8 minutes on one H200, into one report (``gpu_check.md`` + ``gpu_check.json``, a
+"""``make gpu-check`` (``python -m singularity_ds.gpu_check``): everything worth measuring on a GPU, in one
+run of at most 8 minutes on one H200, into one report (``gpu_check.md`` + ``gpu_check.json``, a
 plot of the end-to-end run, and every step's output in ``gpu_check.log``).
 
 Steps, each a subprocess with its own time budget (a failure or a timeout is recorded and the next step
@@ -505,7 +505,7 @@ def plot(numbers: dict, path: str, title: str):
 
 def write_report(report: dict, out: str, logs: str = None) -> dict:
     """``gpu_check.json``, ``gpu_check.md``, ``gpu_check.png`` (when the end-to-end run finished) and the
-    steps' outputs in one ``gpu_check.log`` (few files: a device call brings back at most 8). -> paths."""
+    steps' outputs in one ``gpu_check.log`` (few files, easy to copy off a node). -> paths."""
     os.makedirs(out, exist_ok=True)
     report["goals"] = goals(report["steps"], report["dry"])
     paths = dict(json=write_json(report, os.path.join(out, "gpu_check.json")),

@@ -1,6 +1,5 @@
-"""The one-shot GPU check (``make gpu-check``): its CPU dry run writes the report with every step's numbers,
-and wheels too large for one device call travel in parts that are joined and checked there."""
-import hashlib
+"""The one-shot GPU check (``make gpu-check``): its CPU dry run writes the report with every step's
+numbers."""
 import json
 import os
 import subprocess
@@ -9,75 +8,8 @@ import time
 
 import pytest
 
-from singularity_ds import gpu_wheels
-from singularity_ds.errors import ConfigError
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KIB = 1024
-
-
-def _digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
-
-
-def _wheels(tmp_path):
-    """Three files standing in for wheels: 700 KiB (over a 256 KiB load: 3 parts), 100 KiB, 20 KiB."""
-    src = tmp_path / "all"
-    src.mkdir()
-    paths = []
-    for name, size in [("big-1.0-py3-none-any.whl", 700 * KIB), ("mid-1.0-py3-none-any.whl", 100 * KIB),
-                       ("small-1.0-py3-none-any.whl", 20 * KIB)]:
-        (src / name).write_bytes(os.urandom(size))
-        paths.append(str(src / name))
-    return paths
-
-
-def test_split_wheel_travels_in_loads_and_is_joined_with_its_checksum(tmp_path):
-    big, mid, small = _wheels(tmp_path)
-    manifest = gpu_wheels.pack([[big], [mid, small]], str(tmp_path / "whl"), 256 * KIB)
-    # the big wheel: parts of 256, 256, 188 KiB in the first group's loads; the others share a last load
-    assert [p["size"] for p in manifest["wheels"][os.path.basename(big)]["parts"]] == [256 * KIB, 256 * KIB,
-                                                                                      188 * KIB]
-    assert manifest["loads"][-1] == ["mid-1.0-py3-none-any.whl", "small-1.0-py3-none-any.whl"]
-    loads = sorted(os.listdir(tmp_path / "whl"))
-    assert loads == ["load1", "load2", "load3", "load4"]
-    for load in loads:  # each folder fits one call's load and names what it carries
-        files = [f for f in os.listdir(tmp_path / "whl" / load) if f != gpu_wheels.MANIFEST]
-        assert sum(os.path.getsize(tmp_path / "whl" / load / f) for f in files) <= 256 * KIB
-    # there: every load but the last is kept in a staging folder; the last installs from both
-    staging = str(tmp_path / "staging")
-    for load in loads[:-1]:
-        gpu_wheels.receive(str(tmp_path / "whl" / load), staging)
-    out = gpu_wheels.assemble([str(tmp_path / "whl" / loads[-1]), staging], str(tmp_path / "joined"))
-    assert sorted(map(os.path.basename, out)) == sorted(map(os.path.basename, [big, mid, small]))
-    for original in (big, mid, small):
-        assert _digest(tmp_path / "joined" / os.path.basename(original)) == _digest(original)
-
-
-def test_a_missing_or_damaged_part_is_one_error_naming_it(tmp_path):
-    big, mid, small = _wheels(tmp_path)
-    gpu_wheels.pack([[big], [mid, small]], str(tmp_path / "whl"), 256 * KIB)
-    staging = str(tmp_path / "staging")
-    for load in ("load1", "load3"):  # load2 never came (the machine went cold between calls)
-        gpu_wheels.receive(str(tmp_path / "whl" / load), staging)
-    with pytest.raises(ConfigError, match=r"big-1.0-py3-none-any.whl: 1 of 3 parts missing "
-                                          r"\(big-1.0-py3-none-any.whl.part2of3 from load2\)"):
-        gpu_wheels.assemble([str(tmp_path / "whl" / "load4"), staging], str(tmp_path / "joined"))
-    gpu_wheels.receive(str(tmp_path / "whl" / "load2"), staging)
-    part = os.path.join(staging, sorted(f for f in os.listdir(staging) if ".part" in f)[0])
-    data = bytearray(open(part, "rb").read())
-    data[1000] ^= 0xFF  # one flipped byte in transit
-    open(part, "wb").write(bytes(data))
-    with pytest.raises(ConfigError, match="part damaged in transit"):
-        gpu_wheels.assemble([str(tmp_path / "whl" / "load4"), staging], str(tmp_path / "joined"))
-
-
-def test_receive_names_a_folder_that_is_not_a_load(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "singularity_ds.gpu_wheels", "receive", str(tmp_path),
-                           str(tmp_path / "staging")], capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 2
-    assert proc.stderr.strip() == (f"singularity-ds: error: {tmp_path}: no wheels.json; name this load "
-                                   f"folder in the call's `carry`")
 
 
 @pytest.mark.slow
