@@ -6,7 +6,7 @@ from fractions import Fraction
 
 from omegaconf.errors import OmegaConfBaseException
 
-from .config import load_config
+from .config import config_error_line, load_config
 from .config.args import positive, split_run_args, strip_launcher_args
 from .errors import ConfigError, SingularityError
 
@@ -405,9 +405,10 @@ def main(argv=None) -> int:
         print(f"singularity-ds: error: {e}", file=sys.stderr)
         return 2
     except OmegaConfBaseException as e:  # e.g. ${oc.env:SL_DATA_DIR} unset: one line naming the key
-        lines = [line.strip() for line in str(e).splitlines() if not line.strip().startswith("object_type")]
-        print(f"singularity-ds: error: config: {'; '.join(lines)}", file=sys.stderr)
+        print(f"singularity-ds: error: {config_error_line(e)}", file=sys.stderr)
         return 2
+
+
 
 
 if __name__ == "__main__":

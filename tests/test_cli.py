@@ -106,3 +106,18 @@ def test_top_level_help_lists_every_command_once_by_job(capsys):
     assert headers == ["options"] + list(JOBS)
     for command in listed:
         assert sum(line.startswith(f"  {command} ") for line in out.splitlines()) == 1, command
+
+
+def test_an_unset_environment_variable_is_one_line_naming_the_key(capsys, monkeypatch, tmp_path):
+    """The original's configs read ${oc.env:SL_DATA_DIR}: unset, train and doctor say which key reads it
+    and what to set."""
+    monkeypatch.delenv("SL_DATA_DIR", raising=False)
+    expected = ("singularity-ds: error: config key 'train_file' reads the environment variable SL_DATA_DIR, "
+                "which is not set: export SL_DATA_DIR=/path (the data folder: anno_pretrain/, "
+                "anno_downstream/ and videos_images/, as the original's README sets it), or give the paths "
+                "in an overlay (make-synthetic writes one: OUT/configs/pretrain.yaml)")
+    train = ["train", "pretrain", "tiny", f"output_dir={tmp_path / 'run'}"]
+    for argv in (train, ["doctor", "pretrain", "tiny"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == expected
+    assert not (tmp_path / "run").exists()

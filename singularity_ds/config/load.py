@@ -14,6 +14,7 @@ config (a packaged name or a YAML path); later names are overlays; CLI keys come
 import difflib
 import logging
 import os
+import re
 from importlib import resources
 from typing import Iterable, List, Sequence
 
@@ -164,3 +165,23 @@ def complete_config(stored) -> DictConfig:
     cfg = OmegaConf.merge(OmegaConf.create(defaults()), layer)
     validate(cfg)
     return cfg
+
+
+# the original's environment variables, and what each holds
+ENV_VARS = {"SL_DATA_DIR": "the data folder: anno_pretrain/, anno_downstream/ and videos_images/, as the "
+                           "original's README sets it",
+            "SL_EXP_DIR": "the folder of checkpoints and run folders, as the original's README sets it"}
+
+
+def config_error_line(e, key: str = None) -> str:
+    """An OmegaConf error as one line; an unset ``${oc.env:VAR}`` names the key, the variable and the fix."""
+    text = str(e)
+    env = re.search(r"Environment variable '([^']+)' not found", text)
+    key = key or getattr(e, "full_key", None)
+    if env:
+        var = env.group(1)
+        return (f"config key {key!r} reads the environment variable {var}, which is not set: export "
+                f"{var}=/path ({ENV_VARS.get(var, 'see the config that reads it')}), or give the paths in "
+                f"an overlay (make-synthetic writes one: OUT/configs/pretrain.yaml)")
+    lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("object_type")]
+    return f"config: {'; '.join(lines)}"

@@ -31,8 +31,11 @@ from array import array
 from typing import Iterable, Iterator, List, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from ..errors import AnnotationError
+from ..config import config_error_line
+from ..errors import AnnotationError, ConfigError
 
 MEDIA_TYPES = ("image", "video")
 
@@ -117,7 +120,11 @@ def corpus_specs(train_file, key: str = "train_file") -> List[tuple]:
     """``[anno, dir]`` / ``[anno, dir, video]`` or a list of them -> [(anno, dir, media_type)]."""
     if train_file is None:
         raise AnnotationError(f"config key {key!r} is not set")
-    items = list(train_file)
+    try:  # resolves the interpolations (an unset ${oc.env:SL_DATA_DIR}: one line naming the key)
+        items = OmegaConf.to_container(train_file, resolve=True) if OmegaConf.is_config(train_file) \
+            else list(train_file)
+    except OmegaConfBaseException as e:
+        raise ConfigError(config_error_line(e, key)) from None
     if items and isinstance(items[0], str):
         items = [items]
     specs = []

@@ -297,6 +297,8 @@ def make_synthetic(out_dir: str, num_clips: int = 300, size: int = 96, frames: i
            "    - ${available_corpus.synthetic_image}",
            *shard_lines,
            "train_corpus: synthetic",
+           # batches the corpus can fill (the packaged pretrain config's 128 images would need more)
+           f"batch_size: {{image: {min(8, num_images)}, video: 16}}",
            "has_multi_vision_gt: True  # one caption, several clips (as SSV2): they share idx, "
            "never negatives",
            "test_file:",
