@@ -2,9 +2,11 @@
 # One machine, N processes (GPUs, or CPU processes with gloo):
 #   launchers/local.sh N TASK [--config BASE] [OVERLAY ...] [key=value ...]
 #   launchers/local.sh 2 pretrain tiny output_dir=runs/pt
+# Runs in the caller's directory: relative output_dir and config paths are the caller's (under
+# $SL_EXP_DIR when that is set), whatever the clone is called or where it lies.
 set -euo pipefail
 n=${1:?usage: launchers/local.sh N TASK [CONFIG ...] [key=value ...]}
 shift
-cd "$(dirname "$0")/.."
-if [ -x .venv/bin/deepspeed ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
+root="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -x "$root/.venv/bin/deepspeed" ]; then export PATH="$root/.venv/bin:$PATH"; fi
 exec deepspeed --num_accelerators "$n" --master_port "${MASTER_PORT:-29500}" --module singularity_ds train "$@"

@@ -185,3 +185,11 @@ def config_error_line(e, key: str = None) -> str:
                 f"an overlay (make-synthetic writes one: OUT/configs/pretrain.yaml)")
     lines = [line.strip() for line in text.splitlines() if not line.strip().startswith("object_type")]
     return f"config: {'; '.join(lines)}"
+
+
+def run_folder(output_dir, default: str) -> str:
+    """A run's folder: ``output_dir`` (else ``default``), under ``$SL_EXP_DIR`` when that is set and the
+    path is relative, as the original's scripts put every run under it."""
+    path = output_dir or default
+    exp = os.environ.get("SL_EXP_DIR")
+    return os.path.abspath(os.path.join(exp, path)) if exp and not os.path.isabs(path) else path

@@ -291,7 +291,8 @@ class Config:
     optimizer: Optimizer = group(Optimizer)
     scheduler: Scheduler = group(Scheduler)
     # --- run and engine
-    output_dir: Optional[str] = key(None, "run folder (checkpoints, logs, results); null: runs/<task>")
+    output_dir: Optional[str] = key(None, "run folder (checkpoints, logs, results); null: runs/<task>; a "
+                                                "relative one lies under $SL_EXP_DIR when that is set")
     resume: bool | str = key(False, "continue a run in output_dir: True / auto (latest checkpoint) or a "
                                     "checkpoint tag")
     resume_allow_data_change: bool = key(False, "resume although a training annotation file changed since "

@@ -7,6 +7,7 @@ put there is refused unless ``resume`` or ``overwrite``; nothing in it is ever d
 """
 import os
 
+from ..config import run_folder
 from ..errors import ConfigError
 from .checkpointing import complete_tags
 
@@ -18,7 +19,7 @@ START_FILES = frozenset({"config.yaml", "ds_config.json", "train.log", "tb", "wa
 def prepare_run_dir(config) -> str:
     """``output_dir`` must be new, or hold only a run's start-up files, unless ``resume`` or
     ``overwrite`` (checked before anything is written)."""
-    run_dir = config.output_dir or os.path.join("runs", config.task)
+    run_dir = run_folder(config.output_dir, os.path.join("runs", config.task))
     if config.resume or config.overwrite or not os.path.isdir(run_dir):
         return run_dir
     others = sorted(n for n in os.listdir(run_dir) if n not in START_FILES and n != ".tmp")

@@ -17,7 +17,7 @@ import os
 import torch
 from omegaconf import OmegaConf
 
-from ..config import load_config
+from ..config import load_config, run_folder
 from ..config.args import RunUsage, split_run_args
 from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
@@ -171,8 +171,8 @@ def eval_main(kind: str, argv) -> dict:
                     "resolution)", model.config.image_res, checkpoint, config.image_res, config.image_res)
     follow_model_pixels(config, model)  # transforms follow the model
     config.image_res = model.config.image_res
-    out_dir = config.output_dir or os.path.join("runs", "eval",
-                                                os.path.splitext(os.path.basename(configs[0]))[0])
+    out_dir = run_folder(config.output_dir,
+                         os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0]))
     config.output_dir = out_dir
     tokenizer = build_tokenizer(config.text_encoder)
     rank = rank_world()[0]

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import List
 
-from ..config import load_config
+from ..config import load_config, run_folder
 from ..errors import ConfigError
 from ..fileio import write_json
 from ..paper import Registry, Row, load
@@ -131,7 +131,7 @@ def plan(reg: Registry, row: Row, checkpoints=None, data=None, checkpoint=None, 
         path = locate.find_checkpoint(reg, row, locate.checkpoint_roots(checkpoints))
     keys = locate.state_keys(path)
     layers = locate.check_variant(row, path, keys)
-    out_dir = out_dir or os.path.join(os.environ.get("SL_EXP_DIR") or "runs", "reproduce", row.id)
+    out_dir = run_folder(out_dir, os.path.join("runs", "reproduce", row.id))
     overrides = [f"test_types=[{row.split.key}]", f"video_input.num_frames_test={row.frames}",
                  "eval_frame_ensemble=concat", f"output_dir={out_dir}"]
     if layers:  # the flags the original's README appends for a temporal model, from its weights
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", metavar="PATH", help="this checkpoint instead of the archive's")
     p.add_argument("--data", metavar="DIR", help="the data root (default: $SL_DATA_DIR)")
     p.add_argument("--out", metavar="DIR",
-                   help="results folder (default: $SL_EXP_DIR/reproduce/ROW, else runs/reproduce/ROW)")
+                   help="results folder (default: runs/reproduce/ROW, under $SL_EXP_DIR when set)")
     p.add_argument("--dry-run", action="store_true", help="resolve everything, print the eval command, stop")
     p.add_argument("--tolerance", type=float, default=TOLERANCE, metavar="POINTS",
                    help=f"largest |measured - paper| called reproduced (default {TOLERANCE})")
