@@ -263,7 +263,10 @@ def test_eval_cli_bad_input_is_one_clear_line(corpus, tmp_path, capsys, monkeypa
     # data root unset: a config error
     assert main(["eval", "ret", "ret_msrvtt", str(tmp_path / "x.pth")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "SL_DATA_DIR" in err and "full_key: " in err
+    assert err == ("singularity-ds: error: config key 'test_file.msrvtt_1k_test[0]' reads the environment "
+                   "variable SL_DATA_DIR, which is not set: export SL_DATA_DIR=/path (the data folder: "
+                   "anno_pretrain/, anno_downstream/ and videos_images/, as the original's README sets it), "
+                   "or give the paths in an overlay (make-synthetic writes one: OUT/configs/pretrain.yaml)\n")
     cfg, model = _eval_setup(corpus, **{"video_input.num_frames": 4, "add_temporal_embed": True})
     ckpt = _original_pth(model, cfg, tmp_path / "t.pth")
     assert main(["eval", "ret", "ret_msrvtt", str(corpus / "configs" / "ret.yaml"), ckpt, "image_res=32",
