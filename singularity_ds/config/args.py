@@ -49,16 +49,16 @@ def strip_launcher_args(argv: Sequence[str]) -> List[str]:
 
 
 def split_run_args(argv: Sequence[str], value_flags: Sequence[str] = (),
-                   bool_flags: Sequence[str] = (), usage: RunUsage = None) -> RunArgs:
+                   bool_flags: Sequence[str] = (), usage=None) -> RunArgs:
     """``pretrain tiny a.b=1 --config X --offload`` -> RunArgs(["pretrain", "tiny"], ["a.b=1"], {...}).
 
     ``value_flags`` take the next argument (``--config BASE``); ``bool_flags`` take none (either may be a
-    dict flag -> help). Any other ``--`` argument is an error naming it. With ``usage``, ``-h`` /
-    ``--help`` anywhere prints the help and exits 0."""
+    dict flag -> help). Any other ``--`` argument is an error naming it. With ``usage`` (a RunUsage, or a
+    function giving one: built only when asked), ``-h`` / ``--help`` anywhere prints the help and exits 0."""
     configs, overrides, flags = [], [], {}
     items = strip_launcher_args(argv)
     if usage is not None and any(a in HELP_FLAGS for a in items):
-        print(run_help(usage, value_flags, bool_flags), end="")
+        print(run_help(usage() if callable(usage) else usage, value_flags, bool_flags), end="")
         raise SystemExit(0)
     i = 0
     while i < len(items):

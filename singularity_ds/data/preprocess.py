@@ -23,9 +23,11 @@ from ..config.args import positive
 from ..fileio import write_json
 from ..paper import load as load_paper
 
-# the downstream media folders the original's configs read, with their re-encoding (paper.yaml `media`;
-# SSv2 is used as downloaded: no preset)
-PRESETS = {name: m for name, m in load_paper().media.items() if "size" in m}
+
+def presets() -> dict:
+    """The downstream media folders the original's configs read, with their re-encoding (paper.yaml
+    ``media``; SSv2 is used as downloaded: no preset)."""
+    return {name: m for name, m in load_paper().media.items() if "size" in m}
 
 
 def _preset_text(m: dict) -> str:
@@ -174,10 +176,11 @@ def main(argv=None) -> int:
     parser.add_argument("kind", choices=("videos", "images"), metavar="videos|images")
     parser.add_argument("src", metavar="SRC", help="input folder (walked recursively)")
     parser.add_argument("dst", metavar="DST", help="output folder (mirrors SRC's relative paths)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), metavar="DATASET",
+    known = presets()
+    parser.add_argument("--preset", choices=sorted(known), metavar="DATASET",
                         help="the original's re-encoding of this downstream dataset, as its configs' media "
                              "folder names say (" + "; ".join(f"{k}: {_preset_text(v)}" for k, v in
-                                                             sorted(PRESETS.items())) + "); --fps/--size/"
+                                                             sorted(known.items())) + "); --fps/--size/"
                              "--trim given too win")
     parser.add_argument("--fps", type=positive(Fraction), help="output frame rate (videos; default 2)")
     parser.add_argument("--size", type=positive(int), help="output shorter side, in pixels (default 224)")
@@ -186,7 +189,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trim", type=positive(Fraction), metavar="SECONDS",
                         help="keep only the first SECONDS (videos; the original's DiDeMo setup used 30)")
     args = parser.parse_args(argv)
-    preset = PRESETS.get(args.preset, {})
+    preset = known.get(args.preset, {})
     if preset and preset["kind"] != args.kind:
         parser.error(f"--preset {args.preset} is for {preset['kind']}, not {args.kind}")
     args.fps = args.fps or Fraction(preset.get("fps", 2))

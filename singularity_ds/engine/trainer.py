@@ -297,7 +297,7 @@ def train_usage():
 def parse_train_args(argv):
     """``TASK [--config BASE] [CONFIG ...] [key=value ...]`` -> (task, config). BASE defaults to the
     task's packaged config (pretrain -> pretrain.yaml, train_ret -> ret_msrvtt.yaml, ...)."""
-    args = split_run_args(argv, value_flags=TRAIN_FLAGS, usage=train_usage())
+    args = split_run_args(argv, value_flags=TRAIN_FLAGS, usage=train_usage)
     if not args.configs or args.configs[0] not in TASKS:
         raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; "
                           f"expected one of {', '.join(TASKS)}")

@@ -29,8 +29,16 @@ from .metrics import save_results
 from .retrieval import evaluate
 
 logger = logging.getLogger(__name__)
-# architecture keys a command line may set for the checkpoint's model (the rest of it is the checkpoint's)
-ARCH_KEYS = ("add_temporal_embed", "temporal_vision_encoder.")
+# architecture keys a command line may set for the checkpoint's model (the rest of it is the checkpoint's):
+# its resolution (a config file's image_res, the packaged ones say 224, would resize a 32 px model's tables
+# for nothing) and the temporal flags the original's README appends for a Singularity-temporal checkpoint
+ARCH_KEYS = ("image_res", "add_temporal_embed", "temporal_vision_encoder.")
+
+
+def model_overrides(config, overrides) -> dict:
+    """The architecture keys the command line set, with their values in ``config``, for ``load_model``."""
+    given = [o.split("=", 1)[0].strip() for o in overrides]
+    return {k: OmegaConf.select(config, k) for k in given if k.startswith(ARCH_KEYS)}
 
 
 def set_label(config, name: str) -> str:
@@ -138,7 +146,7 @@ def eval_usage(kind: str) -> RunUsage:
 
 
 def _split_args(argv, kind="ret"):
-    args = split_run_args(argv, bool_flags=EVAL_FLAGS, usage=eval_usage(kind))
+    args = split_run_args(argv, bool_flags=EVAL_FLAGS, usage=lambda: eval_usage(kind))
     if len(args.configs) < 2:
         raise ConfigError(f"usage: singularity-ds eval {kind} CONFIG [OVERLAY ...] CHECKPOINT "
                           "[key=value ...] [--offload]  (singularity-ds eval ret --help)")
@@ -159,11 +167,7 @@ def eval_main(kind: str, argv) -> dict:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or "SLURM_NTASKS" in os.environ
     device = (setup()["device"] if distributed
               else torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    # the resolution the checkpoint was trained at, unless asked for another one on the command line: a
-    # config file's image_res (the packaged ones say 224) would resize a 32 px model's tables for nothing
-    # so are the temporal flags the original's README appends for a Singularity-temporal checkpoint
-    given = [o.split("=", 1)[0].strip() for o in overrides]
-    asked = {k: OmegaConf.select(config, k) for k in given if k == "image_res" or k.startswith(ARCH_KEYS)}
+    asked = model_overrides(config, overrides)  # the checkpoint's architecture, but what was asked for
     # QA: the QA model (decoder initialised if the file has none); else as the checkpoint holds
     model = load_model(checkpoint, qa=True if kind == "qa" else None, **asked).to(device)
     if model.config.image_res != config.image_res and "image_res" not in asked:

@@ -39,13 +39,19 @@ WEIGHTS_NAME, CONFIG_NAME = "model.safetensors", "config.json"
 
 
 
-def safe_load(path: str) -> dict:
-    """``torch.load`` without arbitrary pickle execution; a refused file gets one clear error."""
+def safe_load(path: str, mmap: bool = False) -> dict:
+    """``torch.load`` without arbitrary pickle execution; a refused file gets one clear error. ``mmap``:
+    tensors stay on disk until read (zip-format files; others are read whole)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:  # mmap needs the zip format: an older file is read whole
+                if not mmap:
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines()]
         unsafe = next((line for line in lines if "GLOBAL" in line), None)  # torch names the blocked global

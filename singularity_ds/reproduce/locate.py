@@ -7,10 +7,8 @@ import os
 import re
 from typing import List, Optional
 
-import torch
-
 from ..errors import CheckpointError, ConfigError
-from ..models.weights import SAFE_GLOBALS, safe_load, temporal_layers
+from ..models.weights import safe_load, temporal_layers
 from ..paper import Registry, Row
 
 TEMPORAL_NAME = re.compile(r"temporal|4frm|tlayer", re.I)
@@ -93,11 +91,7 @@ def state_keys(path: str) -> List[str]:
             raise CheckpointError(f"{path}: a model folder needs {WEIGHTS_NAME}")
         with safe_open(weights, "pt") as f:
             return list(f.keys())
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # not a zip-format file (or refused): the full reader says why in one line
-        ckpt = safe_load(path)
+    ckpt = safe_load(path, mmap=True)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (the original's format)")
     return list(ckpt["model"])

@@ -153,9 +153,8 @@ def plan(reg: Registry, row: Row, checkpoints=None, data=None, checkpoint=None, 
     counts = _media_counts(config, row)
     if not counts["present"]:
         raise ConfigError(f"{row.id}: none of the {counts['entries']:,} media of {anno} is in {media_dir}")
-    arch = {k.split("=", 1)[0]: v for k, v in (o.split("=", 1) for o in overrides)
-            if k.split("=", 1)[0].startswith(("add_temporal_embed", "temporal_vision_encoder."))}
-    _check_loads(path, row.task == "qa" or None, tuple(sorted((k, _plain(v)) for k, v in arch.items())))
+    from ..eval.run import model_overrides
+    _check_loads(path, row.task == "qa" or None, tuple(sorted(model_overrides(config, overrides).items())))
     p = Plan(row, path, root, row.split.config, overrides, out_dir, layers, counts)
     p.warnings = size_checks(row, counts) + resolution_checks(reg, row, counts)
     if int(config.video_input.num_frames_test) != row.frames:
@@ -170,10 +169,6 @@ def _check_loads(path: str, qa, arch: tuple):
     and settings (``reproduce all`` checks the archives' few files for many rows)."""
     from ..models import load_model
     load_model(path, qa=qa, **dict(arch))
-
-
-def _plain(value: str):
-    return {"True": True, "False": False}.get(value, int(value) if value.isdigit() else value)
 
 
 def measured(row: Row, results: dict) -> dict:
