@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import TIMM_FAMILIES, timm_overrides
+from conftest import TIMM_FAMILIES, timm_overrides, tiny_config
 from singularity_ds import dist
 from singularity_ds.cli import main
 
@@ -324,3 +324,41 @@ def test_bench_train_qa_under_the_deepspeed_launcher(tmp_path):
     assert res["task"] == "train_qa" and res["ranks"] == 2 and res["frames"] == 2
     assert res["train_gflop_per_sample"] == round(qa_step_flops(cfg)["train"] / 1e9, 2)
     assert res["samples_per_s"] == pytest.approx(2 * res["samples_per_s_per_device"], rel=1e-3)
+
+
+def test_train_from_a_checkpoint_takes_its_architecture(tmp_path, tiny_ref, capsys):
+    """`train TASK pretrained_path=EXPORT` without the first stage's overlays builds the export's model (as
+    `eval` does); an overlay that contradicts the checkpoint is one line; an original .pth's too."""
+    from singularity_ds.engine.trainer import parse_train_args
+    from singularity_ds.models import build_model, load_model
+    from singularity_ds.models.weights import export
+    from singularity_ds.tasks import TASKS
+    first = tiny_config(embed_dim=48)
+    export(build_model(first), str(tmp_path / "export"))
+    task, config = parse_train_args(["train_ret", "--config", "ret_msrvtt",
+                                     f"pretrained_path={tmp_path}/export"])
+    assert config.embed_dim == 48 and config.vit_name_or_pretrained_path == "beit-tiny"
+    assert config.bert_config_dict["num_hidden_layers"] == 3 and config.image_res == 224  # the config's
+    model = task.build_model(config)  # strict: every key of the export, every shape
+    assert model.vision_proj.out_features == 48
+    # the same overlay again agrees; one that contradicts is one line naming the key and both values
+    assert parse_train_args(["train_ret", "tiny", "embed_dim=48", f"pretrained_path={tmp_path}/export"])[1]
+    for extra, key in [("embed_dim=128", "'embed_dim' is 128"), ("clip_b16", "'vit_type' is 'timm'")]:
+        assert main(["train", "train_ret", extra, f"pretrained_path={tmp_path}/export",
+                     f"output_dir={tmp_path / 'x'}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and key in err and f"pretrained_path {tmp_path}/export holds" in err, err
+    assert not (tmp_path / "x").exists()
+    # an original checkpoint: its inline towers (the reference's BERT is 768 wide, 3 layers; its 2x2 patch
+    # grid is too small to interpolate to 224 px)
+    pth = str(tiny_ref["path"] / "checkpoint.pth")
+    task, config = parse_train_args(["train_ret", "--config", "ret_msrvtt", f"pretrained_path={pth}",
+                                     "image_res=32"])
+    assert config.add_temporal_embed and config.temporal_vision_encoder.num_layers == 1  # a temporal one
+    assert main(["train", "train_ret", f"pretrained_path={pth}", "temporal_vision_encoder.num_layers=2",
+                 f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "'temporal_vision_encoder' is" in capsys.readouterr().err
+    loaded = load_model(pth)
+    assert config.embed_dim == loaded.config.embed_dim == 256
+    assert config.bert_config_dict == loaded.config.bert_config_dict
+    assert TASKS["train_ret"].build_model(config).text_encoder.config.num_hidden_layers == 3

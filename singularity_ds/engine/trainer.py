@@ -36,6 +36,7 @@ from ..data.loader import item_seed
 from ..data.mixing import corpus_weights
 from ..errors import CheckpointError, ConfigError, RankLostError
 from ..fileio import write_json
+from ..models import take_architecture
 from ..models.weights import export as export_model, plain_config
 from ..tasks import TASKS
 from .build import build_engine
@@ -302,11 +303,16 @@ def parse_train_args(argv):
         raise ConfigError(f"unknown task {args.configs[0] if args.configs else ''!r}; "
                           f"expected one of {', '.join(TASKS)}")
     task = TASKS[args.configs[0]]
-    config = load_config([args.flags.get("config", task.default_config)] + args.configs[1:], args.overrides)
+    base = args.flags.get("config", task.default_config)
+    config = load_config([base] + args.configs[1:], args.overrides)
     config.task = task.name
     path = config.pretrained_path
     if path and not os.path.exists(path):
         raise CheckpointError(f"pretrained_path {path}: no such file")
+    if path:  # the checkpoint's architecture, as eval builds it (an overlay that contradicts it: one line)
+        changed = take_architecture(config, load_config([base]), path, args.overrides)
+        if changed:
+            logger.info("from pretrained_path %s: %s", path, ", ".join(changed))
     return task, config
 
 

@@ -13,7 +13,14 @@ from ..errors import CheckpointError, ConfigError
 from ..hub import tower_folder
 from .qa import SingularityQA
 from .singularity import Singularity
-from .weights import load_into, load_text_tower, load_vision_tower, read_checkpoint, temporal_layers
+from .weights import (
+    checkpoint_config,
+    load_into,
+    load_text_tower,
+    load_vision_tower,
+    read_checkpoint,
+    temporal_layers,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +63,43 @@ def build_model(config, model_class=Singularity, strict: bool = True) -> Singula
     elif config.tower_init != "random":
         init_towers(model, config)
     return model
+
+
+# what a checkpoint's weights fix: both towers' architectures, the tokenizer, the ITC projections (and a
+# temporal checkpoint's encoder). A run that starts from it (pretrained_path) builds these as stored; the
+# frames and image_res stay the config's (the original fine-tunes at its config's resolution and frames,
+# interpolating the position tables and temporal embeddings).
+CHECKPOINT_ARCH_KEYS = ("text_encoder", "bert_config", "bert_config_dict", "fusion_layer", "vit_type",
+                        "vit_name_or_pretrained_path", "beit_config_dict", "vit_config_dict", "timm_model",
+                        "timm_model_args", "timm_config_dict", "embed_dim")
+
+
+def take_architecture(config, base, path: str, overrides=()) -> list:
+    """Set ``config``'s architecture keys to those of the checkpoint at ``path`` (as :func:`load_model`
+    builds it). ``base``: the same config without overlays and ``overrides``; a key they set (named in an
+    override, or its value differs from ``base``'s) to something else than the checkpoint holds is one
+    line. -> the keys changed."""
+    named = {o.split("=", 1)[0].strip().split(".")[0] for o in overrides}
+    stored = complete_config(checkpoint_config(path))  # its data paths may not resolve here: keys one by one
+    given, plain = OmegaConf.to_container(config, resolve=False), OmegaConf.to_container(base, resolve=False)
+    changed = []
+    # a temporal checkpoint's encoder too; a 1-frame one leaves the temporal keys to the config (the second
+    # stage adds the encoder to the first stage's model)
+    temporal = ("add_temporal_embed", "temporal_vision_encoder") if stored.temporal_vision_encoder.enable \
+        else ()
+    for key in CHECKPOINT_ARCH_KEYS + temporal:
+        want, have = (OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+                      for v in (stored[key], config[key]))
+        if have == want:
+            continue
+        if key in named or given.get(key) != plain.get(key):
+            shown = repr(have if not isinstance(have, dict) else "{...}")
+            raise ConfigError(f"config key {key!r} is {shown} but pretrained_path {path} holds a model with "
+                              f"{key}={want!r:.80}: drop the overlay or override that sets it (the "
+                              f"architecture comes from the checkpoint), or start without pretrained_path")
+        config[key] = want
+        changed.append(key)
+    return changed
 
 
 def _with_overrides(stored: dict, overrides: dict) -> dict:

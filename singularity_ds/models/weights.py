@@ -347,6 +347,17 @@ EXPORT_REMEDY = ("the export is damaged (an interrupted copy?): copy it again, o
                  "run's checkpoints (a training run writes export/ from its latest checkpoint)")
 
 
+def checkpoint_config(path: str) -> dict:
+    """The plain config dict of an original ``.pth`` or an export folder, without reading its weights."""
+    if os.path.isdir(path):
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"{path}: a model folder needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        return read_config_json(cfg_path, EXPORT_REMEDY)
+    ckpt = safe_load(path, mmap=True)  # the tensors stay on disk
+    return plain_config(ckpt.get("config")) if isinstance(ckpt, dict) else {}
+
+
 def read_checkpoint(path: str):
     """-> (state_dict, plain config dict) from an original ``.pth`` or one of our export folders."""
     if os.path.isdir(path):
