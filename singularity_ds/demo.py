@@ -26,7 +26,7 @@ from .data import build_tokenizer, eval_datasets
 from .data.synthetic import make_synthetic
 from .dist import free_port
 from .errors import ConfigError, SingularityError
-from .eval.metrics import save_results
+from .eval.metrics import recall_table, save_results
 from .eval.retrieval import evaluate
 from .models import load_model
 
@@ -95,7 +95,10 @@ def last_error_line(*log_paths: str) -> str:
     return lines[-1] if lines else "its log is empty"
 
 
-def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
+SPLITS = ("appearance", "motion")
+
+
+def evaluate_model(export, data_cfg, frames, splits=SPLITS):
     """-> {"itm": {split: metrics} (ITM re-ranked), "itc": {split: metrics} (ITC only)}."""
     model = load_model(os.path.join(export, "export"))
     cfg = load_config(["ret_msrvtt", "tiny", data_cfg],
@@ -106,7 +109,8 @@ def evaluate_model(export, data_cfg, frames, splits=("appearance", "motion")):
         res = evaluate(model, ds, tok, 16, k_test=16, ensemble="concat", num_frames_test=frames)
         out["itm"][name], out["itc"][name] = res["itm"], res["itc"]
     save_results({name: {"itm": out["itm"][name], "itc": out["itc"][name]} for name in out["itm"]},
-                 os.path.join(export, "eval"), f"eval_{frames}frames")
+                 os.path.join(export, "eval"), f"eval_{frames}frames",
+                 title=f"{os.path.basename(export)}: {frames} frame(s), concat")
     return out
 
 
@@ -123,21 +127,6 @@ def search_motion_clips(run, data, frames, k=5) -> dict:
     hits = index.search(SEARCH, k=len(index.items))
     rank = next(h["rank"] for h in hits if SEARCH in h["caption"].split(" | "))
     return dict(top=[h["caption"] for h in hits[:k]], rank=rank, clips=len(hits))
-
-
-def table(rows) -> str:
-    head = (f"{'model':<14s}{'frames':>7s} | {'appearance t2v R@1/5/10':>24s} | {'v2t R@1/5/10':>18s} | "
-            f"{'motion t2v R@1/5/10':>20s} | {'v2t R@1/5/10':>18s}")
-    lines = [head, "-" * len(head)]
-    for model, frames, res in rows:
-        cells = []
-        for split in ("appearance", "motion"):
-            r = res[split]
-            cells.append(f"{r['img_r1']:5.1f} {r['img_r5']:5.1f} {r['img_r10']:5.1f}")
-            cells.append(f"{r['txt_r1']:5.1f} {r['txt_r5']:5.1f} {r['txt_r10']:5.1f}")
-        lines.append(f"{model:<14s}{frames:>7d} | {cells[0]:>24s} | {cells[1]:>18s} | "
-                     f"{cells[2]:>20s} | {cells[3]:>18s}")
-    return "\n".join(lines)
 
 
 def ensure_corpus(run_dir, num_clips=864, test_fraction=0.125) -> str:
@@ -196,8 +185,8 @@ def run_demo(run_dir="runs/demo", epochs_pt=(17, 25), epochs_ret=22, shards=Fals
         for frames in (1, 4):
             rows.append((label, frames, evaluate_model(run, ret_cfg, frames)))
     text = ("ITM re-ranked (the original's reported metric):\n"
-            + table([(m, f, r["itm"]) for m, f, r in rows])
-            + "\n\nITC only (dual encoder):\n" + table([(m, f, r["itc"]) for m, f, r in rows]))
+            + recall_table([(m, f, r["itm"]) for m, f, r in rows], SPLITS)
+            + "\n\nITC only (dual encoder):\n" + recall_table([(m, f, r["itc"]) for m, f, r in rows], SPLITS))
     print("\nText-to-video (t2v) and video-to-text (v2t) recall on the synthetic test splits\n" + text)
     for (label, run), frames in itertools.product((("single-frame", ret1), ("temporal", ret4)), (1, 4)):
         found = search_motion_clips(run, data, frames)

@@ -214,8 +214,17 @@ def test_eval_cli_zero_shot_from_pretraining_checkpoint(corpus, tmp_path, capsys
     ds = eval_datasets(cfg, ["motion"])["motion"]
     ref = evaluate(model, ds, build_tokenizer(), 16, k_test=10)  # the pretraining model itself
     assert got["itm"] == ref["itm"] and got["itc"] == ref["itc"]
-    assert Image.open(out / "eval.png").size == (450, 340)  # one test set: a 4.5 x 3.4 in chart at 100 dpi
-    assert "motion: ITM re-ranked" in capsys.readouterr().out
+    assert Image.open(out / "eval.png").size == (600, 390)  # one test set: a 6 x 3.9 in chart at 100 dpi
+    # the demo's table, printed and in eval.txt: a row per kind of scores with eval.json's numbers
+    report = (out / "eval.txt").read_text()
+    assert report in capsys.readouterr().out + "\n"
+    assert report.startswith(f"{ckpt}: 3 frame(s), concat ensemble; ITM re-ranks each query's k_test=10 best")
+    for kind, key in (("ITM re-ranked", "itm"), ("ITC only", "itc")):
+        row = next(line for line in report.splitlines() if line.startswith(kind))
+        assert row.split("|")[0].split() == [*kind.split(), "3"]
+        assert [float(x) for x in row.split("|", 1)[1].replace("|", " ").split()] == [
+            float(f"{got[key][f'{d}_r{k}']:.1f}") for d in ("img", "txt") for k in (1, 5, 10)]
+    assert report.splitlines()[-1] == f"motion: {got['media']} media, {got['texts']} texts"
 
 
 def test_eval_cli_multiple_choice(corpus, tmp_path):

@@ -57,14 +57,30 @@ def topk_eval(i2t_cand, i2t_scores, t2i_cand, t2i_scores, txt2img: dict, img2txt
     return _summary(topk_ranks(i2t_cand, i2t_scores, img2txt), topk_ranks(t2i_cand, t2i_scores, txt2img))
 
 
-def save_results(results: dict, folder: str, name: str = "eval") -> str:
-    """``<folder>/<name>.json`` and a recall@K bar chart ``<folder>/<name>.png``."""
+def recall_table(rows, splits, head: str = "model") -> str:
+    """The recall table the demo and ``eval ret`` print: a line per ``(name, frames, {split: metrics})``,
+    per split text->video and video->text R@1/5/10 (``img_r*`` / ``txt_r*``, as the original names them)."""
+    cols = [c for split in splits for c in ((f"{split} t2v R@1/5/10", split, "img"),
+                                           ("v2t R@1/5/10", split, "txt"))]
+    width = max([len(head)] + [len(r[0]) for r in rows])
+    line = f"{head:<{width}s}{'frames':>7s} | " + " | ".join(f"{c[0]:>{max(17, len(c[0]))}s}" for c in cols)
+    lines = [line, "-" * len(line)]
+    for name, frames, res in rows:
+        cells = [" ".join(f"{res[split][f'{d}_r{k}']:5.1f}" for k in (1, 5, 10)) for _, split, d in cols]
+        lines.append(f"{name:<{width}s}{frames:>7d} | " + " | ".join(
+            f"{cell:>{max(17, len(c[0]))}s}" for cell, c in zip(cells, cols)))
+    return "\n".join(lines)
+
+
+def save_results(results: dict, folder: str, name: str = "eval", title: str = None) -> str:
+    """``<folder>/<name>.json`` and a recall@K bar chart ``<folder>/<name>.png`` (``title``: the model and
+    its frames, above the legend; each panel names its split and its counts)."""
     path = write_json(results, os.path.join(folder, name + ".json"))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     splits = list(results)
-    fig, axes = plt.subplots(1, len(splits), figsize=(4.5 * len(splits), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(splits), figsize=(max(6.0, 4.5 * len(splits)), 3.9), squeeze=False)
     for ax, split in zip(axes[0], splits):
         for kind, offset, label in (("itm", -0.2, "ITM re-ranked"), ("itc", 0.2, "ITC only")):
             r = results[split][kind]
@@ -72,10 +88,16 @@ def save_results(results: dict, folder: str, name: str = "eval") -> str:
             ax.bar(np.arange(6) + offset, values, width=0.4, label=label)
         ax.set_xticks(np.arange(6), [f"{d} R@{k}" for d in ("t2v", "v2t") for k in (1, 5, 10)], fontsize=8)
         ax.set_ylim(0, 100)
-        ax.set_title(split)
+        counts = results[split]
+        ax.set_title(split + (f" ({counts['media']} media, {counts['texts']} texts)" if "media" in counts
+                              else ""), fontsize=9)
     axes[0][0].set_ylabel("recall (%)")
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
+    # above the panels, never over a bar (a recall near 100 reaches the top of the axes)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", ncol=2, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9, x=0.01, ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
     fig.savefig(os.path.join(folder, name + ".png"), dpi=100)
     plt.close(fig)
     return path

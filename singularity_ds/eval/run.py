@@ -25,7 +25,7 @@ from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
 from .broken import check_not_empty
 from .mc import evaluate_mc
-from .metrics import save_results
+from .metrics import recall_table, save_results
 from .retrieval import evaluate
 
 logger = logging.getLogger(__name__)
@@ -122,6 +122,20 @@ def _skipped(res: dict) -> str:
     return f" (left out: {len(res['skipped_media'])} broken media{more})"
 
 
+def recall_report(results: dict, config, checkpoint: str) -> str:
+    """What ``eval ret`` prints and writes to ``eval.txt``: the demo's recall table, a line per kind of
+    scores, and each split's counts."""
+    frames = config.video_input.num_frames_test
+    splits = list(results)
+    head = (f"{checkpoint}: {frames} frame(s), {config.eval_frame_ensemble} ensemble; ITM re-ranks each "
+            f"query's k_test={config.k_test} best by ITC")
+    table = recall_table([(kind, frames, {s: results[s][key] for s in splits})
+                          for kind, key in (("ITM re-ranked", "itm"), ("ITC only", "itc"))], splits, "scores")
+    counts = [f"{s}: {results[s]['media']} media, {results[s]['texts']} texts{_skipped(results[s])}"
+              for s in splits]
+    return "\n".join([head, table, *counts])
+
+
 EVAL_FLAGS = {"--offload": "= eval_offload=True: extraction sharded across ranks, features in host memory "
                            "or on disk (eval_feature_store), no N x M matrix (large sets)"}
 EVAL_CONFIGS = {"ret": "ret_msrvtt, ret_didemo, ret_anet, ret_ssv2_label, ret_ssv2_template, ret_coco, "
@@ -182,11 +196,14 @@ def eval_main(kind: str, argv) -> dict:
     rank = rank_world()[0]
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)
-        if rank == 0:
-            save_results(results, out_dir)
-            for name, res in results.items():
-                print(f"{name}: ITM re-ranked {res['itm']}\n{name}: ITC only     {res['itc']}{_skipped(res)}")
-            print(f"results: {out_dir}/eval.json, {out_dir}/eval.png")
+        if rank == 0 and results:
+            frames = config.video_input.num_frames_test
+            save_results(results, out_dir, title=f"{checkpoint}: {frames} frame(s), "
+                                                 f"{config.eval_frame_ensemble} ensemble")
+            report = recall_report(results, config, checkpoint)
+            with open(os.path.join(out_dir, "eval.txt"), "w") as f:
+                f.write(report + "\n")
+            print(f"{report}\nresults: {out_dir}/eval.json, {out_dir}/eval.txt, {out_dir}/eval.png")
         return results
     if kind == "mc":
         results = {}
