@@ -8,5 +8,6 @@ set -euo pipefail
 n=${1:?usage: launchers/local.sh N TASK [CONFIG ...] [key=value ...]}
 shift
 root="$(cd "$(dirname "$0")/.." && pwd)"
-if [ -x "$root/.venv/bin/deepspeed" ]; then export PATH="$root/.venv/bin:$PATH"; fi
-exec deepspeed --num_accelerators "$n" --master_port "${MASTER_PORT:-29500}" --module singularity_ds train "$@"
+py=${PYTHON:-$root/.venv/bin/python}
+[ -x "$py" ] || py=python3
+exec "$py" -m singularity_ds.launch local "$n" train "$@"   # the deepspeed launcher (singularity_ds/launch.py)

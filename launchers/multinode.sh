@@ -19,7 +19,5 @@ shift 2
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 py=${PYTHON:-.venv/bin/python}
 [ -x "$py" ] || py=python3
-export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-export MASTER_PORT=${MASTER_PORT:-$((29500 + SLURM_JOB_ID % 2000))}
-echo "singularity-ds: job $SLURM_JOB_ID, $SLURM_NTASKS processes on $SLURM_JOB_NODELIST, master $MASTER_ADDR:$MASTER_PORT"
-srun --kill-on-bad-exit=1 "$py" -m singularity_ds train "$task" "$@" "output_dir=runs/$exp"
+# srun, one process per task; the master: the job's first node, a port from the job id (launch.py)
+exec "$py" -m singularity_ds.launch slurm train "$task" "$@" "output_dir=runs/$exp"

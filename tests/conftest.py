@@ -118,3 +118,23 @@ def _no_launch_variables_left():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def release(tmp_path_factory, corpus):
+    """The fake released tree (tests/release_tree.py): checkpoints and data folders as the original's."""
+    from release_tree import make_tree
+    return make_tree(tmp_path_factory.mktemp("release"), corpus, reference)
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """A real 2-node SLURM cluster on this machine (tests/slurm_cluster.py), started once per session."""
+    from slurm_cluster import SlurmCluster, missing_binaries
+    missing = missing_binaries()
+    if missing:
+        pytest.skip(f"SLURM binaries {missing} not installed "
+                    "(`make install` installs Debian's slurm-wlm as root)")
+    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
+    yield cluster
+    cluster.stop()

@@ -4,12 +4,29 @@ slurmctld plus two ``slurmd -N n1`` / ``-N n2`` daemons on 127.0.0.1 with their 
 (``auth/none``), no cgroups (``proctrack/linuxproc``, ``task/none``), state in a temporary folder.
 """
 import os
+import random
 import shutil
 import socket
 import subprocess
 import time
 
-from singularity_ds.dist import free_port
+_TAKEN = set()
+
+
+def free_port() -> int:
+    """A port below the ephemeral range (its ports are handed to outgoing connections, which can take one
+    between the choice and the daemon's bind), bindable on every address, never handed out twice."""
+    while True:
+        port = random.randint(20000, 30000)
+        if port in _TAKEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _TAKEN.add(port)
+        return port
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "squeue", "scontrol", "sinfo")
 
@@ -61,6 +78,7 @@ class SlurmCluster:
             if len(states) == len(self.nodes) and all(s.startswith("idle") for s in states.values()):
                 return self
             time.sleep(0.5)
+        self.stop()  # no daemons left behind
         raise RuntimeError(f"SLURM nodes did not come up: {out!r}; see {self.root}/*.log")
 
     def sbatch(self, args, cwd, env=None):

@@ -258,18 +258,6 @@ def test_hostfile_launch_two_nodes_on_localhost(corpus, tmp_path, free_port):
     assert (out / "export" / "model.safetensors").is_file()
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    from slurm_cluster import SlurmCluster, missing_binaries
-    missing = missing_binaries()
-    if missing:
-        pytest.skip(f"SLURM binaries {missing} not installed "
-                    "(`make install` installs Debian's slurm-wlm as root)")
-    cluster = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield cluster
-    cluster.stop()
-
-
 @pytest.mark.slow
 @pytest.mark.multiproc
 def test_sbatch_multinode_trains_on_two_nodes(slurm, corpus, tmp_path):
@@ -341,6 +329,9 @@ def test_train_from_a_checkpoint_takes_its_architecture(tmp_path, tiny_ref, caps
     assert config.bert_config_dict["num_hidden_layers"] == 3 and config.image_res == 224  # the config's
     model = task.build_model(config)  # strict: every key of the export, every shape
     assert model.vision_proj.out_features == 48
+    # where the tokenizer is found is the config's to say (a local copy); what the model is, the checkpoint's
+    assert parse_train_args(["train_ret", "text_encoder=/my/bert", f"pretrained_path={tmp_path}/export"]
+                            )[1].text_encoder == "/my/bert"
     # the same overlay again agrees; one that contradicts is one line naming the key and both values
     assert parse_train_args(["train_ret", "tiny", "embed_dim=48", f"pretrained_path={tmp_path}/export"])[1]
     for extra, key in [("embed_dim=128", "'embed_dim' is 128"), ("clip_b16", "'vit_type' is 'timm'")]:

@@ -72,13 +72,17 @@ def build_model(config, model_class=Singularity, strict: bool = True) -> Singula
 CHECKPOINT_ARCH_KEYS = ("text_encoder", "bert_config", "bert_config_dict", "fusion_layer", "vit_type",
                         "vit_name_or_pretrained_path", "beit_config_dict", "vit_config_dict", "timm_model",
                         "timm_model_args", "timm_config_dict", "embed_dim")
+# where the tokenizer and the architecture files are found, not what they are: a value the config sets
+# wins (a local copy of bert-base-uncased, an offline BEiT folder)
+CHECKPOINT_NAME_KEYS = ("text_encoder", "bert_config", "vit_name_or_pretrained_path")
 
 
 def take_architecture(config, base, path: str, overrides=()) -> list:
     """Set ``config``'s architecture keys to those of the checkpoint at ``path`` (as :func:`load_model`
     builds it). ``base``: the same config without overlays and ``overrides``; a key they set (named in an
     override, or its value differs from ``base``'s) to something else than the checkpoint holds is one
-    line. -> the keys changed."""
+    line, except where files are found (:data:`CHECKPOINT_NAME_KEYS`: the config's wins). -> the keys
+    changed."""
     named = {o.split("=", 1)[0].strip().split(".")[0] for o in overrides}
     stored = complete_config(checkpoint_config(path))  # its data paths may not resolve here: keys one by one
     given, plain = OmegaConf.to_container(config, resolve=False), OmegaConf.to_container(base, resolve=False)
@@ -92,7 +96,10 @@ def take_architecture(config, base, path: str, overrides=()) -> list:
                       for v in (stored[key], config[key]))
         if have == want:
             continue
-        if key in named or given.get(key) != plain.get(key):
+        explicit = key in named or given.get(key) != plain.get(key)
+        if explicit and key in CHECKPOINT_NAME_KEYS:
+            continue
+        if explicit:
             shown = repr(have if not isinstance(have, dict) else "{...}")
             raise ConfigError(f"config key {key!r} is {shown} but pretrained_path {path} holds a model with "
                               f"{key}={want!r:.80}: drop the overlay or override that sets it (the "
