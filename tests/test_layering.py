@@ -17,7 +17,7 @@ LAYERS = [
     {"tasks"},
     {"search"},
     {"engine"},
-    {"demo", "doctor", "hf_export", "original_export", "gpu_check", "wheelhouse", "reproduce"},
+    {"demo", "doctor", "hf_export", "original_export", "gpu_check", "wheelhouse", "reproduce", "launch"},
     {"cli", "__main__"},
 ]
 
