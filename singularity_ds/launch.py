@@ -60,10 +60,9 @@ def original_command(script: str, args) -> tuple:
     if len(args) < 4:
         raise LaunchError(f"{usage} (the original's arguments)")
     if script.startswith("eval"):
-        dataset, ckpt, save, mode, n, extra = args[0], args[1], args[2], args[3], args[4:5], args[5:]
-        if not n:
+        if len(args) < 5:
             raise LaunchError(usage)
-        n = n[0]
+        dataset, ckpt, save, mode, n, extra = args[0], args[1], args[2], args[3], args[4], args[5:]
     else:
         exp, dataset, n, mode, extra = args[0], args[1], args[2], args[3], args[4:]
     if allowed and dataset not in allowed:

@@ -122,13 +122,18 @@ def _skipped(res: dict) -> str:
     return f" (left out: {len(res['skipped_media'])} broken media{more})"
 
 
+def evaluated(config, checkpoint: str) -> str:
+    """What was evaluated, for the table and the plot: the model, its frames and their ensemble."""
+    frames, ensemble = config.video_input.num_frames_test, config.eval_frame_ensemble
+    return f"{checkpoint}: {frames} frame(s), {ensemble} ensemble"
+
+
 def recall_report(results: dict, config, checkpoint: str) -> str:
     """What ``eval ret`` prints and writes to ``eval.txt``: the demo's recall table, a line per kind of
     scores, and each split's counts."""
     frames = config.video_input.num_frames_test
     splits = list(results)
-    head = (f"{checkpoint}: {frames} frame(s), {config.eval_frame_ensemble} ensemble; ITM re-ranks each "
-            f"query's k_test={config.k_test} best by ITC")
+    head = f"{evaluated(config, checkpoint)}; ITM re-ranks each query's k_test={config.k_test} best by ITC"
     table = recall_table([(kind, frames, {s: results[s][key] for s in splits})
                           for kind, key in (("ITM re-ranked", "itm"), ("ITC only", "itc"))], splits, "scores")
     counts = [f"{s}: {results[s]['media']} media, {results[s]['texts']} texts{_skipped(results[s])}"
@@ -197,10 +202,8 @@ def eval_main(kind: str, argv) -> dict:
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)
         if rank == 0 and results:
-            frames = config.video_input.num_frames_test
-            save_results(results, out_dir, title=f"{checkpoint}: {frames} frame(s), "
-                                                 f"{config.eval_frame_ensemble} ensemble")
             report = recall_report(results, config, checkpoint)
+            save_results(results, out_dir, title=evaluated(config, checkpoint))
             with open(os.path.join(out_dir, "eval.txt"), "w") as f:
                 f.write(report + "\n")
             print(f"{report}\nresults: {out_dir}/eval.json, {out_dir}/eval.txt, {out_dir}/eval.png")
