@@ -505,9 +505,15 @@ def test_a_failed_start_is_logged_and_does_not_block_the_rerun(corpus, tmp_path,
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
     (tmp_path / "broken" / "config.json").write_text("{}")
+    # a damaged pretrained_path is named before its config's architecture is taken, and before anything
+    # is written
     assert train(overlay, out, "max_steps=2", f"pretrained_path={tmp_path / 'broken'}") == 2
+    assert "model.safetensors: not a readable safetensors file" in error_line(capsys)
+    assert not out.exists()
+    # a start that fails once the run folder is there: its line is in train.log
+    assert train(overlay, out, "max_steps=2", "resume=step00000007") == 2
     line = error_line(capsys)
-    assert "model.safetensors: not a readable safetensors file" in line
+    assert "resume=step00000007: " in line and "is not a complete checkpoint (complete ones: none)" in line
     assert line[len("singularity-ds: error: "):] in (out / "train.log").read_text()
     partial = out / "checkpoints" / ".tmp" / "step00000099"  # as a save killed midway leaves it
     partial.mkdir(parents=True)
@@ -515,7 +521,7 @@ def test_a_failed_start_is_logged_and_does_not_block_the_rerun(corpus, tmp_path,
     assert train(overlay, out, "max_steps=2") == 0  # the corrected rerun, same folder, no resume
     assert not partial.exists() and history(out) == [1, 2]
     # the first attempt's line stays (train.log is appended to)
-    assert "not a readable safetensors file" in (out / "train.log").read_text()
+    assert "is not a complete checkpoint" in (out / "train.log").read_text()
     (out / "notes.txt").write_text("mine")
     assert train(overlay, tmp_path / "run", "max_steps=2") == 2
     assert "exists and is not empty (it holds checkpoint step00000002)" in error_line(capsys)

@@ -312,13 +312,17 @@ def load_into(model, state: dict, strict: bool = True, source: str = "checkpoint
 
 
 # ---------------------------------------------------------------------- whole-model files
-def read_safetensors(path: str, remedy: str) -> dict:
-    """A safetensors file's tensors; an empty, cut-short or foreign file is one :class:`CheckpointError`
-    naming it and saying what to do (``remedy``)."""
-    from safetensors import SafetensorError
+def read_safetensors(path: str, remedy: str, header_only: bool = False) -> dict:
+    """A safetensors file's tensors (``header_only``: only check that it is readable, -> ``{}``); an empty,
+    cut-short or foreign file is one :class:`CheckpointError` naming it and saying what to do
+    (``remedy``)."""
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     try:
+        if header_only:
+            with safe_open(path, "pt"):
+                return {}
         return load_file(path)
     except (SafetensorError, OSError) as e:
         size = os.path.getsize(path) if os.path.isfile(path) else 0
@@ -350,9 +354,11 @@ EXPORT_REMEDY = ("the export is damaged (an interrupted copy?): copy it again, o
 def checkpoint_config(path: str) -> dict:
     """The plain config dict of an original ``.pth`` or an export folder, without reading its weights."""
     if os.path.isdir(path):
-        cfg_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isfile(cfg_path):
+        weights, cfg_path = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+        if not (os.path.isfile(weights) and os.path.isfile(cfg_path)):
             raise CheckpointError(f"{path}: a model folder needs {WEIGHTS_NAME} and {CONFIG_NAME}")
+        # a damaged weights file is the problem to name, not the architecture its config implies
+        read_safetensors(weights, EXPORT_REMEDY, header_only=True)
         return read_config_json(cfg_path, EXPORT_REMEDY)
     ckpt = safe_load(path, mmap=True)  # the tensors stay on disk
     return plain_config(ckpt.get("config")) if isinstance(ckpt, dict) else {}
