@@ -12,10 +12,12 @@ import re
 from pathlib import Path
 
 import torch
+import yaml
 
 from singularity_ds.paper import load as load_paper
 
 PAPER = load_paper()
+CONFIGS = Path(__file__).resolve().parents[1] / "singularity_ds" / "configs"
 
 
 def one_frame(src, dst):
@@ -29,6 +31,13 @@ def one_frame(src, dst):
     cfg["add_temporal_embed"] = False
     cfg["video_input"]["num_frames"] = 1
     torch.save(ckpt, dst)
+
+
+def packaged_test_files(config: str) -> list:
+    """The downstream annotation file names a packaged config's ``test_file`` reads."""
+    raw = yaml.safe_load((CONFIGS / f"{config}.yaml").read_text())
+    return [os.path.basename(spec[0]) for spec in (raw.get("test_file") or {}).values()
+            if isinstance(spec, list) and "anno_root_downstream" in str(spec[0])]
 
 
 def link(src, dst):
@@ -88,6 +97,9 @@ def make_tree(root, corpus, reference) -> dict:
         elif split.config == "ret_msrvtt_mc":
             kind = "mc"
         (anno_dir / split.annotation).write_text(json.dumps(formats[kind]))
+        for other in packaged_test_files(split.config):  # its config's other sets (didemo's val, ...)
+            if not (anno_dir / other).exists():
+                (anno_dir / other).write_text(json.dumps(formats[kind]))
     # what the packaged configs train on: ret_msrvtt, qa_msrvtt, and pretrain's corpora (their media
     # folders: the synthetic clips and images)
     videos = json.loads((corpus / "anno" / "pretrain_video.json").read_text())

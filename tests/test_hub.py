@@ -2,13 +2,11 @@
 127.0.0.1, started here), the cache when offline, and one-line failures. Each case runs in a fresh process:
 ``huggingface_hub`` reads ``HF_ENDPOINT`` / ``HF_HOME`` / ``HF_HUB_OFFLINE`` when it is imported."""
 import hashlib
-import json
 import os
-import re
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,8 +14,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import BeitConfig, BeitModel
 
+from local_hub import Hub
+
 REPO = Path(__file__).resolve().parents[1]
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 # Builds the tiny model with both towers from Hub ids and exports it (the weights to compare), or prints the
 # one-line error. tower_init=pretrained goes through build_model -> init_towers -> hub.tower_folder.
@@ -40,57 +39,6 @@ except SingularityError as e:
 export(model, out)
 print("IDS", ids.tolist())
 """
-
-
-class Hub(BaseHTTPRequestHandler):
-    """The Hub endpoints ``hf_hub_download`` / ``snapshot_download`` call:
-    ``/api/models/{repo}/revision/{rev}`` (repo info: commit sha, files), ``HEAD`` + ``GET
-    /{repo}/resolve/{rev}/{file}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``; 404 with
-    ``X-Error-Code: RepoNotFound`` / ``EntryNotFound``)."""
-    repos: dict = {}  # repo id -> {filename: bytes}
-    log: list = []
-
-    def log_message(self, *args):
-        pass
-
-    def _missing(self, code):
-        self.send_response(404)
-        self.send_header("X-Error-Code", code)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def _serve(self, body: bool):
-        self.log.append((self.command, self.path))
-        path = self.path.split("?")[0]
-        info = re.fullmatch(r"/api/models/(.+)/revision/([^/]+)", path)
-        resolve = re.fullmatch(r"/(.+?)/resolve/([^/]+)/(.+)", path)
-        repo = (info or resolve).group(1) if (info or resolve) else None
-        if repo not in self.repos:
-            return self._missing("RepoNotFound")
-        files = self.repos[repo]
-        if info:
-            data = json.dumps(dict(id=repo, modelId=repo, sha=COMMIT, private=False,
-                                   siblings=[dict(rfilename=f) for f in files])).encode()
-            etag, commit = hashlib.sha1(data).hexdigest(), COMMIT
-        else:
-            if resolve.group(3) not in files:
-                return self._missing("EntryNotFound")
-            data = files[resolve.group(3)]
-            etag, commit = hashlib.sha256(data).hexdigest(), COMMIT
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json" if info else "application/octet-stream")
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("ETag", f'"{etag}"')
-        self.send_header("X-Repo-Commit", commit)
-        self.end_headers()
-        if body:
-            self.wfile.write(data)
-
-    def do_GET(self):
-        self._serve(True)
-
-    def do_HEAD(self):
-        self._serve(False)
 
 
 @pytest.fixture(scope="module")

@@ -252,6 +252,16 @@ def test_two_rank_embed_equals_one_rank(corpus, built, tmp_path, free_port):
     assert np.allclose(two.embeddings, one.embeddings, atol=1e-5)
     assert len(list((out / "parts" / "00000").glob("video_tokens.*.bin"))) == 2  # each rank its rows
     assert torch.allclose(two.tokens.rows(range(36)), one.tokens.rows(range(36)), atol=1e-5)
+    # the same folder with other options: every rank stops on rank 0's one line (none waits at a barrier)
+    again = subprocess.run(
+        ["deepspeed", "--num_accelerators", "2", "--master_port", str(free_port), "--module",
+         "singularity_ds", "embed", built["ckpt"], str(corpus / "videos"), str(out), "--frames", str(FRAMES),
+         "--dtype", "fp32", "--batch", "8", "--part-size", "16"],
+        env=env, capture_output=True, text=True, timeout=900)
+    err = again.stdout + again.stderr
+    assert again.returncode == 2 and "Traceback" not in err, err[-3000:]
+    refused = f"singularity-ds: error: {out}: holds an index built with other tokens"
+    assert err.count(refused) == 2, err[-3000:]
 
 
 def test_approximate_vector_index_equals_exact_on_small_data(tmp_path):

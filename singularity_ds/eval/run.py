@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from ..config import load_config, run_folder
 from ..config.args import RunUsage, split_run_args
-from ..data import build_tokenizer, corpus_specs, eval_datasets, per_media
+from ..data import corpus_specs, eval_datasets, per_media
 from ..dist import rank_world
 from ..errors import CheckpointError, ConfigError
 from ..fileio import write_json
@@ -175,7 +175,7 @@ def _split_args(argv, kind="ret"):
 
 def eval_main(kind: str, argv) -> dict:
     from ..dist import setup
-    from ..models import follow_model_pixels, load_model
+    from ..models import follow_model_pixels, load_model, model_tokenizer
     configs, checkpoint, overrides = _split_args(list(argv), kind)
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
@@ -197,7 +197,11 @@ def eval_main(kind: str, argv) -> dict:
     out_dir = run_folder(config.output_dir,
                          os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0]))
     config.output_dir = out_dir
-    tokenizer = build_tokenizer(config.text_encoder)
+    # the tokenizer the model was trained with (its config's), unless an override or overlay names one
+    named = {o.split("=", 1)[0].strip() for o in overrides}
+    text = (config.text_encoder if "text_encoder" in named
+            or config.text_encoder != load_config(configs[:1]).text_encoder else model.config.text_encoder)
+    tokenizer = model_tokenizer(model, checkpoint, text)
     rank = rank_world()[0]
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)

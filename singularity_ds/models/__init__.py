@@ -116,6 +116,19 @@ def _with_overrides(stored: dict, overrides: dict) -> dict:
     return OmegaConf.to_container(cfg)
 
 
+def model_tokenizer(model, source: str, name: str = None):
+    """The tokenizer ``name`` (default: the one the model's config names, the one it was trained with),
+    checked against the text tower: more words than its embeddings hold is one line naming ``source``."""
+    from ..data.text import build_tokenizer
+    name = name or model.config.text_encoder
+    tokenizer = build_tokenizer(name)
+    words = model.text_encoder.bert.embeddings.word_embeddings.num_embeddings
+    if len(tokenizer) > words:
+        raise ConfigError(f"tokenizer {name} has {len(tokenizer)} words but the text tower of {source} has "
+                          f"{words}: pass the tokenizer it was trained with (text_encoder=FOLDER)")
+    return tokenizer
+
+
 def is_qa_config(config) -> bool:
     """A config of the QA task: ``task=train_qa``, or it names the answers to rank (``answer_list``; read
     unresolved, so an unset ``SL_DATA_DIR`` in it does not matter here)."""

@@ -97,13 +97,16 @@ def build(model, source, out_dir: str, config, frames: int = 4, batch_size: int 
     from ..models.weights import plain_config
     run = dict(checkpoint or {}, frames=frames, dtype=dtype, tokens=tokens, part_size=part_size,
                config=plain_config(model.config))
+    refused = None
     if rank == 0:
         os.makedirs(os.path.join(out_dir, "thumbs"), exist_ok=True)
-        _plan(out_dir, source, run)
-    barrier()
-    if rank != 0:  # the other ranks learn of a refused plan by its absence
-        with open(os.path.join(out_dir, PLAN)) as f:
-            json.load(f)
+        try:
+            _plan(out_dir, source, run)
+        except ConfigError as e:
+            refused = str(e)
+    refused = all_gather(refused)[0]  # every rank stops on rank 0's one line (none waits at a barrier)
+    if refused:
+        raise ConfigError(refused)
     done = [os.path.exists(_part(out_dir, p, "done.json")) for p in range(parts)]
     if rank == 0 and any(done):
         logger.info("%s: %d of %d parts already embedded; embedding the rest", out_dir, sum(done), parts)

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from ..data.builders import per_media
-from ..data.text import build_tokenizer
 from ..errors import CheckpointError, ConfigError, describe
 from ..eval.features import TokenStore, encode_media, encode_texts, open_shards
 from ..eval.retrieval import itm_scores
@@ -146,9 +145,10 @@ class Index:
 
     # ------------------------------------------------------------------ queries
     def encode_text(self, text: str):
+        from ..models import model_tokenizer
         model = self.model
         cfg = model.config
-        tokenizer = build_tokenizer(cfg.text_encoder)
+        tokenizer = model_tokenizer(model, self.meta.get("checkpoint") or "the index's model")
         return encode_texts(model, tokenizer, [text], per_media(cfg.max_txt_l, "video"))
 
     def _hits(self, rows, scores, extra=None) -> List[dict]:
