@@ -255,6 +255,18 @@ def test_a_temporal_checkpoint_without_its_flags_is_one_line_in_eval(tree, tmp_p
     assert re.search(r"^ITM re-ranked +2 \| ", capsys.readouterr().out, re.M)
 
 
+def test_a_tokenizer_larger_than_the_text_tower_is_one_line(tree, tmp_path, capsys, monkeypatch):
+    """The reference checkpoints' config names bert-base-uncased, their text tower has 512 words: `eval`
+    (and `search`) would index past the embeddings; one line says to pass the tokenizer."""
+    path = tree["single"]["ret"]
+    monkeypatch.setenv("SL_DATA_DIR", tree["data"])
+    rc = cli.main(["eval", "ret", "ret_msrvtt", path, f"output_dir={tmp_path / 'ev'}"])
+    _, err = capsys.readouterr()
+    assert rc == 2 and err.strip() == (
+        f"singularity-ds: error: tokenizer bert-base-uncased has 30522 words but the text tower of {path} "
+        "has 512: pass the tokenizer it was trained with (text_encoder=FOLDER)")
+
+
 def test_preprocess_preset_is_the_original_folder(tree, tmp_path):
     """--preset didemo: 2 fps, 360 px shorter side (the folder didemo_2fps_360_trimed30), no audio."""
     import av
