@@ -173,9 +173,9 @@ class Page:
             return str(self.work / "media" / token.split("/", 2)[2])
         for var, value in self.env.items():
             token = token.replace(f"${var}", value)
-        for key in ("pretrained_path=",):
-            if token.startswith(key):
-                token = key + self.paths.get(token[len(key):], token[len(key):])
+        key = "pretrained_path="
+        if token.startswith(key):
+            token = key + self.paths.get(token[len(key):], token[len(key):])
         return token
 
     def argv(self, line):
@@ -230,7 +230,7 @@ class Page:
 
 
 def output_dir(args, env):
-    """Where a train command writes its run (relative: under SL_EXP_DIR), or None."""
+    """Where a train command writes its run (a relative one: under SL_EXP_DIR)."""
     given = [a.split("=", 1)[1] for a in args if a.startswith("output_dir=")]
     path = given[-1] if given else f"runs/{args[1]}"
     return path if os.path.isabs(path) else os.path.join(env["SL_EXP_DIR"], path)
@@ -256,8 +256,8 @@ def run_launcher(page, line, port):
             other = subprocess.Popen(cmd(1), cwd=page.cwd, env=env, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
             out = subprocess.run(cmd(0), cwd=page.cwd, env=env, capture_output=True, text=True, timeout=400)
-            rc1 = other.wait(timeout=300)
-            return out.returncode or rc1, out.stdout + out.stderr + other.stdout.read(), args
+            other_out = other.communicate(timeout=300)[0]  # read as it runs: a full pipe would block it
+            return out.returncode or other.returncode, out.stdout + out.stderr + other_out, args
         cmd = [launcher, "--master_port", str(port), *head, *args]
     else:  # launchers/local.sh N TASK ...
         args = page.sized(["train", *words[2:]])

@@ -175,7 +175,7 @@ def _split_args(argv, kind="ret"):
 
 def eval_main(kind: str, argv) -> dict:
     from ..dist import setup
-    from ..models import follow_model_pixels, load_model, model_tokenizer
+    from ..models import explicit_keys, follow_model_pixels, load_model, model_tokenizer
     configs, checkpoint, overrides = _split_args(list(argv), kind)
     if not os.path.exists(checkpoint):
         raise CheckpointError(f"checkpoint {checkpoint}: no such file or folder")
@@ -198,10 +198,8 @@ def eval_main(kind: str, argv) -> dict:
                          os.path.join("runs", "eval", os.path.splitext(os.path.basename(configs[0]))[0]))
     config.output_dir = out_dir
     # the tokenizer the model was trained with (its config's), unless an override or overlay names one
-    named = {o.split("=", 1)[0].strip() for o in overrides}
-    text = (config.text_encoder if "text_encoder" in named
-            or config.text_encoder != load_config(configs[:1]).text_encoder else model.config.text_encoder)
-    tokenizer = model_tokenizer(model, checkpoint, text)
+    chosen = "text_encoder" in explicit_keys(config, load_config(configs[:1]), overrides)
+    tokenizer = model_tokenizer(model, checkpoint, config.text_encoder if chosen else None)
     rank = rank_world()[0]
     if kind == "ret":
         results = evaluate_sets(model, config, tokenizer)

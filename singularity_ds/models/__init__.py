@@ -77,15 +77,22 @@ CHECKPOINT_ARCH_KEYS = ("text_encoder", "bert_config", "bert_config_dict", "fusi
 CHECKPOINT_NAME_KEYS = ("text_encoder", "bert_config", "vit_name_or_pretrained_path")
 
 
+def explicit_keys(config, base, overrides=()) -> set:
+    """The top-level keys the user set: named in an override, or changed by an overlay (``base``: the
+    config without overlays and overrides)."""
+    given, plain = OmegaConf.to_container(config, resolve=False), OmegaConf.to_container(base, resolve=False)
+    named = {o.split("=", 1)[0].strip().split(".")[0] for o in overrides}
+    return named | {k for k in given.keys() | plain.keys() if given.get(k) != plain.get(k)}
+
+
 def take_architecture(config, base, path: str, overrides=()) -> list:
     """Set ``config``'s architecture keys to those of the checkpoint at ``path`` (as :func:`load_model`
     builds it). ``base``: the same config without overlays and ``overrides``; a key they set (named in an
     override, or its value differs from ``base``'s) to something else than the checkpoint holds is one
     line, except where files are found (:data:`CHECKPOINT_NAME_KEYS`: the config's wins). -> the keys
     changed."""
-    named = {o.split("=", 1)[0].strip().split(".")[0] for o in overrides}
     stored = complete_config(checkpoint_config(path))  # its data paths may not resolve here: keys one by one
-    given, plain = OmegaConf.to_container(config, resolve=False), OmegaConf.to_container(base, resolve=False)
+    chosen = explicit_keys(config, base, overrides)
     changed = []
     # a temporal checkpoint's encoder too; a 1-frame one leaves the temporal keys to the config (the second
     # stage adds the encoder to the first stage's model)
@@ -96,7 +103,7 @@ def take_architecture(config, base, path: str, overrides=()) -> list:
                       for v in (stored[key], config[key]))
         if have == want:
             continue
-        explicit = key in named or given.get(key) != plain.get(key)
+        explicit = key in chosen
         if explicit and key in CHECKPOINT_NAME_KEYS:
             continue
         if explicit:

@@ -13,6 +13,7 @@ evaluation's own scoring (:func:`~singularity_ds.eval.retrieval.itm_scores`), an
 (the rest follow in ITC order), exactly as the evaluation's second stage orders a text's candidates.
 """
 import argparse
+import functools
 import json
 import logging
 import os
@@ -144,12 +145,15 @@ class Index:
         return self._tokens
 
     # ------------------------------------------------------------------ queries
-    def encode_text(self, text: str):
+    @functools.cached_property
+    def tokenizer(self):
+        """The model's tokenizer, built once (``serve`` encodes a query per request)."""
         from ..models import model_tokenizer
+        return model_tokenizer(self.model, self.meta.get("checkpoint") or "the index's model")
+
+    def encode_text(self, text: str):
         model = self.model
-        cfg = model.config
-        tokenizer = model_tokenizer(model, self.meta.get("checkpoint") or "the index's model")
-        return encode_texts(model, tokenizer, [text], per_media(cfg.max_txt_l, "video"))
+        return encode_texts(model, self.tokenizer, [text], per_media(model.config.max_txt_l, "video"))
 
     def _hits(self, rows, scores, extra=None) -> List[dict]:
         out = []
